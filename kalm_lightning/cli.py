@@ -1,0 +1,45 @@
+"""What every Hydra entry point shares: one-line errors instead of tracebacks for bad input."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from rich.console import Console
+from rich.syntax import Syntax
+
+from kalm_lightning.errors import UserError
+
+
+def one_line_errors(program: str) -> Callable:
+    """Wrap a task so that UserError and missing settings end it with one line and exit code 2."""
+
+    def wrap(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+        @functools.wraps(task)
+        def run(cfg: DictConfig) -> Any:
+            try:
+                return task(cfg)
+            except UserError as error:
+                message = str(error)
+            except MissingMandatoryValue as error:
+                message = f"setting {error.full_key} is required: pass {error.full_key}=..."
+            except InterpolationResolutionError as error:
+                if not isinstance(error.__cause__, UserError):
+                    raise
+                message = str(error.__cause__)
+            print(f"{program}: {message}", file=sys.stderr)
+            raise SystemExit(2)
+
+        return run
+
+    return wrap
+
+
+def print_config(cfg: DictConfig) -> None:
+    """The resolved config as highlighted YAML."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    Console(stderr=False).print(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))

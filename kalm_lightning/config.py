@@ -1,0 +1,84 @@
+"""Where the Hydra configs live, the resolvers they use, and checks made before Hydra starts."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+GROUPS = ("backbone", "stage", "data", "hardware", "logger", "experiment", "trainer", "callbacks")
+
+
+def config_dir() -> Path:
+    """The config folder: packaged as kalm_lightning.conf when installed, else the checkout's conf/."""
+    spec = importlib.util.find_spec("kalm_lightning.conf")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def group_choices(group: str) -> list[str]:
+    """The config names available in a group, e.g. ['inception_v4', 'resnet18', 'vgg16']."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def check_group_overrides(argv: list[str]) -> str | None:
+    """Return one line naming the valid choices when an override picks an unknown group option."""
+    for arg in argv:
+        match = re.fullmatch(r"(?:\+{1,2})?(\w+)=(.*)", arg)
+        if not match or match.group(1) not in GROUPS or "(" in match.group(2):
+            continue
+        group, values = match.groups()
+        choices = group_choices(group)
+        for value in (v.strip("'\"") for v in values.split(",")):
+            if value not in choices and value not in ("null", ""):
+                hint = (
+                    " (or any timm model through backbone.name=...)" if group == "backbone" else ""
+                )
+                return f"unknown {group} '{value}': choose one of {', '.join(choices)}{hint}"
+    return None
+
+
+def newest_run_dir(parent: Path, ckpt_path: str | None) -> Path:
+    """A new timestamped run directory, or with ckpt_path=last the newest one holding last.ckpt."""
+    if ckpt_path == "last":
+        lasts = [(p.stat().st_mtime, p) for p in parent.glob("*/**/checkpoints/last.ckpt")]
+        if lasts:
+            newest = max(lasts)[1]
+            return parent / newest.relative_to(parent).parts[0]
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return parent / stamp
+
+
+def register_resolvers() -> None:
+    """Resolvers the configs use; safe to call more than once."""
+    if not OmegaConf.has_resolver("kalm_run_dir"):
+        OmegaConf.register_new_resolver(
+            "kalm_run_dir",
+            lambda parent, ckpt=None: str(newest_run_dir(Path(parent), ckpt)),
+            use_cache=True,
+        )
+
+
+def quote_numeric_choices(argv: list[str]) -> list[str]:
+    """`stage=2` -> `stage='2'`: Hydra parses a bare 2 as an int, which it refuses as a group option."""
+    quoted = []
+    for arg in argv:
+        match = re.fullmatch(r"((?:\+{1,2})?(\w+))=(\d+(?:,\d+)*)", arg)
+        if match and match.group(2) in GROUPS:
+            arg = f"{match.group(1)}=" + ",".join(f"'{v}'" for v in match.group(3).split(","))
+        quoted.append(arg)
+    return quoted
+
+
+def prepare_argv(program: str) -> None:
+    """Prepare argv for Hydra, stopping with one line for an unknown group value (before Hydra's report)."""
+    sys.argv[1:] = quote_numeric_choices(sys.argv[1:])
+    message = check_group_overrides(sys.argv[1:])
+    if message:
+        print(f"{program}: {message}", file=sys.stderr)
+        raise SystemExit(2)

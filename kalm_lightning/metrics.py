@@ -1,0 +1,157 @@
+"""MURA's judgement per study: a study's probability is the mean over its images, abnormal at >= 0.5.
+
+StudyMetrics keeps every image's (id, study, body part, probability, label), gathers them across
+processes, drops images seen twice (padded DDP shards) and scores images, studies and body parts.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    binary_cohen_kappa,
+)
+
+from kalm_lightning.data.mura import BODY_PARTS
+
+THRESHOLD = 0.5
+NAMES = ("accuracy", "auroc", "kappa")
+
+
+def binary_scores(prob: torch.Tensor, label: torch.Tensor, what: str = "") -> dict[str, float]:
+    """Accuracy, AUROC and Cohen's kappa of probabilities; NaN (with a warning) where undefined."""
+    n = int(label.numel())
+    if n == 0:
+        return {"accuracy": math.nan, "auroc": math.nan, "kappa": math.nan, "n": 0}
+    prob, label = prob.double(), label.long()
+    pred = (prob >= THRESHOLD).long()  # integer predictions: torchmetrics thresholds with '>'
+    scores = {"accuracy": binary_accuracy(pred, label).item(), "auroc": math.nan, "kappa": math.nan}
+    if torch.unique(label).numel() < 2:
+        warnings.warn(
+            f"{what or 'scores'}: {n} sample(s) of one class only; AUROC and kappa are "
+            "undefined and reported as NaN",
+            stacklevel=2,
+        )
+    else:
+        # Probabilities in [0, 1]: torchmetrics applies no sigmoid to them.
+        scores["auroc"] = binary_auroc(prob, label).item()
+        scores["kappa"] = binary_cohen_kappa(pred, label).item()
+    return {**scores, "n": n}
+
+
+def study_means(
+    prob: torch.Tensor, label: torch.Tensor, study: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """(study ids, mean probability, label, index of one image) per study, studies sorted by id."""
+    ids, inverse = torch.unique(study, return_inverse=True)
+    count = torch.zeros(len(ids), dtype=torch.float64).index_add_(
+        0, inverse, torch.ones_like(prob, dtype=torch.float64)
+    )
+    total = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, prob.double())
+    first = torch.full((len(ids),), len(prob), dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(len(prob)), reduce="amin"
+    )
+    return ids, total / count, label[first], first
+
+
+def score_images(
+    prob: torch.Tensor,
+    label: torch.Tensor,
+    study: torch.Tensor,
+    body_part: torch.Tensor,
+    body_part_names: Sequence[str] = BODY_PARTS,
+) -> dict:
+    """{"image": M, "study": M, "by_body_part": {name: M}}, M = accuracy, auroc, kappa, n (studies)."""
+    _, study_prob, study_label, first = study_means(prob, label, study)
+    study_part = body_part[first]
+    by_part = {}
+    for code, name in enumerate(body_part_names):
+        mask = study_part == code
+        if mask.any():
+            by_part[name] = binary_scores(study_prob[mask], study_label[mask], f"{name} studies")
+    return {
+        "image": binary_scores(prob, label, "images"),
+        "study": binary_scores(study_prob, study_label, "studies"),
+        "by_body_part": by_part,
+    }
+
+
+def bootstrap_intervals(
+    prob: torch.Tensor, label: torch.Tensor, study: torch.Tensor, samples: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """95% percentile intervals of the study-level figures, resampling studies with replacement."""
+    _, study_prob, study_label, _ = study_means(prob, label, study)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {name: [] for name in NAMES}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(samples):
+            pick = torch.from_numpy(rng.integers(0, len(study_prob), len(study_prob)))
+            for name, value in binary_scores(study_prob[pick], study_label[pick]).items():
+                if name in draws and not math.isnan(value):
+                    draws[name].append(value)
+    return {
+        name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [math.nan] * 2
+        for name, v in draws.items()
+    }
+
+
+class StudyMetrics(Metric):
+    """Image-, study- and body-part-level accuracy, AUROC and kappa, exact under DDP."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    def __init__(self, body_parts: Sequence[str] = BODY_PARTS, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.body_parts = list(body_parts)
+        for name in ("image_id", "study_id", "body_part", "prob", "label"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        prob: torch.Tensor,
+        label: torch.Tensor,
+        image_id: torch.Tensor,
+        study_id: torch.Tensor,
+        body_part: torch.Tensor | Sequence[str],
+    ) -> None:
+        """prob: abnormal probabilities in [0, 1] (never logits); body_part: codes or names."""
+        if not isinstance(body_part, torch.Tensor):
+            body_part = torch.tensor(
+                [self.body_parts.index(p) for p in body_part], device=self.device
+            )
+        prob = prob.detach().float()
+        if prob.numel() and (prob.min() < 0 or prob.max() > 1):
+            raise ValueError("StudyMetrics takes probabilities in [0, 1], not logits")
+        self.prob.append(prob)
+        self.label.append(label.detach().long())
+        self.image_id.append(image_id.detach().long())
+        self.study_id.append(study_id.detach().long())
+        self.body_part.append(body_part.long())
+
+    def gathered(self) -> dict[str, torch.Tensor]:
+        """Every image once (duplicates from padded shards dropped), ordered by image id."""
+        state = {}
+        for name in ("image_id", "study_id", "body_part", "prob", "label"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value = torch.cat(value) if value else torch.zeros(0, device=self.device)
+            state[name] = value.cpu()
+        _, first = np.unique(state["image_id"].numpy(), return_index=True)
+        keep = torch.from_numpy(first)
+        return {name: value[keep] for name, value in state.items()}
+
+    def compute(self) -> dict:
+        state = self.gathered()
+        return score_images(
+            state["prob"], state["label"], state["study_id"], state["body_part"], self.body_parts
+        )

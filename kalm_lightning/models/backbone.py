@@ -1,0 +1,119 @@
+"""The paper's CNN (eq. 1-3): a timm model's last feature map, global average pooling, Linear(C, 2)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from kalm_lightning.errors import UserError
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std a timm model's weights expect (ImageNet's for ResNet/VGG, 0.5 for Inception)."""
+    try:
+        cfg = timm.get_pretrained_cfg(name)
+    except RuntimeError:
+        cfg = None
+    if cfg is None:
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the weights hub answers within timeout; timm would otherwise retry for ~45 s."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return True  # timm then reads the local hub cache and fails at once when weights are absent
+    with ThreadPoolExecutor(1) as pool:
+        attempt = pool.submit(socket.create_connection, HUB_HOST, timeout)
+        try:
+            attempt.result(timeout=timeout + 0.5).close()
+            return True
+        except (OSError, FutureTimeout):
+            return False
+
+
+def create_feature_model(
+    name: str, pretrained: bool = False, checkpoint_path: str | None = None
+) -> nn.Module:
+    """A timm model without its classifier, loading weights from a local file or the hub."""
+    kwargs: dict = {"num_classes": 0, "global_pool": ""}
+    if checkpoint_path:
+        path = Path(checkpoint_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"backbone.checkpoint_path={checkpoint_path} does not exist")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
+        pretrained = True
+    elif pretrained and not hub_reachable():
+        raise UserError(
+            f"backbone.pretrained=true but the weights hub cannot be reached for {name}; "
+            "download the weights elsewhere and set backbone.checkpoint_path=FILE, "
+            "or set backbone.pretrained=false"
+        )
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            raise UserError(
+                f"backbone.name={name} is not a timm model: see timm.list_models()"
+            ) from error
+        raise UserError(
+            f"cannot load weights for {name} ({error}); check backbone.checkpoint_path "
+            "or set backbone.pretrained=false"
+        ) from error
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"cannot load weights for {name} ({error}); set backbone.checkpoint_path=FILE "
+            "to a local .pth/.safetensors file, or backbone.pretrained=false"
+        ) from error
+
+
+def _drop_unused_children(model: nn.Module, probe_size: int = 96) -> None:
+    """Replace the parts forward_features never calls (VGG's 120M-parameter fc6/fc7) by Identity."""
+    used: set[str] = set()
+    hooks = [
+        child.register_forward_hook(lambda *_, name=name: used.add(name))
+        for name, child in model.named_children()
+    ]
+    was_training = model.training
+    with torch.no_grad():
+        model.eval().forward_features(torch.zeros(1, 3, probe_size, probe_size))
+    model.train(was_training)
+    for hook in hooks:
+        hook.remove()
+    for name, child in list(model.named_children()):
+        if name not in used and any(True for _ in child.parameters()):
+            setattr(model, name, nn.Identity())
+
+
+class Backbone(nn.Module):
+    """CNN_g or CNN_l: conv (timm's forward_features) -> GAP -> Linear(C, 2), as eq. (1)-(3)."""
+
+    def __init__(
+        self, name: str, pretrained: bool = False, checkpoint_path: str | None = None
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.conv = create_feature_model(name, pretrained, checkpoint_path)
+        _drop_unused_children(self.conv)
+        self.num_features = self.conv.num_features
+        self.fc = nn.Linear(self.num_features, 2)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """F = conv(I): the last feature map before pooling, [B, C, H, W]."""
+        return self.conv.forward_features(images)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """S = FC(GAP(F)): two logits (normal, abnormal)."""
+        return self.fc(features.mean(dim=(2, 3)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))

@@ -1,0 +1,121 @@
+"""What both training stages share: optimiser from config, study-level validation, checkpoint loading."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from kalm_lightning.errors import UserError
+from kalm_lightning.metrics import StudyMetrics
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class StageModule(pl.LightningModule):
+    """A stage names its scores (e.g. global, local, kalm) and which one selects checkpoints."""
+
+    scores: tuple[str, ...] = ("global",)
+    selection_score: str = "global"
+
+    def __init__(
+        self,
+        channels_last: bool = False,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.val_metrics = nn.ModuleDict({name: StudyMetrics() for name in self.scores})
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        return (
+            images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        )
+
+    def configure_model(self) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Abnormal probabilities per score name, plus anything else worth keeping (e.g. boxes)."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict | None, batch_idx: int) -> None:
+        if batch is None:
+            return
+        outputs = self.score(self.prepare_images(batch["image"]))
+        for name in self.scores:
+            self.val_metrics[name].update(
+                outputs[name],
+                batch["label"],
+                batch["image_id"],
+                batch["study_id"],
+                batch["body_part"],
+            )
+        self.on_validation_outputs(batch, outputs, batch_idx)
+
+    def on_validation_outputs(self, batch: dict, outputs: dict, batch_idx: int) -> None:
+        """Hook for stage-specific use of validation outputs (stage 2 keeps boxes to draw)."""
+
+    def on_validation_epoch_end(self) -> None:
+        logged = {}
+        for name in self.scores:
+            result = self.val_metrics[name].compute()
+            self.val_metrics[name].reset()
+            for level in ("image", "study"):
+                for metric in ("accuracy", "auroc", "kappa"):
+                    logged[f"val/{name}/{level}_{metric}"] = result[level][metric]
+        # Figures are already global (gathered across processes): no further reduction.
+        self.log_dict(
+            {k: torch.tensor(v, dtype=torch.float32) for k, v in logged.items()}, sync_dist=False
+        )
+        selection = logged[f"val/{self.selection_score}/image_accuracy"]
+        self.log(
+            "val/image_acc",
+            torch.tensor(selection, dtype=torch.float32),
+            prog_bar=True,
+            sync_dist=False,
+        )
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise UserError("model.optimizer is not set: training needs an optimiser config")
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
+        }
+
+
+def read_checkpoint(path: str) -> dict:
+    """A Lightning checkpoint as a dict, with a clear error for a missing or unreadable file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError as error:
+        raise UserError(f"checkpoint {path} does not exist") from error
+    except Exception as error:
+        raise UserError(f"checkpoint {path} cannot be read ({error})") from error
+
+
+def load_stage(path: str, map_location: str = "cpu") -> StageModule:
+    """A trained stage-1 or stage-2 module from its checkpoint, without touching the network."""
+    from kalm_lightning.stages.global_stage import GlobalStage
+    from kalm_lightning.stages.kalm_stage import KALMStage
+
+    hparams = read_checkpoint(path).get("hyper_parameters", {})
+    stage = hparams.get("stage")
+    classes = {1: GlobalStage, 2: KALMStage}
+    if stage not in classes:
+        raise UserError(f"{path} is not a kalm-lightning stage-1 or stage-2 checkpoint")
+    module = classes[stage].load_from_checkpoint(
+        path, map_location=map_location, pretrained=False, backbone_weights=None, weights_only=False
+    )
+    return module.eval()

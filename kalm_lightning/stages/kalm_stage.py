@@ -1,0 +1,112 @@
+"""Stage 2: CNN_g frozen from stage 1 (BatchNorm too); fc_w, fc_h and CNN_l trained on S_l."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kalm_lightning.errors import UserError
+from kalm_lightning.models.backbone import Backbone
+from kalm_lightning.models.kalm import KALMNet
+from kalm_lightning.stages.base import (
+    OptimizerFactory,
+    SchedulerFactory,
+    StageModule,
+    read_checkpoint,
+)
+
+BOXES_LOGGED = 16
+
+
+class KALMStage(StageModule):
+    scores = ("global", "local", "kalm")
+    selection_score = "kalm"
+
+    def __init__(
+        self,
+        backbone: str,
+        pretrained: bool = False,
+        backbone_weights: str | None = None,
+        image_size: int = 224,
+        source_size: int = 448,
+        centre: str = "paper",
+        local_init: str = "backbone",
+        global_ckpt: str | None = None,
+        channels_last: bool = False,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__(channels_last, optimizer, scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "global_ckpt"], logger=False)
+        self.hparams["stage"] = 2
+        # CNN_g's weights come from stage 1 and CNN_l's from the backbone config: no hub call for CNN_g.
+        self.net = KALMNet(backbone, False, None, image_size, source_size, centre, "backbone")
+        if local_init == "backbone" and (pretrained or backbone_weights):
+            self.net.local_cnn = Backbone(backbone, pretrained, backbone_weights)
+        if global_ckpt is not None:
+            self.load_global(global_ckpt, backbone)
+            if local_init == "global":
+                self.net.copy_global_to_local()
+        self.net.global_cnn.requires_grad_(False)
+        self._boxes_to_draw: dict[str, torch.Tensor] = {}
+
+    def load_global(self, path: str, backbone: str) -> None:
+        """CNN_g from a stage-1 checkpoint, refusing one trained with another backbone."""
+        checkpoint = read_checkpoint(path)
+        hparams = checkpoint.get("hyper_parameters", {})
+        if hparams.get("stage") != 1:
+            raise UserError(f"stage.global_ckpt={path} is not a stage-1 checkpoint")
+        if hparams.get("backbone") != backbone:
+            raise UserError(
+                f"stage.global_ckpt={path} was trained with backbone "
+                f"{hparams.get('backbone')}, not {backbone}"
+            )
+        weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()}
+        self.net.global_cnn.load_state_dict(weights)
+
+    def train(self, mode: bool = True) -> KALMStage:
+        super().train(mode)
+        self.net.global_cnn.eval()  # frozen: BatchNorm running statistics must not move
+        return self
+
+    def forward(self, images: torch.Tensor):
+        return self.net(images)
+
+    def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self(images)
+        return {
+            "global": out.global_prob,
+            "local": out.local_prob,
+            "kalm": out.prob,
+            "boxes": out.boxes,
+        }
+
+    def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:
+            return None
+        out = self(self.prepare_images(batch["image"]))
+        loss = F.cross_entropy(out.local_logits.float(), batch["label"])
+        size = len(batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict(
+            {"train/box_w": out.boxes[:, 2].mean(), "train/box_h": out.boxes[:, 3].mean()},
+            batch_size=size,
+        )
+        return loss
+
+    def on_validation_outputs(self, batch: dict, outputs: dict, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self._boxes_to_draw = {
+                "images": batch["image"][:BOXES_LOGGED].detach().float().cpu(),
+                "boxes": outputs["boxes"][:BOXES_LOGGED].detach().float().cpu(),
+                "prob": outputs["kalm"][:BOXES_LOGGED].detach().cpu(),
+                "label": batch["label"][:BOXES_LOGGED].cpu(),
+            }
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self._boxes_to_draw and self.trainer.is_global_zero:
+            from kalm_lightning.report import log_box_grid
+
+            log_box_grid(self.loggers, self._boxes_to_draw, self.current_epoch)
+        self._boxes_to_draw = {}

@@ -1,0 +1,166 @@
+"""One training stage, or the demo's chain of stage 1, stage 2 and evaluation, from a composed config."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kalm_lightning.cli import print_config
+from kalm_lightning.config import config_dir
+from kalm_lightning.errors import UserError
+from kalm_lightning.models.backbone import backbone_normalization
+
+log = logging.getLogger(__name__)
+RESULT_FILE = "result.json"
+
+
+def find_stage1_checkpoint(cfg: DictConfig) -> str:
+    """stage.global_ckpt: a path, or auto = the newest best stage-1 checkpoint for this backbone and data."""
+    wanted = cfg.stage.global_ckpt
+    if wanted not in (None, "auto"):
+        if not Path(wanted).is_file():
+            raise UserError(f"stage.global_ckpt={wanted} does not exist")
+        return str(wanted)
+    root = Path(cfg.paths.output_root)
+    data_root = str(Path(cfg.data.root).expanduser().resolve())
+    found = []
+    for path in root.rglob(RESULT_FILE) if root.is_dir() else []:
+        result = json.loads(path.read_text())
+        if (
+            result.get("stage") == 1
+            and result.get("backbone") == cfg.backbone.name
+            and result.get("data_root") == data_root
+            and Path(result.get("best_ckpt") or "").is_file()
+        ):
+            found.append((Path(result["best_ckpt"]).stat().st_mtime, result["best_ckpt"]))
+    if not found:
+        raise UserError(
+            f"no finished stage-1 run for backbone={cfg.backbone.name} data={cfg.data.name} under "
+            f"{root}: run `python -m kalm_lightning.train stage=1 backbone={cfg.backbone.name} "
+            f"data={cfg.data.name}` first, or set stage.global_ckpt=PATH"
+        )
+    return max(found)[1]
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """ckpt_path: null, last (this run directory's last.ckpt), or a path."""
+    if cfg.ckpt_path in (None, ""):
+        return None
+    if cfg.ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.info("Resuming from %s", last)
+            return str(last)
+        log.warning("ckpt_path=last: no %s yet, starting this stage from scratch", last)
+        return None
+    if not Path(cfg.ckpt_path).is_file():
+        raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist")
+    return str(cfg.ckpt_path)
+
+
+def instantiate_all(group: DictConfig | None) -> list[Any]:
+    return [hydra.utils.instantiate(c) for c in (group or {}).values() if c and "_target_" in c]
+
+
+def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    """Fit one stage in run_dir; returns (and writes to result.json) where its checkpoints are."""
+    result_file = run_dir / RESULT_FILE
+    if result_file.is_file() and cfg.ckpt_path == "last":
+        log.info("Stage %s already finished in %s", cfg.stage.number, run_dir)
+        return json.loads(result_file.read_text())
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    mean, std = backbone_normalization(cfg.backbone.name)
+    datamodule = hydra.utils.instantiate(
+        cfg.data, mean=mean, std=std, run_dir=str(run_dir), seed=cfg.seed
+    )
+    extra = {"global_ckpt": find_stage1_checkpoint(cfg)} if cfg.stage.number == 2 else {}
+    model = hydra.utils.instantiate(cfg.model, **extra)
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False
+    )
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+    callback = trainer.checkpoint_callback
+    result = {
+        "stage": int(cfg.stage.number),
+        "backbone": cfg.backbone.name,
+        "data": cfg.data.name,
+        "data_root": str(Path(cfg.data.root).expanduser().resolve()),
+        "run_dir": str(run_dir.resolve()),
+        "best_ckpt": str(Path(callback.best_model_path).resolve())
+        if callback and callback.best_model_path
+        else None,
+        "last_ckpt": str(Path(callback.last_model_path).resolve())
+        if callback and callback.last_model_path
+        else None,
+        "best_val_image_acc": float(callback.best_model_score)
+        if callback and callback.best_model_score is not None
+        else None,
+        "epochs": trainer.current_epoch,
+    }
+    if trainer.is_global_zero and not trainer.interrupted:
+        result_file.write_text(json.dumps(result, indent=2) + "\n")
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()  # one W&B run per job, also in multiruns
+    return result
+
+
+def stage2_config(cfg: DictConfig, global_ckpt: str) -> DictConfig:
+    """The same run as stage 2: conf/stage/2.yaml merged in, pointed at the stage-1 checkpoint."""
+    stage2 = OmegaConf.merge(cfg, OmegaConf.load(config_dir() / "stage" / "2.yaml"))
+    stage2.stage.global_ckpt = global_ckpt
+    return stage2
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
+    """Stage 1, stage 2 on its best checkpoint, then evaluation: the demo in one command."""
+    from kalm_lightning.evaluation import run_evaluation
+
+    first = train_stage(cfg, run_dir / "stage1")
+    if not first["best_ckpt"]:
+        raise UserError(f"stage 1 in {run_dir / 'stage1'} saved no best checkpoint")
+    second = train_stage(stage2_config(cfg, first["best_ckpt"]), run_dir / "stage2")
+    if rank_zero_only.rank != 0 or not second["best_ckpt"]:
+        return second
+    evaluation = OmegaConf.create(
+        {
+            "ckpt_path": second["best_ckpt"],
+            "predictions": None,
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+            "split": "valid",
+            "device": "cuda" if cfg.trainer.accelerator == "gpu" else "cpu",
+            "precision": str(cfg.trainer.precision),
+            "seed": cfg.seed,
+            **OmegaConf.to_container(cfg.evaluate, resolve=True),
+            "logger": None,
+        }
+    )
+    out = run_dir / "evaluate"
+    run_evaluation(evaluation, out)
+    print(f"KALM boxes drawn in {out / 'boxes.png'}")
+    return second
+
+
+def run_training(cfg: DictConfig) -> float | None:
+    """The train command: print the config, then one stage or the whole pipeline."""
+    if rank_zero_only.rank == 0:
+        print_config(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    result = run_pipeline(cfg, run_dir) if cfg.pipeline else train_stage(cfg, run_dir)
+    return result.get("best_val_image_acc")
