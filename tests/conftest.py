@@ -1,0 +1,67 @@
+"""Shared fixtures: offline environment, tiny generated MURA trees, Hydra compose, the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from kalm_lightning.config import config_dir, quote_numeric_choices, register_resolvers
+from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a hub call would otherwise hang for 45-100 s here
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+
+TINY = SyntheticSettings(train_studies=24, valid_studies=9, seed=3, max_size=96)
+# Small enough for a CPU: ResNet18 at 64 px on 128-px sources, a few batches.
+TINY_RUN = [
+    "data.image_size=64",
+    "data.source_size=128",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.synthetic.train_studies=24",
+    "data.synthetic.valid_studies=9",
+    "data.synthetic.seed=3",
+    "data.synthetic.max_size=96",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "model.optimizer.lr=3e-4",
+    "~callbacks.progress_bar",
+]
+
+
+@pytest.fixture(scope="session")
+def mura_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic MURA-layout tree shared by the read-only tests."""
+    root = tmp_path_factory.mktemp("mura")
+    generate_synthetic_mura(root, TINY, workers=1)
+    return root
+
+
+def compose_config(name: str, overrides: list[str]):
+    """Compose a config exactly as the entry points do, through Hydra's compose API."""
+    register_resolvers()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose(name, overrides=quote_numeric_choices(overrides), return_hydra_config=False)
+
+
+def run_cli(module: str, args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m kalm_lightning.<module> args` the way a user does."""
+    return subprocess.run(
+        [sys.executable, "-m", f"kalm_lightning.{module}", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result

@@ -1,0 +1,113 @@
+"""Configs compose for every group combination; the CLI prints them and refuses bad choices in one line."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import check, compose_config, run_cli
+
+from kalm_lightning.config import check_group_overrides, group_choices, quote_numeric_choices
+
+GROUPS = {name: group_choices(name) for name in ("backbone", "stage", "hardware", "data", "logger")}
+
+
+def test_groups_hold_the_documented_choices() -> None:
+    assert GROUPS == {
+        "backbone": ["inception_v4", "resnet18", "vgg16"],
+        "stage": ["1", "2"],
+        "hardware": ["cpu", "ddp", "ddp_cpu", "gpu"],
+        "data": ["mura", "synthetic"],
+        "logger": ["csv", "none", "tensorboard", "wandb"],
+    }
+
+
+def test_every_combination_composes() -> None:
+    accelerators = {"cpu": "cpu", "ddp_cpu": "cpu", "gpu": "gpu", "ddp": "gpu"}
+    targets = {"1": "GlobalStage", "2": "KALMStage"}
+    for combo in itertools.product(*GROUPS.values()):
+        choice = dict(zip(GROUPS, combo, strict=True))
+        cfg = compose_config("train", [f"{k}={v}" for k, v in choice.items()])
+        assert cfg.backbone.name == choice["backbone"]
+        assert cfg.model._target_.endswith(targets[choice["stage"]])
+        assert cfg.trainer.accelerator == accelerators[choice["hardware"]]
+        assert cfg.data.name == choice["data"]
+        assert set(cfg.logger or {}) == ({choice["logger"]} - {"none"})
+
+
+@pytest.mark.parametrize("experiment", ["demo", "paper"])
+def test_experiments_compose(experiment: str) -> None:
+    cfg = compose_config("train", [f"experiment={experiment}", "backbone=vgg16"])
+    assert cfg.pipeline is True
+    assert cfg.backbone.name == "vgg16"
+    if experiment == "paper":
+        assert (cfg.model.optimizer.lr, cfg.trainer.max_epochs, cfg.data.batch_size) == (1e-5, 30, 64)
+        assert (cfg.data.image_size, cfg.data.source_size, cfg.model.scheduler.milestones) == (224, 448, [20])
+
+
+def test_numeric_group_choices_are_quoted_for_hydra() -> None:
+    assert quote_numeric_choices(["stage=2", "seed=3", "stage=1,2"]) == ["stage='2'", "seed=3", "stage='1','2'"]
+
+
+def test_unknown_choice_is_named_with_the_valid_ones() -> None:
+    message = check_group_overrides(["backbone=resnet1000"])
+    assert message.startswith("unknown backbone 'resnet1000': choose one of inception_v4, resnet18, vgg16")
+    assert check_group_overrides(["backbone=resnet18,vgg16", "backbone.name=convnext_tiny"]) is None
+
+
+def test_cli_prints_composed_config(tmp_path: Path) -> None:
+    out = check(run_cli("train", ["--cfg", "job", "backbone=vgg16", "stage=2", "hardware=ddp"], tmp_path)).stdout
+    assert "name: vgg16" in out and "_target_: kalm_lightning.stages.KALMStage" in out
+    assert "strategy: ddp" in out
+
+
+def test_console_script_prints_composed_config(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "kalm-train"
+    assert script.exists(), "kalm-train is not installed beside this Python"
+    result = subprocess.run([str(script), "--cfg", "job", "backbone=vgg16", "stage=2", "hardware=ddp"],
+                            cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "_target_: kalm_lightning.stages.KALMStage" in result.stdout
+
+
+def test_bad_backbone_exits_with_one_line(tmp_path: Path) -> None:
+    result = run_cli("train", ["backbone=nope"], tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["kalm-train: unknown backbone 'nope': choose one of inception_v4, resnet18, vgg16 "
+                     "(or any timm model through backbone.name=...)"]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_missing_mura_root_exits_with_one_line(tmp_path: Path) -> None:
+    result = run_cli("train", ["data=mura", "~callbacks.progress_bar"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "kalm-train: setting data.root is required: pass data.root=..."
+
+
+def test_wheel_runs_outside_the_repository(tmp_path: Path) -> None:
+    """A non-editable install finds its configs as package data, run from another directory."""
+    repo = Path(__file__).resolve().parents[1]
+    build = tmp_path / "build"
+    skip = {".venv", ".git", "outputs", "data", "kalm_lightning.egg-info", "build", "dist"}
+    shutil.copytree(repo, build, ignore=lambda d, names: skip & set(names) if Path(d) == repo else set())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist"), str(build)], check=True)  # fmt: skip
+    wheel = next((tmp_path / "dist").glob("kalm_lightning-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                    str(wheel)], check=True)  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    probe = subprocess.run([sys.executable, "-c", "from kalm_lightning.config import config_dir; print(config_dir())"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    assert probe.stdout.strip().startswith(str(target))
+    result = subprocess.run([sys.executable, "-m", "kalm_lightning.train", "--cfg", "job", "backbone=vgg16",
+                             "stage=2", "hardware=ddp"], cwd=elsewhere, env=env, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "_target_: kalm_lightning.stages.KALMStage" in result.stdout
