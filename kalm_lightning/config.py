@@ -75,9 +75,33 @@ def quote_numeric_choices(argv: list[str]) -> list[str]:
     return quoted
 
 
+SWEEP_FUNCTIONS = ("range(", "choice(", "glob(", "interval(", "tag(", "shuffle(", "sort(")
+
+
+def name_jobs_by_swept_overrides(argv: list[str]) -> list[str]:
+    """In a multirun, name each job's directory by what the sweep varies, not every override."""
+    if not {"-m", "--multirun"} & set(argv):
+        return argv
+    fixed = []
+    for arg in argv:
+        match = re.fullmatch(r"[~+]*([\w.@/-]+)(?:=(.*))?", arg)
+        if arg.startswith("-") or not match or match.group(1).startswith("hydra."):
+            continue
+        value = match.group(2) or ""
+        swept = ("," in value and not value.startswith(("[", "{"))) or value.startswith(
+            SWEEP_FUNCTIONS
+        )
+        if not swept:
+            fixed.append(match.group(1))
+    if not fixed:
+        return argv
+    keys = ",".join(f"'{key}'" for key in fixed)
+    return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{keys}]"]
+
+
 def prepare_argv(program: str) -> None:
     """Prepare argv for Hydra, stopping with one line for an unknown group value (before Hydra's report)."""
-    sys.argv[1:] = quote_numeric_choices(sys.argv[1:])
+    sys.argv[1:] = name_jobs_by_swept_overrides(quote_numeric_choices(sys.argv[1:]))
     message = check_group_overrides(sys.argv[1:])
     if message:
         print(f"{program}: {message}", file=sys.stderr)

@@ -71,10 +71,6 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit one stage in run_dir; returns (and writes to result.json) where its checkpoints are."""
-    result_file = run_dir / RESULT_FILE
-    if result_file.is_file() and cfg.ckpt_path == "last":
-        log.info("Stage %s already finished in %s", cfg.stage.number, run_dir)
-        return json.loads(result_file.read_text())
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
@@ -114,7 +110,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
         "epochs": trainer.current_epoch,
     }
     if trainer.is_global_zero and not trainer.interrupted:
-        result_file.write_text(json.dumps(result, indent=2) + "\n")
+        (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
             logger.experiment.finish()  # one W&B run per job, also in multiruns
@@ -123,8 +119,11 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
 
 def stage2_config(cfg: DictConfig, global_ckpt: str) -> DictConfig:
     """The same run as stage 2: conf/stage/2.yaml merged in, pointed at the stage-1 checkpoint."""
-    stage2 = OmegaConf.merge(cfg, OmegaConf.load(config_dir() / "stage" / "2.yaml"))
+    stage2 = cfg.copy()
+    OmegaConf.set_struct(stage2, False)
+    stage2 = OmegaConf.merge(stage2, OmegaConf.load(config_dir() / "stage" / "2.yaml"))
     stage2.stage.global_ckpt = global_ckpt
+    OmegaConf.set_struct(stage2, True)
     return stage2
 
 

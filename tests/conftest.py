@@ -30,6 +30,7 @@ TINY_RUN = [
     "data.synthetic.max_size=96",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=3",
+    "trainer.log_every_n_steps=1",
     "model.optimizer.lr=3e-4",
     "~callbacks.progress_bar",
 ]
@@ -50,7 +51,9 @@ def compose_config(name: str, overrides: list[str]):
         return compose(name, overrides=quote_numeric_choices(overrides), return_hydra_config=False)
 
 
-def run_cli(module: str, args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, args: list[str], cwd: Path, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run `python -m kalm_lightning.<module> args` the way a user does."""
     return subprocess.run(
         [sys.executable, "-m", f"kalm_lightning.{module}", *args],
@@ -65,3 +68,14 @@ def run_cli(module: str, args: list[str], cwd: Path, timeout: int = 600) -> subp
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Stage 1, then stage 2 with stage.global_ckpt=auto, through the real command line."""
+    work = tmp_path_factory.mktemp("train")
+    check(run_cli("train", ["stage=1", *TINY_RUN], work))
+    check(run_cli("train", ["stage=2", *TINY_RUN, "trainer.limit_train_batches=4"], work))
+    stage1 = next((work / "outputs/synthetic/resnet18/stage1").iterdir())
+    stage2 = next((work / "outputs/synthetic/resnet18/stage2").iterdir())
+    return {"work": work, "stage1": stage1, "stage2": stage2}

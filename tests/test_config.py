@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 from conftest import check, compose_config, run_cli
 
-from kalm_lightning.config import check_group_overrides, group_choices, quote_numeric_choices
+from kalm_lightning.config import (
+    check_group_overrides,
+    group_choices,
+    name_jobs_by_swept_overrides,
+    quote_numeric_choices,
+)
 
 GROUPS = {name: group_choices(name) for name in ("backbone", "stage", "hardware", "data", "logger")}
 
@@ -45,22 +50,38 @@ def test_experiments_compose(experiment: str) -> None:
     assert cfg.pipeline is True
     assert cfg.backbone.name == "vgg16"
     if experiment == "paper":
-        assert (cfg.model.optimizer.lr, cfg.trainer.max_epochs, cfg.data.batch_size) == (1e-5, 30, 64)
-        assert (cfg.data.image_size, cfg.data.source_size, cfg.model.scheduler.milestones) == (224, 448, [20])
+        assert (cfg.model.optimizer.lr, cfg.trainer.max_epochs, cfg.data.batch_size) == (
+            1e-5,
+            30,
+            64,
+        )
+        assert (cfg.data.image_size, cfg.data.source_size, cfg.model.scheduler.milestones) == (
+            224,
+            448,
+            [20],
+        )
 
 
 def test_numeric_group_choices_are_quoted_for_hydra() -> None:
-    assert quote_numeric_choices(["stage=2", "seed=3", "stage=1,2"]) == ["stage='2'", "seed=3", "stage='1','2'"]
+    assert quote_numeric_choices(["stage=2", "seed=3", "stage=1,2"]) == [
+        "stage='2'",
+        "seed=3",
+        "stage='1','2'",
+    ]
 
 
 def test_unknown_choice_is_named_with_the_valid_ones() -> None:
     message = check_group_overrides(["backbone=resnet1000"])
-    assert message.startswith("unknown backbone 'resnet1000': choose one of inception_v4, resnet18, vgg16")
+    assert message.startswith(
+        "unknown backbone 'resnet1000': choose one of inception_v4, resnet18, vgg16"
+    )
     assert check_group_overrides(["backbone=resnet18,vgg16", "backbone.name=convnext_tiny"]) is None
 
 
 def test_cli_prints_composed_config(tmp_path: Path) -> None:
-    out = check(run_cli("train", ["--cfg", "job", "backbone=vgg16", "stage=2", "hardware=ddp"], tmp_path)).stdout
+    out = check(
+        run_cli("train", ["--cfg", "job", "backbone=vgg16", "stage=2", "hardware=ddp"], tmp_path)
+    ).stdout
     assert "name: vgg16" in out and "_target_: kalm_lightning.stages.KALMStage" in out
     assert "strategy: ddp" in out
 
@@ -68,8 +89,13 @@ def test_cli_prints_composed_config(tmp_path: Path) -> None:
 def test_console_script_prints_composed_config(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "kalm-train"
     assert script.exists(), "kalm-train is not installed beside this Python"
-    result = subprocess.run([str(script), "--cfg", "job", "backbone=vgg16", "stage=2", "hardware=ddp"],
-                            cwd=tmp_path, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [str(script), "--cfg", "job", "backbone=vgg16", "stage=2", "hardware=ddp"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "_target_: kalm_lightning.stages.KALMStage" in result.stdout
 
@@ -78,15 +104,20 @@ def test_bad_backbone_exits_with_one_line(tmp_path: Path) -> None:
     result = run_cli("train", ["backbone=nope"], tmp_path)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert lines == ["kalm-train: unknown backbone 'nope': choose one of inception_v4, resnet18, vgg16 "
-                     "(or any timm model through backbone.name=...)"]
+    assert lines == [
+        "kalm-train: unknown backbone 'nope': choose one of inception_v4, resnet18, vgg16 "
+        "(or any timm model through backbone.name=...)"
+    ]
     assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_missing_mura_root_exits_with_one_line(tmp_path: Path) -> None:
     result = run_cli("train", ["data=mura", "~callbacks.progress_bar"], tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "kalm-train: setting data.root is required: pass data.root=..."
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "kalm-train: setting data.root is required: pass data.root=..."
+    )
 
 
 def test_wheel_runs_outside_the_repository(tmp_path: Path) -> None:
@@ -94,7 +125,9 @@ def test_wheel_runs_outside_the_repository(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     build = tmp_path / "build"
     skip = {".venv", ".git", "outputs", "data", "kalm_lightning.egg-info", "build", "dist"}
-    shutil.copytree(repo, build, ignore=lambda d, names: skip & set(names) if Path(d) == repo else set())
+    shutil.copytree(
+        repo, build, ignore=lambda d, names: skip & set(names) if Path(d) == repo else set()
+    )
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path / "dist"), str(build)], check=True)  # fmt: skip
     wheel = next((tmp_path / "dist").glob("kalm_lightning-*.whl"))
@@ -111,3 +144,19 @@ def test_wheel_runs_outside_the_repository(tmp_path: Path) -> None:
                              "stage=2", "hardware=ddp"], cwd=elsewhere, env=env, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "_target_: kalm_lightning.stages.KALMStage" in result.stdout
+
+
+def test_multirun_jobs_are_named_by_swept_overrides_only() -> None:
+    argv = [
+        "-m",
+        "backbone=resnet18,vgg16",
+        "data.root=/x",
+        "~callbacks.progress_bar",
+        "seed=range(1,3)",
+    ]
+    named = name_jobs_by_swept_overrides(argv)
+    assert (
+        named[-1]
+        == "hydra.job.config.override_dirname.exclude_keys=['data.root','callbacks.progress_bar']"
+    )
+    assert name_jobs_by_swept_overrides(["backbone=vgg16"]) == ["backbone=vgg16"]

@@ -40,7 +40,9 @@ def test_localizer_matches_equations(centre: str, height: int, width: int) -> No
     torch.manual_seed(height * width)
     localizer = KeyAreaLocalizer(height, width, centre)
     fmap = torch.randn(3, 16, height, width).relu()
-    expected = reference_boxes(fmap.double().numpy(), localizer.fc_w.double(), localizer.fc_h.double(), centre)
+    expected = reference_boxes(
+        fmap.double().numpy(), localizer.fc_w.double(), localizer.fc_h.double(), centre
+    )
     localizer.float()
     np.testing.assert_allclose(localizer(fmap).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
 
@@ -49,7 +51,9 @@ def test_localizer_gradients_reach_w_and_h_only() -> None:
     localizer = KeyAreaLocalizer(5, 5)
     fmap = torch.randn(2, 8, 5, 5, requires_grad=True)
     boxes = localizer(fmap)
-    grads = torch.autograd.grad(boxes[:, :2].sum(), [fmap, localizer.fc_w.weight], allow_unused=True, retain_graph=True)
+    grads = torch.autograd.grad(
+        boxes[:, :2].sum(), [fmap, localizer.fc_w.weight], allow_unused=True, retain_graph=True
+    )
     assert all(g is None or not g.any() for g in grads)  # x, y: argmax, no gradient
     boxes[:, 2:].sum().backward()
     assert localizer.fc_w.weight.grad.abs().sum() > 0 and localizer.fc_h.weight.grad.abs().sum() > 0
@@ -64,7 +68,11 @@ def test_constant_feature_maps_give_finite_boxes(fill: float) -> None:
 
 def test_crop_is_an_exact_slice_for_whole_pixel_boxes() -> None:
     images = torch.randn(2, 3, 448, 448, dtype=torch.float64)
-    half = crop(images, torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, -0.5, 0.5, 0.5]], dtype=torch.float64), 224)
+    half = crop(
+        images,
+        torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, -0.5, 0.5, 0.5]], dtype=torch.float64),
+        224,
+    )
     np.testing.assert_allclose(half[0].numpy(), images[0, :, 112:336, 112:336].numpy(), atol=1e-9)
     np.testing.assert_allclose(half[1].numpy(), images[1, :, 0:224, 224:448].numpy(), atol=1e-9)
 
@@ -83,7 +91,9 @@ def test_crop_gradcheck_in_w_and_h() -> None:
     images = torch.randn(2, 1, 12, 12, dtype=torch.float64)
     centres = torch.tensor([[0.1, -0.2], [-0.3, 0.25]], dtype=torch.float64)
     sizes = torch.tensor([[0.43, 0.61], [0.37, 0.52]], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda wh: crop(images, torch.cat([centres, wh], 1), 6), (sizes,))
+    assert torch.autograd.gradcheck(
+        lambda wh: crop(images, torch.cat([centres, wh], 1), 6), (sizes,)
+    )
 
 
 SHAPES = {"resnet18": (512, 7, 7), "vgg16": (512, 7, 7), "inception_v4": (1536, 5, 5)}
@@ -100,7 +110,10 @@ def test_paper_backbones_feature_shapes_and_heads(name: str) -> None:
         assert sum(p.numel() for p in backbone.parameters()) < 16e6
 
 
-@pytest.mark.parametrize(("name", "image", "source"), [("resnet18", 64, 128), ("vgg16", 64, 96), ("inception_v4", 80, 112)])
+@pytest.mark.parametrize(
+    ("name", "image", "source"),
+    [("resnet18", 64, 128), ("vgg16", 64, 96), ("inception_v4", 80, 112)],
+)
 def test_kalmnet_forward_backward(name: str, image: int, source: int) -> None:
     torch.manual_seed(0)
     net = KALMNet(name, image_size=image, source_size=source)
@@ -120,12 +133,17 @@ def test_resnet18_kalmnet_gives_nonzero_box_gradients() -> None:
     net = KALMNet("resnet18", image_size=96, source_size=192)
     out = net(torch.randn(3, 3, 192, 192))
     F.cross_entropy(out.local_logits, torch.tensor([0, 1, 1])).backward()
-    assert net.localizer.fc_w.weight.grad.abs().sum() > 0 and net.localizer.fc_h.weight.grad.abs().sum() > 0
+    assert (
+        net.localizer.fc_w.weight.grad.abs().sum() > 0
+        and net.localizer.fc_h.weight.grad.abs().sum() > 0
+    )
 
 
 def test_local_init_global_copies_cnn_g() -> None:
     net = KALMNet("resnet18", image_size=64, source_size=128, local_init="global")
-    for (name, a), b in zip(net.global_cnn.state_dict().items(), net.local_cnn.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        net.global_cnn.state_dict().items(), net.local_cnn.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

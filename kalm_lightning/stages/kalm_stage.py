@@ -47,7 +47,9 @@ class KALMStage(StageModule):
             self.load_global(global_ckpt, backbone)
             if local_init == "global":
                 self.net.copy_global_to_local()
-        self.net.global_cnn.requires_grad_(False)
+        # Frozen, BatchNorm statistics included. Lightning restores each submodule's recorded mode
+        # rather than calling train() on this module, so eval mode must hold from the start.
+        self.net.global_cnn.requires_grad_(False).eval()
         self._boxes_to_draw: dict[str, torch.Tensor] = {}
 
     def load_global(self, path: str, backbone: str) -> None:

@@ -1,0 +1,147 @@
+"""Both training stages through the real command line: auto stage-1 lookup, freezing, multirun,
+DDP on two CPU processes, W&B offline and resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_RUN, check, run_cli
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_stage2_finds_stage1_and_keeps_cnn_g_bit_identical(trained: dict[str, Path]) -> None:
+    stage1 = json.loads((trained["stage1"] / "result.json").read_text())
+    stage2 = json.loads((trained["stage2"] / "result.json").read_text())
+    assert stage1["stage"] == 1 and stage2["stage"] == 2
+    config = OmegaConf.load(trained["stage2"] / "config.yaml")
+    assert config.stage.global_ckpt == "auto"
+    before, after = state(Path(stage1["best_ckpt"])), state(Path(stage2["last_ckpt"]))
+    globals_ = {k.removeprefix("net."): v for k, v in before.items()}
+    trained_global = {
+        k.removeprefix("net.global_cnn."): v
+        for k, v in after.items()
+        if k.startswith("net.global_cnn.")
+    }
+    assert globals_.keys() == trained_global.keys()
+    assert any("running_mean" in k for k in globals_)  # BatchNorm buffers are compared too
+    for key, value in globals_.items():
+        assert torch.equal(value, trained_global[key]), key
+    # What stage 2 trains moved away from where the same seed starts it.
+    pl.seed_everything(config.seed, workers=True)
+    initial = instantiate(config.model, global_ckpt=stage1["best_ckpt"]).state_dict()
+    for key in ("net.localizer.fc_w.weight", "net.localizer.fc_h.weight", "net.local_cnn.fc.weight",
+                "net.local_cnn.conv.conv1.weight"):  # fmt: skip
+        assert not torch.equal(initial[key], after[key]), key
+
+
+def test_stage2_without_stage1_says_what_to_run(tmp_path: Path) -> None:
+    result = run_cli("train", ["stage=2", *TINY_RUN], tmp_path)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "kalm-train: no finished stage-1 run for backbone=resnet18 data=synthetic under outputs: "
+            "run `python -m kalm_lightning.train stage=1 backbone=resnet18 data=synthetic` first"
+        )
+    )
+
+
+def test_run_directory_holds_config_checkpoints_logs_metrics(trained: dict[str, Path]) -> None:
+    run = trained["stage2"]
+    assert run.parent.name == "stage2" and run.parent.parent.name == "resnet18"
+    for name in (
+        "config.yaml",
+        "result.json",
+        "train.log",
+        "checkpoints/last.ckpt",
+        "csv/version_0/metrics.csv",
+    ):
+        assert (run / name).is_file(), name
+    metrics = pd.read_csv(run / "csv/version_0/metrics.csv")
+    for column in (
+        "train/loss",
+        "val/image_acc",
+        "val/kalm/study_auroc",
+        "val/local/study_kappa",
+        "val/global/study_accuracy",
+    ):
+        assert column in metrics.columns, column
+
+
+def test_multirun_over_two_backbones(tmp_path: Path) -> None:
+    check(run_cli("train", ["-m", "backbone=resnet18,vgg16", *TINY_RUN, "trainer.limit_train_batches=2",
+                            "trainer.limit_val_batches=2"], tmp_path))  # fmt: skip
+    jobs = sorted(
+        p.name for p in (tmp_path / "outputs/synthetic/multirun").glob("*/*") if p.is_dir()
+    )
+    assert jobs == ["backbone=resnet18", "backbone=vgg16"]
+    for job in (tmp_path / "outputs/synthetic/multirun").glob("*/backbone=*"):
+        assert (job / "checkpoints/last.ckpt").is_file() and (job / "result.json").is_file()
+        assert json.loads((job / "result.json").read_text())["backbone"] == job.name.split("=")[1]
+
+
+@pytest.mark.slow
+def test_ddp_cpu_runs_the_whole_pipeline(tmp_path: Path) -> None:
+    result = check(run_cli("train", ["experiment=demo", "hardware=ddp_cpu", "data.cache=false", *TINY_RUN,
+                                     "trainer.limit_train_batches=2"], tmp_path))  # fmt: skip
+    run = next((tmp_path / "outputs/synthetic/resnet18/demo").iterdir())
+    for stage in ("stage1", "stage2"):
+        assert (run / stage / "checkpoints/last.ckpt").is_file() and (
+            run / stage / "result.json"
+        ).is_file()
+    assert (run / "evaluate/metrics.json").is_file() and (run / "evaluate/boxes.png").is_file()
+    assert "resnet18_KALM" in result.stdout and "boxes.png" in result.stdout
+
+
+def test_wandb_offline_leaves_a_run_file(tmp_path: Path) -> None:
+    check(run_cli("train", ["logger=wandb", *TINY_RUN, "trainer.limit_train_batches=2"], tmp_path))
+    run = next((tmp_path / "outputs/synthetic/resnet18/stage1").iterdir())
+    files = list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    # The record file that `wandb sync` uploads: protobuf keeps the config and metric keys verbatim.
+    records = files[0].read_bytes()
+    for key in (
+        b"backbone",
+        b"resnet18",
+        b"model_checkpoint",
+        b"train/loss",
+        b"val/image_acc",
+        b"lr-Adam",
+    ):
+        assert key in records, key
+
+
+def test_resume_with_ckpt_path_last_continues_in_the_same_directory(tmp_path: Path) -> None:
+    check(run_cli("train", [*TINY_RUN, "trainer.limit_train_batches=2"], tmp_path))
+    runs = list((tmp_path / "outputs/synthetic/resnet18/stage1").iterdir())
+    assert len(runs) == 1 and json.loads((runs[0] / "result.json").read_text())["epochs"] == 1
+    first_last = torch.load(runs[0] / "checkpoints/last.ckpt", weights_only=False)
+    assert first_last["epoch"] == 0
+    check(
+        run_cli(
+            "train",
+            [*TINY_RUN, "trainer.limit_train_batches=2", "trainer.max_epochs=2", "ckpt_path=last"],
+            tmp_path,
+        )
+    )
+    assert list((tmp_path / "outputs/synthetic/resnet18/stage1").iterdir()) == runs
+    resumed = torch.load(runs[0] / "checkpoints/last.ckpt", weights_only=False)
+    assert (
+        resumed["epoch"] > first_last["epoch"]
+        and resumed["global_step"] == 2 * first_last["global_step"]
+    )
+    assert json.loads((runs[0] / "result.json").read_text())["epochs"] == 2
+    # Nothing logged before the interruption is lost: the resumed run logs beside it.
+    first, second = (pd.read_csv(runs[0] / f"csv/version_{v}/metrics.csv") for v in (0, 1))
+    assert set(first["epoch"].dropna()) == {0} and set(second["epoch"].dropna()) == {1}
