@@ -1,0 +1,142 @@
+"""The evaluate command: predictions CSVs scored like scikit-learn, checkpoints written as reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import TINY_RUN, check, run_cli
+from PIL import Image
+from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
+
+from kalm_lightning.data.mura import read_mura_index
+
+DATA = [arg for arg in TINY_RUN if arg.startswith("data.")]
+
+
+def sklearn_block(prob: np.ndarray, label: np.ndarray) -> dict:
+    pred = (prob >= 0.5).astype(int)
+    return {"accuracy": accuracy_score(label, pred), "auroc": roc_auc_score(label, prob),
+            "kappa": cohen_kappa_score(label, pred), "n": len(label)}  # fmt: skip
+
+
+def test_predictions_csv_is_scored_like_sklearn(mura_root: Path, tmp_path: Path) -> None:
+    index = read_mura_index(mura_root, "valid")
+    rng = np.random.default_rng(0)
+    prob = np.clip(0.3 + 0.35 * index["label"].to_numpy() + rng.normal(0, 0.25, len(index)), 0, 1)
+    # Paths as MURA's CSV writes them for half the rows, absolute for the rest.
+    paths = [
+        img if i % 2 else p
+        for i, (img, p) in enumerate(zip(index["image"], index["path"], strict=True))
+    ]
+    csv = tmp_path / "preds.csv"
+    pd.DataFrame({"path": paths, "prob": prob}).sample(frac=1, random_state=1).to_csv(
+        csv, index=False
+    )
+    check(
+        run_cli(
+            "evaluate",
+            [f"predictions={csv}", f"data.root={mura_root}", "paths.output_root=out"],
+            tmp_path,
+        )
+    )
+    run = next((tmp_path / "out/synthetic/evaluate").iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())["predictions"]
+    studies = pd.DataFrame({"study": index["study"], "label": index["label"], "prob": prob}).groupby("study").agg(
+        label=("label", "first"), prob=("prob", "mean"))  # fmt: skip
+    expected = {"image": sklearn_block(prob, index["label"].to_numpy()),
+                "study": sklearn_block(studies["prob"].to_numpy(), studies["label"].to_numpy())}  # fmt: skip
+    for level, block in expected.items():
+        for name, value in block.items():
+            assert metrics[level][name] == pytest.approx(value, abs=1e-6), (level, name)
+    submission = pd.read_csv(run / "submission.csv", header=None, names=["study", "label"])
+    assert len(submission) == len(studies) and set(submission["label"]) <= {0, 1}
+    assert submission["study"].iloc[0].startswith("MURA-v1.1/valid/")
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ({"path": ["x.png"], "prob": [0.3]}, "1 path(s) are not images of the valid split"),
+        (
+            {"path": ["x.png"], "prob": [3.2]},
+            "prob must be abnormal probabilities in [0, 1], not logits",
+        ),
+        ({"image": ["x.png"], "score": [0.2]}, "needs the columns path,prob"),
+    ],
+)
+def test_bad_predictions_give_one_line(
+    mura_root: Path, tmp_path: Path, rows: dict, message: str
+) -> None:
+    pd.DataFrame(rows).to_csv(tmp_path / "p.csv", index=False)
+    result = run_cli(
+        "evaluate", [f"predictions={tmp_path / 'p.csv'}", f"data.root={mura_root}"], tmp_path
+    )
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+
+
+def test_stage2_checkpoint_writes_every_report(trained: dict[str, Path]) -> None:
+    best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
+    result = check(
+        run_cli(
+            "evaluate",
+            [f"ckpt_path={best}", "bootstrap=20", "paths.output_root=eval2", *DATA],
+            trained["work"],
+        )
+    )
+    run = next((trained["work"] / "eval2/synthetic/evaluate").iterdir())
+    for name in ("metrics.json", "table.md", "predictions_images.csv", "predictions_studies.csv", "submission.csv",
+                 "roc.png", "boxes.png"):  # fmt: skip
+        assert (run / name).is_file(), name
+    for name in ("roc.png", "boxes.png"):
+        with Image.open(run / name) as image:
+            image.load()
+            assert image.width > 100 and image.height > 100
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"global", "local", "kalm", "localization"} <= set(metrics)
+    for score in ("global", "local", "kalm"):
+        assert set(metrics[score]["study"]) == {"accuracy", "auroc", "kappa", "n"}
+        assert set(metrics[score]["by_body_part"]) <= {
+            p for p in pd.read_csv(run / "predictions_images.csv")["body_part"]
+        }
+        assert len(metrics[score]["intervals"]["auroc"]) == 2
+    assert 0 <= metrics["localization"]["hit_rate"] <= 1 and metrics["localization"]["n"] > 0
+    images = pd.read_csv(run / "predictions_images.csv")
+    assert {"path", "label", "prob_global", "prob_local", "prob", "box_x0", "box_y1"} <= set(
+        images.columns
+    )
+    np.testing.assert_allclose(
+        images["prob"], (images["prob_global"] + images["prob_local"]) / 2, atol=1e-6
+    )
+    studies = pd.read_csv(run / "predictions_studies.csv")
+    assert (
+        list(studies.columns) == ["study", "label", "prob"]
+        and len(studies) == metrics["kalm"]["study"]["n"]
+    )
+    table = (run / "table.md").read_text()
+    assert "resnet18_g" in table and "resnet18_l" in table and "resnet18_KALM" in table
+    assert "resnet18_KALM" in result.stdout
+
+
+def test_stage1_checkpoint_reports_the_global_score_only(trained: dict[str, Path]) -> None:
+    best = json.loads((trained["stage1"] / "result.json").read_text())["best_ckpt"]
+    check(
+        run_cli(
+            "evaluate", [f"ckpt_path={best}", "paths.output_root=eval1", *DATA], trained["work"]
+        )
+    )
+    run = next((trained["work"] / "eval1/synthetic/evaluate").iterdir())
+    assert set(json.loads((run / "metrics.json").read_text())) == {"global"}
+    assert (run / "roc.png").is_file() and not (run / "boxes.png").exists()
+
+
+def test_evaluate_needs_exactly_one_input(tmp_path: Path) -> None:
+    result = run_cli("evaluate", [], tmp_path)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "kalm-evaluate: give exactly one of ckpt_path=CKPT and predictions=FILE.csv"
+    )
