@@ -169,8 +169,8 @@ def write_reports(
         per_study = frame.groupby(study_codes).agg(label=("label", "first"), prob=(column, "mean"))
         name = column.removeprefix("prob_") if column != "prob" else "predictions"
         curves[name] = (
-            torch.from_numpy(per_study["prob"].to_numpy()),
-            torch.from_numpy(per_study["label"].to_numpy()),
+            torch.tensor(per_study["prob"].to_numpy()),
+            torch.tensor(per_study["label"].to_numpy()),
         )
     roc_figure(curves, out / "roc.png", f"{model}: study-level ROC")
     if boxes_png and dataset is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,10 @@ from kalm_lightning.stages.base import (
 )
 
 BOXES_LOGGED = 16
+# CNN_g is in eval mode at the start of stage 2 on purpose (frozen BatchNorm statistics).
+warnings.filterwarnings(
+    "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training"
+)
 
 
 class KALMStage(StageModule):
