@@ -140,3 +140,20 @@ def test_evaluate_needs_exactly_one_input(tmp_path: Path) -> None:
         result.stderr.strip().splitlines()[-1]
         == "kalm-evaluate: give exactly one of ckpt_path=CKPT and predictions=FILE.csv"
     )
+
+
+def test_evaluate_logs_table_and_figures_to_wandb(mura_root: Path, tmp_path: Path) -> None:
+    index = read_mura_index(mura_root, "valid")
+    csv = tmp_path / "preds.csv"
+    pd.DataFrame({"path": index["image"], "prob": np.linspace(0, 1, len(index))}).to_csv(
+        csv, index=False
+    )
+    check(
+        run_cli(
+            "evaluate", [f"predictions={csv}", f"data.root={mura_root}", "logger=wandb"], tmp_path
+        )
+    )
+    records = next(
+        tmp_path.glob("outputs/synthetic/evaluate/*/wandb/offline-run-*/run-*.wandb")
+    ).read_bytes()
+    assert b"study_table" in records and b"reports" in records and b"predictions" in records

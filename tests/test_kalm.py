@@ -160,3 +160,13 @@ def test_weights_from_a_local_file_without_network(tmp_path: Path, suffix: str) 
         if not key.startswith("fc."):
             assert torch.equal(loaded[key], value), key
     assert backbone.fc.out_features == 2
+
+
+def test_pretrained_without_hub_fails_fast_naming_the_local_option(monkeypatch) -> None:
+    from kalm_lightning.errors import UserError
+
+    monkeypatch.setenv(
+        "HF_HUB_OFFLINE", "1"
+    )  # no cached weights here, as on a machine with no network
+    with pytest.raises(UserError, match=r"backbone\.checkpoint_path"):
+        Backbone("resnet18", pretrained=True)
