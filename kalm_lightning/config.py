@@ -62,6 +62,9 @@ def register_resolvers() -> None:
             lambda parent, ckpt=None: str(newest_run_dir(Path(parent), ckpt)),
             use_cache=True,
         )
+    if not OmegaConf.has_resolver("kalm_job_dir"):
+        # A multirun job's directory: its swept overrides, or job<N> when a sweep varies nothing.
+        OmegaConf.register_new_resolver("kalm_job_dir", lambda name, num: name or f"job{num}")
 
 
 def quote_numeric_choices(argv: list[str]) -> list[str]:

@@ -145,3 +145,24 @@ def test_resume_with_ckpt_path_last_continues_in_the_same_directory(tmp_path: Pa
     # Nothing logged before the interruption is lost: the resumed run logs beside it.
     first, second = (pd.read_csv(runs[0] / f"csv/version_{v}/metrics.csv") for v in (0, 1))
     assert set(first["epoch"].dropna()) == {0} and set(second["epoch"].dropna()) == {1}
+
+
+def test_submitit_launcher_runs_a_job(tmp_path: Path) -> None:
+    """The SLURM launcher's plugin, run locally: the same code path as hydra/launcher=submitit_slurm."""
+    check(run_cli("train", ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *TINY_RUN,
+                            "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"], tmp_path))  # fmt: skip
+    jobs = list((tmp_path / "outputs/synthetic/multirun").glob("*/job0"))
+    assert len(jobs) == 1 and (jobs[0] / "checkpoints/last.ckpt").is_file()
+
+
+def test_stage2_logs_a_box_grid_to_tensorboard(trained: dict[str, Path]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    check(run_cli("train", ["stage=2", "logger=tensorboard", "paths.output_root=outputs_tb",
+                            f"stage.global_ckpt={trained['stage1']}/checkpoints/last.ckpt", *TINY_RUN,
+                            "trainer.limit_train_batches=1"], trained["work"]))  # fmt: skip
+    events = next((trained["work"] / "outputs_tb").rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(events.parent), size_guidance={"images": 0}).Reload()
+    assert "val/kalm_boxes" in accumulator.Tags()["images"]
+    image = accumulator.Images("val/kalm_boxes")[0]
+    assert image.width >= 224 and image.height >= 224
