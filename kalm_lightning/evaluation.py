@@ -70,7 +70,7 @@ def predict_images(
     return {key: value[order] for key, value in joined.items()}
 
 
-def _image_table(dataset, outputs: dict, source_size: int, resize: str) -> pd.DataFrame:
+def image_table(dataset, outputs: dict, source_size: int, resize: str) -> pd.DataFrame:
     ids = outputs["image_id"].numpy()
     frame = dataset.index.iloc[ids][["path", "image", "study", "body_part", "label"]].reset_index(
         drop=True
@@ -251,7 +251,7 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dic
         collate_fn=collate_skipping_bad,
     )
     outputs = predict_images(module, loader, pick_device(cfg.device), cfg.precision)
-    frame = _image_table(dataset, outputs, hp.source_size, datamodule.resize)
+    frame = image_table(dataset, outputs, hp.source_size, datamodule.resize)
     scores = [name for name in ("global", "local", "kalm") if name in outputs]
     metrics = score_table(frame, scores, cfg.bootstrap, cfg.seed)
     lesions = read_lesion_boxes(datamodule.root)

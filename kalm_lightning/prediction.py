@@ -1,0 +1,74 @@
+"""Predictions of a trained model on new radiographs, in the CSV shape `evaluate predictions=` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from kalm_lightning.data.mura import (
+    BODY_PARTS,
+    MURA_DIR,
+    MURADataset,
+    collate_skipping_bad,
+    read_mura_index,
+)
+from kalm_lightning.errors import UserError
+from kalm_lightning.evaluation import image_table, pick_device, predict_images
+from kalm_lightning.models.backbone import backbone_normalization
+from kalm_lightning.stages import load_stage
+
+
+def image_index(images: str, split: str) -> pd.DataFrame:
+    """The images to score: a MURA root's split, a folder of PNGs (recursively) or one PNG."""
+    path = Path(images).expanduser()
+    if (path / MURA_DIR).is_dir() or path.name == MURA_DIR:
+        index = read_mura_index(path, split)
+        return index.assign(label=-1)  # the model must not see the labels; evaluate scores them
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() == ".png")
+    else:
+        raise UserError(f"images={images} does not exist")
+    if not files:
+        raise UserError(f"images={images} holds no .png files")
+    absolute = [str(f.resolve()) for f in files]
+    parts = [next((p for p in f.parts if p in BODY_PARTS), "unknown") for f in files]
+    return pd.DataFrame({"path": absolute, "image": absolute, "study": [str(Path(a).parent) + "/" for a in absolute],
+                         "patient": [f.parent.parent.name for f in files], "body_part": parts, "label": -1})  # fmt: skip
+
+
+def run_prediction(cfg: DictConfig) -> pd.DataFrame:
+    """Score every image; write predictions.csv and submission.csv into the run directory."""
+    module = load_stage(cfg.ckpt_path)
+    hp = module.hparams
+    mean, std = backbone_normalization(hp.backbone)
+    index = image_index(cfg.images, cfg.split)
+    out = Path(cfg.paths.run_dir)
+    dataset = MURADataset(index, hp.source_size, resize=cfg.resize, mean=mean, std=std,
+                          on_bad_image="skip", skipped_log=out / "skipped_images.csv")  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_skipping_bad,
+    )
+    outputs = predict_images(module, loader, pick_device(cfg.device), cfg.precision)
+    frame = image_table(dataset, outputs, hp.source_size, cfg.resize).drop(columns=["label"])
+    frame["path"] = frame[
+        "image"
+    ]  # as MURA's CSV writes it (relative) for a MURA root, else absolute
+    out.mkdir(parents=True, exist_ok=True)
+    frame.drop(columns=["image"]).to_csv(out / "predictions.csv", index=False)
+    studies = frame.groupby("study", sort=False)["prob"].mean()
+    studies_frame = pd.DataFrame(
+        {"study": studies.index, "label": (studies.to_numpy() >= 0.5).astype(int)}
+    )
+    studies_frame.to_csv(out / "submission.csv", index=False, header=False)  # MURA's study,label
+    Console().print(f"{len(frame)} images, {len(studies)} studies scored by {hp.backbone} (stage {hp.stage}); "
+                    f"{int(studies_frame['label'].sum())} studies abnormal. Predictions in {out}")  # fmt: skip
+    return frame
