@@ -14,7 +14,6 @@ help:  ## list the targets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

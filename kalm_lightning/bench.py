@@ -36,8 +36,16 @@ def timed(step: Callable[[], object], device: torch.device, repeats: int, warmup
     return sorted(times)[len(times) // 2]
 
 
-def localizer_crop_share(backbone: str, batch: int, image: int, source: int, device: torch.device,
-                         bf16: bool, channels_last: bool, repeats: int) -> dict:  # fmt: skip
+def localizer_crop_share(
+    backbone: str,
+    batch: int,
+    image: int,
+    source: int,
+    device: torch.device,
+    bf16: bool,
+    channels_last: bool,
+    repeats: int,
+) -> dict:
     """A stage-2 training step (frozen CNN_g, CE on S_l, Adam) against KALM's own part of it."""
     net = KALMNet(backbone, image_size=image, source_size=source).to(device)
     net.global_cnn.requires_grad_(False).eval()
@@ -64,9 +72,18 @@ def localizer_crop_share(backbone: str, batch: int, image: int, source: int, dev
         patches.float().sum().backward()
 
     step, kalm = timed(train_step, device, repeats), timed(kalm_step, device, repeats)
-    return {"backbone": backbone, "batch": batch, "image_size": image, "source_size": source,
-            "device": str(device), "bf16": bf16, "channels_last": channels_last,
-            "stage2_step_s": step, "localizer_crop_s": kalm, "share": kalm / step}  # fmt: skip
+    return {
+        "backbone": backbone,
+        "batch": batch,
+        "image_size": image,
+        "source_size": source,
+        "device": str(device),
+        "bf16": bf16,
+        "channels_last": channels_last,
+        "stage2_step_s": step,
+        "localizer_crop_s": kalm,
+        "share": kalm / step,
+    }
 
 
 def cache_speedup(images: int, size: int) -> dict:
@@ -87,8 +104,13 @@ def cache_speedup(images: int, size: int) -> dict:
         )
         cached = timed(lambda: [cache.get(i) for i in range(len(paths))], torch.device("cpu"), 3, 1)
     n = len(paths)
-    return {"images": n, "size": size, "decode_ms_per_image": 1e3 * decode / n,
-            "cache_ms_per_image": 1e3 * cached / n, "speedup": decode / cached}  # fmt: skip
+    return {
+        "images": n,
+        "size": size,
+        "decode_ms_per_image": 1e3 * decode / n,
+        "cache_ms_per_image": 1e3 * cached / n,
+        "speedup": decode / cached,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,16 +127,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     results = {
-        "kalm_share": localizer_crop_share(args.backbone, args.batch, args.image_size, args.source_size,
-                                           torch.device(args.device), args.bf16, args.channels_last, args.repeats),
+        "kalm_share": localizer_crop_share(
+            args.backbone,
+            args.batch,
+            args.image_size,
+            args.source_size,
+            torch.device(args.device),
+            args.bf16,
+            args.channels_last,
+            args.repeats,
+        ),
         "cache": cache_speedup(args.cache_images, args.source_size),
-    }  # fmt: skip
+    }
     share, cache = results["kalm_share"], results["cache"]
-    print(f"stage-2 step ({share['backbone']}, batch {share['batch']}, {share['image_size']}/{share['source_size']}, "
-          f"{share['device']}): {share['stage2_step_s'] * 1e3:.1f} ms; localizer + crop "
-          f"{share['localizer_crop_s'] * 1e3:.2f} ms = {share['share']:.2%} of the step")  # fmt: skip
-    print(f"image loading at {cache['size']} px: decode {cache['decode_ms_per_image']:.2f} ms/image, cache "
-          f"{cache['cache_ms_per_image']:.3f} ms/image ({cache['speedup']:.0f}x faster)")  # fmt: skip
+    print(
+        f"stage-2 step ({share['backbone']}, batch {share['batch']}, {share['image_size']}/{share['source_size']}, "
+        f"{share['device']}): {share['stage2_step_s'] * 1e3:.1f} ms; localizer + crop "
+        f"{share['localizer_crop_s'] * 1e3:.2f} ms = {share['share']:.2%} of the step"
+    )
+    print(
+        f"image loading at {cache['size']} px: decode {cache['decode_ms_per_image']:.2f} ms/image, cache "
+        f"{cache['cache_ms_per_image']:.3f} ms/image ({cache['speedup']:.0f}x faster)"
+    )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -15,7 +15,6 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from kalm_lightning.data.images import fit_geometry
 from kalm_lightning.data.mura import (
     BODY_PARTS,
     MURADataModule,
@@ -27,13 +26,12 @@ from kalm_lightning.errors import UserError
 from kalm_lightning.metrics import bootstrap_intervals, score_images
 from kalm_lightning.models.backbone import backbone_normalization
 from kalm_lightning.report import (
-    box_grid,
     box_to_pixels,
+    boxes_figure,
     roc_figure,
     table_markdown,
     table_rows,
     to_original_pixels,
-    to_uint8,
     write_json,
 )
 from kalm_lightning.stages import StageModule, load_stage
@@ -70,7 +68,19 @@ def predict_images(
     return {key: value[order] for key, value in joined.items()}
 
 
+def score_dataset(
+    module: StageModule, dataset, batch_size: int, num_workers: int, device: str, precision: str
+) -> pd.DataFrame:
+    """Run a trained stage over a dataset: one row per image with its scores and KALM box."""
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_bad
+    )
+    outputs = predict_images(module, loader, pick_device(device), precision)
+    return image_table(dataset, outputs, module.hparams.source_size, dataset.resize)
+
+
 def image_table(dataset, outputs: dict, source_size: int, resize: str) -> pd.DataFrame:
+    """One row per image: its index columns, each score, and the KALM box in original pixels."""
     ids = outputs["image_id"].numpy()
     frame = dataset.index.iloc[ids][["path", "image", "study", "body_part", "label"]].reset_index(
         drop=True
@@ -174,43 +184,7 @@ def write_reports(
         )
     roc_figure(curves, out / "roc.png", f"{model}: study-level ROC")
     if boxes_png and dataset is not None:
-        draw_boxes(frame, dataset, source_size, lesions, out / "boxes.png", grid_size)
-
-
-def draw_boxes(
-    frame: pd.DataFrame,
-    dataset,
-    source_size: int,
-    lesions: pd.DataFrame | None,
-    path: Path,
-    count: int,
-) -> None:
-    """Fig. 3: radiographs with their KALM box, abnormal images with a known lesion first."""
-    with_lesion = (
-        frame["path"].isin(lesions["path"]) if lesions is not None else frame["label"] == 1
-    )
-    order = list(frame.index[with_lesion]) + list(frame.index[~with_lesion])
-    chosen = order[:count]
-    positions = {p: i for i, p in enumerate(dataset.paths)}
-    rows = [positions[frame.at[i, "path"]] for i in chosen]
-    images = to_uint8(torch.stack([dataset[r]["image"] for r in rows]))
-    pred, true = [], []
-    truth = lesions.set_index("path") if lesions is not None else None
-    for i, r in zip(chosen, rows, strict=True):
-        height, width = dataset.original_size(r)
-        sx, sy, left, top = fit_geometry(height, width, source_size, dataset.resize)
-        box = frame.loc[i, ["box_x0", "box_y0", "box_x1", "box_y1"]].to_numpy(float)
-        pred.append([box[0] * sx + left, box[1] * sy + top, box[2] * sx + left, box[3] * sy + top])
-        if truth is not None and frame.at[i, "path"] in truth.index:
-            t = truth.loc[frame.at[i, "path"], ["x0", "y0", "x1", "y1"]].to_numpy(float)
-            true.append([t[0] * sx + left, t[1] * sy + top, t[2] * sx + left, t[3] * sy + top])
-        else:
-            true.append(None)
-    captions = [
-        f"{frame.at[i, 'body_part'][3:]} y={frame.at[i, 'label']} p={frame.at[i, 'prob']:.2f}"
-        for i in chosen
-    ]
-    box_grid(images, pred, captions, true).save(path)
+        boxes_figure(frame, dataset, source_size, lesions, grid_size).save(out / "boxes.png")
 
 
 def print_summary(metrics: dict, model: str, out: Path) -> None:
@@ -244,25 +218,21 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dic
     dataset = datamodule.dataset(part)
     dataset.train = False
     dataset.augment = {}
-    loader = DataLoader(
-        dataset,
-        batch_size=datamodule.batch_size,
-        num_workers=datamodule.num_workers,
-        collate_fn=collate_skipping_bad,
+    frame = score_dataset(
+        module, dataset, datamodule.batch_size, datamodule.num_workers, cfg.device, cfg.precision
     )
-    outputs = predict_images(module, loader, pick_device(cfg.device), cfg.precision)
-    frame = image_table(dataset, outputs, hp.source_size, datamodule.resize)
-    scores = [name for name in ("global", "local", "kalm") if name in outputs]
+    scores = [name for name in ("global", "local", "kalm") if f"prob_{name}" in frame]
     metrics = score_table(frame, scores, cfg.bootstrap, cfg.seed)
+    has_boxes = "box_x0" in frame
     lesions = read_lesion_boxes(datamodule.root)
-    if lesions is not None and "boxes" in outputs:
+    if lesions is not None and has_boxes:
         metrics["localization"] = localization_scores(frame, lesions)
     write_reports(
         frame,
         metrics,
         out,
         hp.backbone,
-        "boxes" in outputs,
+        has_boxes,
         dataset,
         hp.source_size,
         lesions,

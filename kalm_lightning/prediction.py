@@ -7,17 +7,15 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 from rich.console import Console
-from torch.utils.data import DataLoader
 
 from kalm_lightning.data.mura import (
     BODY_PARTS,
     MURA_DIR,
     MURADataset,
-    collate_skipping_bad,
     read_mura_index,
 )
 from kalm_lightning.errors import UserError
-from kalm_lightning.evaluation import image_table, pick_device, predict_images
+from kalm_lightning.evaluation import score_dataset
 from kalm_lightning.models.backbone import backbone_normalization
 from kalm_lightning.stages import load_stage
 
@@ -38,8 +36,16 @@ def image_index(images: str, split: str) -> pd.DataFrame:
         raise UserError(f"images={images} holds no .png files")
     absolute = [str(f.resolve()) for f in files]
     parts = [next((p for p in f.parts if p in BODY_PARTS), "unknown") for f in files]
-    return pd.DataFrame({"path": absolute, "image": absolute, "study": [str(Path(a).parent) + "/" for a in absolute],
-                         "patient": [f.parent.parent.name for f in files], "body_part": parts, "label": -1})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "path": absolute,
+            "image": absolute,
+            "study": [str(Path(a).parent) + "/" for a in absolute],
+            "patient": [f.parent.parent.name for f in files],
+            "body_part": parts,
+            "label": -1,
+        }
+    )
 
 
 def run_prediction(cfg: DictConfig) -> pd.DataFrame:
@@ -49,16 +55,19 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
     mean, std = backbone_normalization(hp.backbone)
     index = image_index(cfg.images, cfg.split)
     out = Path(cfg.paths.run_dir)
-    dataset = MURADataset(index, hp.source_size, resize=cfg.resize, mean=mean, std=std,
-                          on_bad_image="skip", skipped_log=out / "skipped_images.csv")  # fmt: skip
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        collate_fn=collate_skipping_bad,
+    dataset = MURADataset(
+        index,
+        hp.source_size,
+        resize=cfg.resize,
+        mean=mean,
+        std=std,
+        on_bad_image="skip",
+        skipped_log=out / "skipped_images.csv",
     )
-    outputs = predict_images(module, loader, pick_device(cfg.device), cfg.precision)
-    frame = image_table(dataset, outputs, hp.source_size, cfg.resize).drop(columns=["label"])
+    frame = score_dataset(
+        module, dataset, cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision
+    )
+    frame = frame.drop(columns=["label"])
     frame["path"] = frame[
         "image"
     ]  # as MURA's CSV writes it (relative) for a MURA root, else absolute
@@ -69,6 +78,8 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
         {"study": studies.index, "label": (studies.to_numpy() >= 0.5).astype(int)}
     )
     studies_frame.to_csv(out / "submission.csv", index=False, header=False)  # MURA's study,label
-    Console().print(f"{len(frame)} images, {len(studies)} studies scored by {hp.backbone} (stage {hp.stage}); "
-                    f"{int(studies_frame['label'].sum())} studies abnormal. Predictions in {out}")  # fmt: skip
+    Console().print(
+        f"{len(frame)} images, {len(studies)} studies scored by {hp.backbone} (stage {hp.stage}); "
+        f"{int(studies_frame['label'].sum())} studies abnormal. Predictions in {out}"
+    )
     return frame

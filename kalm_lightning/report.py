@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
@@ -49,6 +50,15 @@ def to_original_pixels(
     ]
 
 
+def to_source_pixels(
+    box: Sequence[float], height: int, width: int, size: int, mode: str
+) -> list[float]:
+    """A box on the original radiograph mapped onto the resized size x size source image."""
+    scale_x, scale_y, left, top = fit_geometry(height, width, size, mode)
+    x0, y0, x1, y1 = box
+    return [x0 * scale_x + left, y0 * scale_y + top, x1 * scale_x + left, y1 * scale_y + top]
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Normalised [B, 3, S, S] images to uint8 [B, S, S] for display (each rescaled to its range)."""
     grey = images[:, 0].float()
@@ -81,6 +91,36 @@ def box_grid(
             draw.text((4, 4), captions[i], fill=(255, 255, 0))
         grid.paste(image, ((i % columns) * tile, (i // columns) * tile))
     return grid
+
+
+def boxes_figure(
+    frame: pd.DataFrame, dataset, source_size: int, lesions: pd.DataFrame | None, count: int
+) -> Image.Image:
+    """Fig. 3: radiographs with their KALM box, images with a known lesion (or abnormal) first."""
+    known = frame["path"].isin(lesions["path"]) if lesions is not None else frame["label"] == 1
+    chosen = (list(frame.index[known]) + list(frame.index[~known]))[:count]
+    positions = {p: i for i, p in enumerate(dataset.paths)}
+    rows = [positions[frame.at[i, "path"]] for i in chosen]
+    truth = lesions.set_index("path") if lesions is not None else None
+    pred, true = [], []
+    for i, row in zip(chosen, rows, strict=True):
+        geometry = (*dataset.original_size(row), source_size, dataset.resize)
+        pred.append(
+            to_source_pixels(frame.loc[i, ["box_x0", "box_y0", "box_x1", "box_y1"]], *geometry)
+        )
+        path = frame.at[i, "path"]
+        known_box = truth is not None and path in truth.index
+        true.append(
+            to_source_pixels(truth.loc[path, ["x0", "y0", "x1", "y1"]], *geometry)
+            if known_box
+            else None
+        )
+    captions = [
+        f"{frame.at[i, 'body_part'][3:]} y={frame.at[i, 'label']} p={frame.at[i, 'prob']:.2f}"
+        for i in chosen
+    ]
+    images = to_uint8(torch.stack([dataset[r]["image"] for r in rows]))
+    return box_grid(images, pred, captions, true)
 
 
 def log_box_grid(loggers: Sequence, batch: Mapping[str, torch.Tensor], step: int) -> None:

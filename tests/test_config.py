@@ -128,20 +128,65 @@ def test_wheel_runs_outside_the_repository(tmp_path: Path) -> None:
     shutil.copytree(
         repo, build, ignore=lambda d, names: skip & set(names) if Path(d) == repo else set()
     )
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(build)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(build),
+        ],
+        check=True,
+    )
     wheel = next((tmp_path / "dist").glob("kalm_lightning-*.whl"))
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                    str(wheel)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    probe = subprocess.run([sys.executable, "-c", "from kalm_lightning.config import config_dir; print(config_dir())"],
-                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    probe = subprocess.run(
+        [sys.executable, "-c", "from kalm_lightning.config import config_dir; print(config_dir())"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout.strip().startswith(str(target))
-    result = subprocess.run([sys.executable, "-m", "kalm_lightning.train", "--cfg", "job", "backbone=vgg16",
-                             "stage=2", "hardware=ddp"], cwd=elsewhere, env=env, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kalm_lightning.train",
+            "--cfg",
+            "job",
+            "backbone=vgg16",
+            "stage=2",
+            "hardware=ddp",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "_target_: kalm_lightning.stages.KALMStage" in result.stdout
 

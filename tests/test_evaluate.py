@@ -19,8 +19,12 @@ DATA = [arg for arg in TINY_RUN if arg.startswith("data.")]
 
 def sklearn_block(prob: np.ndarray, label: np.ndarray) -> dict:
     pred = (prob >= 0.5).astype(int)
-    return {"accuracy": accuracy_score(label, pred), "auroc": roc_auc_score(label, prob),
-            "kappa": cohen_kappa_score(label, pred), "n": len(label)}  # fmt: skip
+    return {
+        "accuracy": accuracy_score(label, pred),
+        "auroc": roc_auc_score(label, prob),
+        "kappa": cohen_kappa_score(label, pred),
+        "n": len(label),
+    }
 
 
 def test_predictions_csv_is_scored_like_sklearn(mura_root: Path, tmp_path: Path) -> None:
@@ -45,10 +49,15 @@ def test_predictions_csv_is_scored_like_sklearn(mura_root: Path, tmp_path: Path)
     )
     run = next((tmp_path / "out/synthetic/evaluate").iterdir())
     metrics = json.loads((run / "metrics.json").read_text())["predictions"]
-    studies = pd.DataFrame({"study": index["study"], "label": index["label"], "prob": prob}).groupby("study").agg(
-        label=("label", "first"), prob=("prob", "mean"))  # fmt: skip
-    expected = {"image": sklearn_block(prob, index["label"].to_numpy()),
-                "study": sklearn_block(studies["prob"].to_numpy(), studies["label"].to_numpy())}  # fmt: skip
+    studies = (
+        pd.DataFrame({"study": index["study"], "label": index["label"], "prob": prob})
+        .groupby("study")
+        .agg(label=("label", "first"), prob=("prob", "mean"))
+    )
+    expected = {
+        "image": sklearn_block(prob, index["label"].to_numpy()),
+        "study": sklearn_block(studies["prob"].to_numpy(), studies["label"].to_numpy()),
+    }
     for level, block in expected.items():
         for name, value in block.items():
             assert metrics[level][name] == pytest.approx(value, abs=1e-6), (level, name)
@@ -88,8 +97,15 @@ def test_stage2_checkpoint_writes_every_report(trained: dict[str, Path]) -> None
         )
     )
     run = next((trained["work"] / "eval2/synthetic/evaluate").iterdir())
-    for name in ("metrics.json", "table.md", "predictions_images.csv", "predictions_studies.csv", "submission.csv",
-                 "roc.png", "boxes.png"):  # fmt: skip
+    for name in (
+        "metrics.json",
+        "table.md",
+        "predictions_images.csv",
+        "predictions_studies.csv",
+        "submission.csv",
+        "roc.png",
+        "boxes.png",
+    ):
         assert (run / name).is_file(), name
     for name in ("roc.png", "boxes.png"):
         with Image.open(run / name) as image:

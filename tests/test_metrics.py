@@ -36,24 +36,38 @@ def random_studies(seed: int, studies: int = 60) -> pd.DataFrame:
 def sklearn_figures(frame: pd.DataFrame) -> dict:
     def figures(prob, label):
         pred = (prob >= 0.5).astype(int)
-        return {"accuracy": accuracy_score(label, pred), "auroc": roc_auc_score(label, prob),
-                "kappa": cohen_kappa_score(label, pred), "n": len(label)}  # fmt: skip
+        return {
+            "accuracy": accuracy_score(label, pred),
+            "auroc": roc_auc_score(label, prob),
+            "kappa": cohen_kappa_score(label, pred),
+            "n": len(label),
+        }
 
     studies = frame.groupby("study").agg(
         prob=("prob", "mean"), label=("label", "first"), part=("part", "first")
     )
-    by_part = {BODY_PARTS[p]: figures(g.prob.to_numpy(), g.label.to_numpy()) for p, g in studies.groupby("part")
-               if g.label.nunique() == 2}  # fmt: skip
-    return {"image": figures(frame.prob.to_numpy(), frame.label.to_numpy()),
-            "study": figures(studies.prob.to_numpy(), studies.label.to_numpy()), "by_body_part": by_part}  # fmt: skip
+    by_part = {
+        BODY_PARTS[p]: figures(g.prob.to_numpy(), g.label.to_numpy())
+        for p, g in studies.groupby("part")
+        if g.label.nunique() == 2
+    }
+    return {
+        "image": figures(frame.prob.to_numpy(), frame.label.to_numpy()),
+        "study": figures(studies.prob.to_numpy(), studies.label.to_numpy()),
+        "by_body_part": by_part,
+    }
 
 
 def feed(metric: StudyMetrics, frame: pd.DataFrame, batch: int) -> None:
     for start in range(0, len(frame), batch):
         part = frame.iloc[start : start + batch]
-        metric.update(torch.tensor(part.prob.to_numpy(), dtype=torch.float32), torch.tensor(part.label.to_numpy()),
-                      torch.tensor(part.image.to_numpy()), torch.tensor(part.study.to_numpy()),
-                      [BODY_PARTS[p] for p in part.part])  # fmt: skip
+        metric.update(
+            torch.tensor(part.prob.to_numpy(), dtype=torch.float32),
+            torch.tensor(part.label.to_numpy()),
+            torch.tensor(part.image.to_numpy()),
+            torch.tensor(part.study.to_numpy()),
+            [BODY_PARTS[p] for p in part.part],
+        )
 
 
 def assert_figures_equal(got: dict, expected: dict) -> None:

@@ -30,8 +30,17 @@ def test_predict_then_evaluate_gives_the_checkpoint_figures(trained: dict[str, P
     assert predictions["path"].str.startswith("MURA-v1.1/valid/").all()
     submission = pd.read_csv(run / "submission.csv", header=None, names=["study", "label"])
     assert submission["study"].nunique() == len(submission) and set(submission["label"]) <= {0, 1}
-    check(run_cli("evaluate", [f"predictions={run / 'predictions.csv'}", f"data.root={root}",
-                               "paths.output_root=pred_eval"], work))  # fmt: skip
+    check(
+        run_cli(
+            "evaluate",
+            [
+                f"predictions={run / 'predictions.csv'}",
+                f"data.root={root}",
+                "paths.output_root=pred_eval",
+            ],
+            work,
+        )
+    )
     check(run_cli("evaluate", [f"ckpt_path={best}", "paths.output_root=ckpt_eval", *DATA], work))
     from_csv = json.loads(next((work / "pred_eval").rglob("metrics.json")).read_text())[
         "predictions"

@@ -39,8 +39,12 @@ def test_stage2_finds_stage1_and_keeps_cnn_g_bit_identical(trained: dict[str, Pa
     # What stage 2 trains moved away from where the same seed starts it.
     pl.seed_everything(config.seed, workers=True)
     initial = instantiate(config.model, global_ckpt=stage1["best_ckpt"]).state_dict()
-    for key in ("net.localizer.fc_w.weight", "net.localizer.fc_h.weight", "net.local_cnn.fc.weight",
-                "net.local_cnn.conv.conv1.weight"):  # fmt: skip
+    for key in (
+        "net.localizer.fc_w.weight",
+        "net.localizer.fc_h.weight",
+        "net.local_cnn.fc.weight",
+        "net.local_cnn.conv.conv1.weight",
+    ):
         assert not torch.equal(initial[key], after[key]), key
 
 
@@ -80,8 +84,19 @@ def test_run_directory_holds_config_checkpoints_logs_metrics(trained: dict[str, 
 
 
 def test_multirun_over_two_backbones(tmp_path: Path) -> None:
-    check(run_cli("train", ["-m", "backbone=resnet18,vgg16", *TINY_RUN, "trainer.limit_train_batches=2",
-                            "trainer.limit_val_batches=2"], tmp_path))  # fmt: skip
+    check(
+        run_cli(
+            "train",
+            [
+                "-m",
+                "backbone=resnet18,vgg16",
+                *TINY_RUN,
+                "trainer.limit_train_batches=2",
+                "trainer.limit_val_batches=2",
+            ],
+            tmp_path,
+        )
+    )
     jobs = sorted(
         p.name for p in (tmp_path / "outputs/synthetic/multirun").glob("*/*") if p.is_dir()
     )
@@ -93,8 +108,19 @@ def test_multirun_over_two_backbones(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_cpu_runs_the_whole_pipeline(tmp_path: Path) -> None:
-    result = check(run_cli("train", ["experiment=demo", "hardware=ddp_cpu", "data.cache=false", *TINY_RUN,
-                                     "trainer.limit_train_batches=2"], tmp_path))  # fmt: skip
+    result = check(
+        run_cli(
+            "train",
+            [
+                "experiment=demo",
+                "hardware=ddp_cpu",
+                "data.cache=false",
+                *TINY_RUN,
+                "trainer.limit_train_batches=2",
+            ],
+            tmp_path,
+        )
+    )
     run = next((tmp_path / "outputs/synthetic/resnet18/demo").iterdir())
     for stage in ("stage1", "stage2"):
         assert (run / stage / "checkpoints/last.ckpt").is_file() and (
@@ -149,8 +175,20 @@ def test_resume_with_ckpt_path_last_continues_in_the_same_directory(tmp_path: Pa
 
 def test_submitit_launcher_runs_a_job(tmp_path: Path) -> None:
     """The SLURM launcher's plugin, run locally: the same code path as hydra/launcher=submitit_slurm."""
-    check(run_cli("train", ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *TINY_RUN,
-                            "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"], tmp_path))  # fmt: skip
+    check(
+        run_cli(
+            "train",
+            [
+                "-m",
+                "hydra/launcher=submitit_local",
+                "hydra.launcher.timeout_min=10",
+                *TINY_RUN,
+                "trainer.limit_train_batches=2",
+                "trainer.limit_val_batches=1",
+            ],
+            tmp_path,
+        )
+    )
     jobs = list((tmp_path / "outputs/synthetic/multirun").glob("*/job0"))
     assert len(jobs) == 1 and (jobs[0] / "checkpoints/last.ckpt").is_file()
 
@@ -158,9 +196,20 @@ def test_submitit_launcher_runs_a_job(tmp_path: Path) -> None:
 def test_stage2_logs_a_box_grid_to_tensorboard(trained: dict[str, Path]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    check(run_cli("train", ["stage=2", "logger=tensorboard", "paths.output_root=outputs_tb",
-                            f"stage.global_ckpt={trained['stage1']}/checkpoints/last.ckpt", *TINY_RUN,
-                            "trainer.limit_train_batches=1"], trained["work"]))  # fmt: skip
+    check(
+        run_cli(
+            "train",
+            [
+                "stage=2",
+                "logger=tensorboard",
+                "paths.output_root=outputs_tb",
+                f"stage.global_ckpt={trained['stage1']}/checkpoints/last.ckpt",
+                *TINY_RUN,
+                "trainer.limit_train_batches=1",
+            ],
+            trained["work"],
+        )
+    )
     events = next((trained["work"] / "outputs_tb").rglob("events.out.tfevents.*"))
     accumulator = EventAccumulator(str(events.parent), size_guidance={"images": 0}).Reload()
     assert "val/kalm_boxes" in accumulator.Tags()["images"]

@@ -11,12 +11,16 @@ import sys
 from pathlib import Path
 
 PAPER = {  # Table 1 of Huang et al. (ICASSP 2020): accuracy, AUROC, kappa at study level
-    ("resnet18", "global"): (0.821, 0.875, 0.633), ("resnet18", "local"): (0.811, 0.870, 0.609),
-    ("resnet18", "kalm"): (0.832, 0.888, 0.653), ("inception_v4", "global"): (0.800, 0.865, 0.584),
-    ("inception_v4", "local"): (0.813, 0.873, 0.616), ("inception_v4", "kalm"): (0.814, 0.881, 0.617),
-    ("vgg16", "global"): (0.838, 0.892, 0.668), ("vgg16", "local"): (0.827, 0.895, 0.649),
+    ("resnet18", "global"): (0.821, 0.875, 0.633),
+    ("resnet18", "local"): (0.811, 0.870, 0.609),
+    ("resnet18", "kalm"): (0.832, 0.888, 0.653),
+    ("inception_v4", "global"): (0.800, 0.865, 0.584),
+    ("inception_v4", "local"): (0.813, 0.873, 0.616),
+    ("inception_v4", "kalm"): (0.814, 0.881, 0.617),
+    ("vgg16", "global"): (0.838, 0.892, 0.668),
+    ("vgg16", "local"): (0.827, 0.895, 0.649),
     ("vgg16", "kalm"): (0.842, 0.901, 0.678),
-}  # fmt: skip
+}
 SUFFIX = {"global": "g", "local": "l", "kalm": "KALM"}
 
 
