@@ -1,0 +1,99 @@
+"""A uint8 memory map of decoded, resized images, so epochs after the first skip PNG decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kalm_lightning.data.images import BadImageError, load_grayscale, resize_square
+
+CACHE_VERSION = 1
+
+
+class _DecodeOnce(Dataset):
+    def __init__(self, paths: Sequence[str], size: int, resize: str) -> None:
+        self.paths, self.size, self.resize = paths, size, resize
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, tuple[int, int], str]:
+        try:
+            pixels = load_grayscale(self.paths[i])
+        except BadImageError as error:
+            return i, None, (0, 0), str(error)
+        return i, resize_square(pixels, self.size, self.resize), pixels.shape, ""
+
+
+class ImageCache:
+    """Images of one index at one size and resize mode; the key changes when any of them changes."""
+
+    def __init__(self, directory: str | Path, paths: Sequence[str], size: int, resize: str) -> None:
+        self.paths, self.size, self.resize = list(paths), size, resize
+        stats = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in self.paths]
+        digest = hashlib.sha1(
+            json.dumps([CACHE_VERSION, self.paths, stats, size, resize]).encode()
+        ).hexdigest()[:16]
+        self.pixels_file = Path(directory) / f"{digest}-{size}-{resize}.u8"
+        self.meta_file = self.pixels_file.with_suffix(".npz")
+        self._pixels: np.memmap | None = None
+        self._meta: dict[str, np.ndarray] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.meta_file.is_file()
+
+    def build(self, num_workers: int = 0, on_bad_image: str = "error") -> list[tuple[str, str]]:
+        """Decode every image once; returns (path, reason) for images skipped as bad."""
+        self.pixels_file.parent.mkdir(parents=True, exist_ok=True)
+        n, size = len(self.paths), self.size
+        pixels = np.lib.format.open_memmap(
+            self.pixels_file, mode="w+", dtype=np.uint8, shape=(n, size, size)
+        )
+        sizes, valid, skipped = np.zeros((n, 2), np.int32), np.zeros(n, bool), []
+        loader = DataLoader(
+            _DecodeOnce(self.paths, size, self.resize),
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=lambda item: item,
+        )
+        for i, image, shape, reason in loader:
+            if image is None:
+                if on_bad_image != "skip":
+                    self.pixels_file.unlink(missing_ok=True)
+                    raise BadImageError(reason)
+                skipped.append((self.paths[i], reason))
+                continue
+            pixels[i], sizes[i], valid[i] = image, shape, True
+        pixels.flush()
+        del pixels
+        partial = self.meta_file.with_name(self.meta_file.stem + ".partial.npz")
+        np.savez(partial, sizes=sizes, valid=valid)
+        partial.replace(self.meta_file)  # written last: its presence marks a complete cache
+        return skipped
+
+    def _load(self) -> tuple[np.memmap, dict[str, np.ndarray]]:
+        if self._pixels is None:
+            self._pixels = np.load(self.pixels_file, mmap_mode="r")
+            with np.load(self.meta_file) as meta:
+                self._meta = {key: meta[key] for key in meta.files}
+        return self._pixels, self._meta
+
+    def get(self, i: int) -> tuple[torch.Tensor | None, tuple[int, int]]:
+        """uint8 [size, size] pixels and the original (H, W), or None for an image skipped as bad."""
+        pixels, meta = self._load()
+        if not meta["valid"][i]:
+            return None, (0, 0)
+        height, width = meta["sizes"][i]
+        return torch.from_numpy(np.array(pixels[i])), (int(height), int(width))
+
+    def __getstate__(self) -> dict:
+        # Worker processes reopen the memory map instead of pickling it.
+        return {**self.__dict__, "_pixels": None, "_meta": None}

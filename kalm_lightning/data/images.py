@@ -1,0 +1,79 @@
+"""Decoding radiograph PNGs of any mode to 8-bit greyscale, and resizing them to the source size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from kalm_lightning.errors import UserError
+
+RESIZE_MODES = ("stretch", "pad")
+
+
+class BadImageError(UserError):
+    """An image that cannot be decoded: corrupt, truncated, empty or too large."""
+
+
+def to_grayscale(image: Image.Image) -> np.ndarray:
+    """8-bit greyscale pixels of a decoded image; 16-bit data is scaled to 0-255, never clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        pixels = np.asarray(image).astype(np.float64)
+        if image.mode == "I" and pixels.max(initial=0) > 65535:
+            raise ValueError(f"32-bit pixel values up to {pixels.max():.0f} are not a radiograph")
+        return np.round(pixels / 257.0).clip(0, 255).astype(np.uint8)
+    if image.mode == "F":
+        return np.asarray(image).clip(0, 255).round().astype(np.uint8)
+    if image.mode == "LA":
+        return np.asarray(image.getchannel("L"))
+    if image.mode in ("RGBA", "PA", "P"):
+        image = image.convert("RGBA").convert("RGB")
+    return np.asarray(image.convert("L"))
+
+
+def load_grayscale(path: str | Path) -> np.ndarray:
+    """Read one image as uint8 [H, W]; any failure raises BadImageError naming the file."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and width * height > limit:
+                raise BadImageError(
+                    f"{path}: {width}x{height} pixels is over PIL's limit of {limit}; "
+                    "downscale the image or raise PIL.Image.MAX_IMAGE_PIXELS"
+                )
+            image.load()
+            pixels = to_grayscale(image)
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise BadImageError(f"{path}: refused as too large ({error})") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise BadImageError(f"{path}: cannot decode image ({error})") from error
+    if pixels.size == 0:
+        raise BadImageError(f"{path}: the image has no pixels")
+    return pixels
+
+
+def fit_geometry(height: int, width: int, size: int, mode: str) -> tuple[float, float, float, float]:
+    """(scale_x, scale_y, offset_x, offset_y) mapping original pixels into the size x size square."""
+    if mode == "stretch":
+        return size / width, size / height, 0.0, 0.0
+    scale = size / max(height, width)
+    return scale, scale, (size - width * scale) / 2, (size - height * scale) / 2
+
+
+def resize_square(pixels: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
+    """Resize uint8 [H, W] to [size, size]: stretched, or padded with black to keep the aspect."""
+    if mode not in RESIZE_MODES:
+        raise UserError(f"data.resize={mode!r} is not one of {', '.join(RESIZE_MODES)}")
+    image = Image.fromarray(pixels)
+    if mode == "stretch":
+        return np.array(image.resize((size, size), Image.BILINEAR))
+    height, width = pixels.shape
+    scale_x, scale_y, left, top = fit_geometry(height, width, size, mode)
+    new_w, new_h = max(1, round(width * scale_x)), max(1, round(height * scale_y))
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(image.resize((new_w, new_h), Image.BILINEAR), (round(left), round(top)))
+    return np.array(canvas)
