@@ -22,7 +22,7 @@ install: $(STAMP)  ## create .venv and install the package with the dev extra (a
 demo: $(STAMP)  ## stage 1 -> stage 2 -> evaluation on synthetic data, ResNet18 on the CPU (~6 min)
 	$(BIN)/python -m kalm_lightning.train experiment=demo
 
-test: $(STAMP)  ## the test suite (CPU only, ~10 min on 2 cores)
+test: $(STAMP)  ## the test suite (CPU only, ~4 min on 2 cores after the install)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)  ## ruff check and ruff format --check
