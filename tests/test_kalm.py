@@ -170,3 +170,20 @@ def test_pretrained_without_hub_fails_fast_naming_the_local_option(monkeypatch) 
     )  # no cached weights here, as on a machine with no network
     with pytest.raises(UserError, match=r"backbone\.checkpoint_path"):
         Backbone("resnet18", pretrained=True)
+
+
+def test_channels_last_gives_the_same_scores() -> None:
+    """hardware=gpu turns on channels_last; the CPU runs the same code path."""
+    from kalm_lightning.stages import KALMStage
+
+    torch.manual_seed(0)
+    plain = KALMStage("resnet18", image_size=64, source_size=128).eval()
+    fast = KALMStage("resnet18", image_size=64, source_size=128, channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    fast.configure_model()
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected, got = plain.score(images), fast.score(fast.prepare_images(images))
+    assert fast.net.global_cnn.conv.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for name in ("global", "local", "kalm", "boxes"):
+        torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
