@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
 
 from kalm_lightning.config import config_dir, quote_numeric_choices, register_resolvers
 from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura
@@ -42,6 +44,17 @@ def mura_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("mura")
     generate_synthetic_mura(root, TINY, workers=1)
     return root
+
+
+def sklearn_scores(prob: np.ndarray, label: np.ndarray) -> dict:
+    """The reference figures: scikit-learn on probabilities, abnormal at >= 0.5."""
+    pred = (prob >= 0.5).astype(int)
+    return {
+        "accuracy": accuracy_score(label, pred),
+        "auroc": roc_auc_score(label, prob),
+        "kappa": cohen_kappa_score(label, pred),
+        "n": len(label),
+    }
 
 
 def compose_config(name: str, overrides: list[str]):

@@ -9,16 +9,26 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import check, compose_config, run_cli
+from conftest import compose_config, run_cli
 
 from kalm_lightning.config import (
     check_group_overrides,
     group_choices,
-    name_jobs_by_swept_overrides,
     quote_numeric_choices,
 )
 
 GROUPS = {name: group_choices(name) for name in ("backbone", "stage", "hardware", "data", "logger")}
+PRINT_CONFIG = ["--cfg", "job", "backbone=vgg16", "stage=2", "hardware=ddp"]
+
+
+def assert_prints_stage2_config(command: list[str], cwd: Path, env: dict | None = None) -> None:
+    """The acceptance command prints a composed VGG16 / stage 2 / DDP config."""
+    result = subprocess.run(
+        [*command, *PRINT_CONFIG], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "name: vgg16" in result.stdout and "strategy: ddp" in result.stdout
+    assert "_target_: kalm_lightning.stages.KALMStage" in result.stdout
 
 
 def test_groups_hold_the_documented_choices() -> None:
@@ -79,25 +89,13 @@ def test_unknown_choice_is_named_with_the_valid_ones() -> None:
 
 
 def test_cli_prints_composed_config(tmp_path: Path) -> None:
-    out = check(
-        run_cli("train", ["--cfg", "job", "backbone=vgg16", "stage=2", "hardware=ddp"], tmp_path)
-    ).stdout
-    assert "name: vgg16" in out and "_target_: kalm_lightning.stages.KALMStage" in out
-    assert "strategy: ddp" in out
+    assert_prints_stage2_config([sys.executable, "-m", "kalm_lightning.train"], tmp_path)
 
 
 def test_console_script_prints_composed_config(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "kalm-train"
     assert script.exists(), "kalm-train is not installed beside this Python"
-    result = subprocess.run(
-        [str(script), "--cfg", "job", "backbone=vgg16", "stage=2", "hardware=ddp"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "_target_: kalm_lightning.stages.KALMStage" in result.stdout
+    assert_prints_stage2_config([str(script)], tmp_path)
 
 
 def test_bad_backbone_exits_with_one_line(tmp_path: Path) -> None:
@@ -171,37 +169,4 @@ def test_wheel_runs_outside_the_repository(tmp_path: Path) -> None:
         check=True,
     )
     assert probe.stdout.strip().startswith(str(target))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kalm_lightning.train",
-            "--cfg",
-            "job",
-            "backbone=vgg16",
-            "stage=2",
-            "hardware=ddp",
-        ],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "_target_: kalm_lightning.stages.KALMStage" in result.stdout
-
-
-def test_multirun_jobs_are_named_by_swept_overrides_only() -> None:
-    argv = [
-        "-m",
-        "backbone=resnet18,vgg16",
-        "data.root=/x",
-        "~callbacks.progress_bar",
-        "seed=range(1,3)",
-    ]
-    named = name_jobs_by_swept_overrides(argv)
-    assert (
-        named[-1]
-        == "hydra.job.config.override_dirname.exclude_keys=['data.root','callbacks.progress_bar']"
-    )
-    assert name_jobs_by_swept_overrides(["backbone=vgg16"]) == ["backbone=vgg16"]
+    assert_prints_stage2_config([sys.executable, "-m", "kalm_lightning.train"], elsewhere, env)

@@ -8,23 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_RUN, check, run_cli
+from conftest import TINY_RUN, check, run_cli, sklearn_scores
 from PIL import Image
-from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
 
 from kalm_lightning.data.mura import read_mura_index
 
 DATA = [arg for arg in TINY_RUN if arg.startswith("data.")]
-
-
-def sklearn_block(prob: np.ndarray, label: np.ndarray) -> dict:
-    pred = (prob >= 0.5).astype(int)
-    return {
-        "accuracy": accuracy_score(label, pred),
-        "auroc": roc_auc_score(label, prob),
-        "kappa": cohen_kappa_score(label, pred),
-        "n": len(label),
-    }
 
 
 def test_predictions_csv_is_scored_like_sklearn(mura_root: Path, tmp_path: Path) -> None:
@@ -55,8 +44,8 @@ def test_predictions_csv_is_scored_like_sklearn(mura_root: Path, tmp_path: Path)
         .agg(label=("label", "first"), prob=("prob", "mean"))
     )
     expected = {
-        "image": sklearn_block(prob, index["label"].to_numpy()),
-        "study": sklearn_block(studies["prob"].to_numpy(), studies["label"].to_numpy()),
+        "image": sklearn_scores(prob, index["label"].to_numpy()),
+        "study": sklearn_scores(studies["prob"].to_numpy(), studies["label"].to_numpy()),
     }
     for level, block in expected.items():
         for name, value in block.items():

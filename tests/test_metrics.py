@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
+from conftest import sklearn_scores
 
 from kalm_lightning.data.mura import BODY_PARTS
 from kalm_lightning.metrics import StudyMetrics, bootstrap_intervals
@@ -34,26 +34,18 @@ def random_studies(seed: int, studies: int = 60) -> pd.DataFrame:
 
 
 def sklearn_figures(frame: pd.DataFrame) -> dict:
-    def figures(prob, label):
-        pred = (prob >= 0.5).astype(int)
-        return {
-            "accuracy": accuracy_score(label, pred),
-            "auroc": roc_auc_score(label, prob),
-            "kappa": cohen_kappa_score(label, pred),
-            "n": len(label),
-        }
-
+    """Image, study and body-part figures of a frame of images, by scikit-learn."""
     studies = frame.groupby("study").agg(
         prob=("prob", "mean"), label=("label", "first"), part=("part", "first")
     )
     by_part = {
-        BODY_PARTS[p]: figures(g.prob.to_numpy(), g.label.to_numpy())
+        BODY_PARTS[p]: sklearn_scores(g.prob.to_numpy(), g.label.to_numpy())
         for p, g in studies.groupby("part")
         if g.label.nunique() == 2
     }
     return {
-        "image": figures(frame.prob.to_numpy(), frame.label.to_numpy()),
-        "study": figures(studies.prob.to_numpy(), studies.label.to_numpy()),
+        "image": sklearn_scores(frame.prob.to_numpy(), frame.label.to_numpy()),
+        "study": sklearn_scores(studies.prob.to_numpy(), studies.label.to_numpy()),
         "by_body_part": by_part,
     }
 
