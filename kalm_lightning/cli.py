@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.syntax import Syntax
 
@@ -27,10 +27,6 @@ def one_line_errors(program: str) -> Callable:
                 message = str(error)
             except MissingMandatoryValue as error:
                 message = f"setting {error.full_key} is required: pass {error.full_key}=..."
-            except InterpolationResolutionError as error:
-                if not isinstance(error.__cause__, UserError):
-                    raise
-                message = str(error.__cause__)
             print(f"{program}: {message}", file=sys.stderr)
             raise SystemExit(2)
 

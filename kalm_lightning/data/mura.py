@@ -173,9 +173,8 @@ class MURADataset(Dataset):
         self.index = index.reset_index(drop=True)
         self.paths = self.index["path"].tolist()
         self.labels = self.index["label"].to_numpy()
-        # Studies as integer codes (metric states must be tensors); study_names maps them back.
-        codes, names = pd.factorize(self.index["study"])
-        self.study_codes, self.study_names = codes, list(names)
+        # Studies as integer codes: metric states must be tensors; index["study"] has the paths.
+        self.study_codes = pd.factorize(self.index["study"])[0]
         self.body_parts = self.index["body_part"].tolist()
         self.source_size, self.train, self.resize = source_size, train, resize
         self.augment = dict(augment or {}) if train else {}
@@ -187,17 +186,17 @@ class MURADataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _pixels(self, i: int) -> tuple[torch.Tensor | None, tuple[int, int], str]:
+    def _pixels(self, i: int) -> tuple[torch.Tensor | None, str]:
+        """uint8 [source_size, source_size] pixels, or None and why for an image skipped as bad."""
         if self.cache is not None:
-            pixels, shape = self.cache.get(i)
-            return pixels, shape, "skipped while building the cache"
+            return self.cache.get(i)[0], "skipped while building the cache"
         try:
             decoded = load_grayscale(self.paths[i])
         except BadImageError as error:
             if self.on_bad_image != "skip":
                 raise
-            return None, (0, 0), str(error)
-        return torch.from_numpy(resize_square(decoded, self.source_size, self.resize)), decoded.shape, ""
+            return None, str(error)
+        return torch.from_numpy(resize_square(decoded, self.source_size, self.resize)), ""
 
     def original_size(self, i: int) -> tuple[int, int]:
         """(height, width) of image i before resizing, read from the cache or the PNG header."""
@@ -207,7 +206,7 @@ class MURADataset(Dataset):
             return image.height, image.width
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
-        pixels, shape, reason = self._pixels(i)
+        pixels, reason = self._pixels(i)
         if pixels is None:
             record_skip(self.skipped_log, self.paths[i], reason)
             return None
@@ -225,7 +224,6 @@ class MURADataset(Dataset):
             "image_id": i,
             "study_id": int(self.study_codes[i]),
             "body_part": self.body_parts[i],
-            "orig_size": torch.tensor(shape, dtype=torch.int32),
         }
 
 
