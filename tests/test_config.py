@@ -14,6 +14,7 @@ from conftest import compose_config, run_cli
 from kalm_lightning.config import (
     check_group_overrides,
     group_choices,
+    name_jobs_by_swept_overrides,
     quote_numeric_choices,
 )
 
@@ -170,3 +171,19 @@ def test_wheel_runs_outside_the_repository(tmp_path: Path) -> None:
     )
     assert probe.stdout.strip().startswith(str(target))
     assert_prints_stage2_config([sys.executable, "-m", "kalm_lightning.train"], elsewhere, env)
+
+
+def test_multirun_jobs_are_named_by_swept_overrides_only() -> None:
+    argv = [
+        "-m",
+        "backbone=resnet18,vgg16",
+        "data.root=/x",
+        "~callbacks.progress_bar",
+        "seed=range(1,3)",
+    ]
+    named = name_jobs_by_swept_overrides(argv)
+    assert (
+        named[-1]
+        == "hydra.job.config.override_dirname.exclude_keys=['data.root','callbacks.progress_bar']"
+    )
+    assert name_jobs_by_swept_overrides(["backbone=vgg16"]) == ["backbone=vgg16"]
