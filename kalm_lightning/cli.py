@@ -7,11 +7,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.syntax import Syntax
 
+from kalm_lightning.config import config_dir, prepare_argv, register_resolvers
 from kalm_lightning.errors import UserError
 
 
@@ -39,3 +41,19 @@ def print_config(cfg: DictConfig) -> None:
     """The resolved config as highlighted YAML."""
     text = OmegaConf.to_yaml(cfg, resolve=True)
     Console(stderr=False).print(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
+
+
+def hydra_entry(
+    config_name: str, program: str, task: Callable[[DictConfig], Any]
+) -> Callable[[], None]:
+    """A console entry point: check argv, compose conf/<config_name>.yaml, run task with one-line errors."""
+    register_resolvers()
+    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(
+        one_line_errors(program)(task)
+    )
+
+    def main() -> None:
+        prepare_argv(program)
+        app()
+
+    return main
