@@ -37,7 +37,7 @@ class ImageCache:
 
     def __init__(self, directory: str | Path, paths: Sequence[str], size: int, resize: str) -> None:
         self.paths, self.size, self.resize = list(paths), size, resize
-        stats = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in self.paths]
+        stats = [(st.st_size, st.st_mtime_ns) for st in map(os.stat, self.paths)]
         digest = hashlib.sha1(
             json.dumps([CACHE_VERSION, self.paths, stats, size, resize]).encode()
         ).hexdigest()[:16]
@@ -86,13 +86,17 @@ class ImageCache:
                 self._meta = {key: meta[key] for key in meta.files}
         return self._pixels, self._meta
 
+    def original_size(self, i: int) -> tuple[int, int]:
+        """The (H, W) image i had before resizing; (0, 0) for an image skipped as bad."""
+        height, width = self._load()[1]["sizes"][i]
+        return int(height), int(width)
+
     def get(self, i: int) -> tuple[torch.Tensor | None, tuple[int, int]]:
         """uint8 [size, size] pixels and the original (H, W), or None for an image skipped as bad."""
         pixels, meta = self._load()
         if not meta["valid"][i]:
             return None, (0, 0)
-        height, width = meta["sizes"][i]
-        return torch.from_numpy(np.array(pixels[i])), (int(height), int(width))
+        return torch.from_numpy(np.array(pixels[i])), self.original_size(i)
 
     def __getstate__(self) -> dict:
         # Worker processes reopen the memory map instead of pickling it.

@@ -201,7 +201,7 @@ class MURADataset(Dataset):
     def original_size(self, i: int) -> tuple[int, int]:
         """(height, width) of image i before resizing, read from the cache or the PNG header."""
         if self.cache is not None:
-            return self.cache.get(i)[1]
+            return self.cache.original_size(i)
         with Image.open(self.paths[i]) as image:
             return image.height, image.width
 
@@ -277,6 +277,7 @@ class MURADataModule(pl.LightningDataModule):
         self.skipped_log = Path(run_dir) / "skipped_images.csv" if run_dir else None
         self.indexes: dict[str, pd.DataFrame] = {}
         self.datasets: dict[str, MURADataset] = {}
+        self.caches: dict[str, ImageCache] = {}
 
     def _split_indexes(self) -> dict[str, pd.DataFrame]:
         if not self.indexes:
@@ -290,10 +291,13 @@ class MURADataModule(pl.LightningDataModule):
         return self.indexes
 
     def _cache(self, part: str) -> ImageCache | None:
+        """One cache per split, made once: its key stats every image file."""
         if not self.use_cache:
             return None
-        paths = self._split_indexes()[part]["path"].tolist()
-        return ImageCache(self.cache_dir, paths, self.source_size, self.resize)
+        if part not in self.caches:
+            paths = self._split_indexes()[part]["path"].tolist()
+            self.caches[part] = ImageCache(self.cache_dir, paths, self.source_size, self.resize)
+        return self.caches[part]
 
     def prepare_data(self) -> None:
         """Generate synthetic data and build caches once per node, before any process reads them."""

@@ -95,10 +95,12 @@ class StageModule(pl.LightningModule):
         }
 
 
-def read_checkpoint(path: str) -> dict:
-    """A Lightning checkpoint as a dict, with a clear error for a missing or unreadable file."""
+def read_checkpoint(path: str, mmap: bool = False) -> dict:
+    """A Lightning checkpoint as a dict, with a clear error for a missing or unreadable file.
+
+    mmap=True maps the tensors instead of reading them: enough to look at the hyper-parameters."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except FileNotFoundError as error:
         raise UserError(f"checkpoint {path} does not exist") from error
     except Exception as error:
@@ -110,7 +112,7 @@ def load_stage(path: str, map_location: str = "cpu") -> StageModule:
     from kalm_lightning.stages.global_stage import GlobalStage
     from kalm_lightning.stages.kalm_stage import KALMStage
 
-    hparams = read_checkpoint(path).get("hyper_parameters", {})
+    hparams = read_checkpoint(path, mmap=True).get("hyper_parameters", {})
     stage = hparams.get("stage")
     classes = {1: GlobalStage, 2: KALMStage}
     if stage not in classes:
