@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kalm_lightning.data.cache import ImageCache
 from kalm_lightning.data.images import load_grayscale, resize_square
-from kalm_lightning.data.mura import read_mura_index
+from kalm_lightning.data.index import read_mura_index
 from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura
 from kalm_lightning.models.kalm import KALMNet, crop
 

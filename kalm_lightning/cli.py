@@ -8,10 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
-from rich.console import Console
-from rich.syntax import Syntax
 
 from kalm_lightning.config import config_dir, prepare_argv, register_resolvers
 from kalm_lightning.errors import UserError
@@ -35,12 +33,6 @@ def one_line_errors(program: str) -> Callable:
         return run
 
     return wrap
-
-
-def print_config(cfg: DictConfig) -> None:
-    """The resolved config as highlighted YAML."""
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    Console(stderr=False).print(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
 
 
 def hydra_entry(

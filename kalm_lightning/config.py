@@ -5,10 +5,16 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.syntax import Syntax
 
 GROUPS = ("backbone", "stage", "data", "hardware", "logger", "experiment", "trainer", "callbacks")
 
@@ -109,3 +115,24 @@ def prepare_argv(program: str) -> None:
     if message:
         print(f"{program}: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def task_overrides() -> list[str]:
+    """The command line's overrides of the running Hydra job (a multirun job's own), else none."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """conf/<name>.yaml composed by Hydra with overrides, inside a running Hydra app or outside one."""
+    register_resolvers()
+    overrides = quote_numeric_choices(list(overrides))
+    if GlobalHydra.instance().is_initialized():
+        return compose(name, overrides=overrides)
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def print_config(cfg: DictConfig) -> None:
+    """The resolved config as highlighted YAML."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    Console(stderr=False).print(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))

@@ -19,9 +19,9 @@ from torchmetrics.functional.classification import (
     binary_cohen_kappa,
 )
 
-from kalm_lightning.data.mura import BODY_PARTS
+from kalm_lightning.data.index import BODY_PARTS
+from kalm_lightning.studies import abnormal, study_means
 
-THRESHOLD = 0.5
 NAMES = ("accuracy", "auroc", "kappa")
 
 
@@ -31,7 +31,7 @@ def binary_scores(prob: torch.Tensor, label: torch.Tensor, what: str = "") -> di
     if n == 0:
         return {"accuracy": math.nan, "auroc": math.nan, "kappa": math.nan, "n": 0}
     prob, label = prob.double(), label.long()
-    pred = (prob >= THRESHOLD).long()  # integer predictions: torchmetrics thresholds with '>'
+    pred = abnormal(prob).long()  # integer predictions: torchmetrics thresholds with '>'
     scores = {"accuracy": binary_accuracy(pred, label).item(), "auroc": math.nan, "kappa": math.nan}
     if torch.unique(label).numel() < 2:
         warnings.warn(
@@ -46,21 +46,6 @@ def binary_scores(prob: torch.Tensor, label: torch.Tensor, what: str = "") -> di
     return {**scores, "n": n}
 
 
-def study_means(
-    prob: torch.Tensor, label: torch.Tensor, study: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """(study ids, mean probability, label, index of one image) per study, studies sorted by id."""
-    ids, inverse = torch.unique(study, return_inverse=True)
-    count = torch.zeros(len(ids), dtype=torch.float64).index_add_(
-        0, inverse, torch.ones_like(prob, dtype=torch.float64)
-    )
-    total = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, prob.double())
-    first = torch.full((len(ids),), len(prob), dtype=torch.long).scatter_reduce_(
-        0, inverse, torch.arange(len(prob)), reduce="amin"
-    )
-    return ids, total / count, label[first], first
-
-
 def score_images(
     prob: torch.Tensor,
     label: torch.Tensor,
@@ -69,8 +54,8 @@ def score_images(
     body_part_names: Sequence[str] = BODY_PARTS,
 ) -> dict:
     """{"image": M, "study": M, "by_body_part": {name: M}}, M = accuracy, auroc, kappa, n (studies)."""
-    _, study_prob, study_label, first = study_means(prob, label, study)
-    study_part = body_part[first]
+    studies = study_means(prob, label, study)
+    study_prob, study_label, study_part = studies.prob, studies.label, body_part[studies.first]
     by_part = {}
     for code, name in enumerate(body_part_names):
         mask = study_part == code
@@ -87,7 +72,8 @@ def bootstrap_intervals(
     prob: torch.Tensor, label: torch.Tensor, study: torch.Tensor, samples: int, seed: int = 0
 ) -> dict[str, list[float]]:
     """95% percentile intervals of the study-level figures, resampling studies with replacement."""
-    _, study_prob, study_label, _ = study_means(prob, label, study)
+    studies = study_means(prob, label, study)
+    study_prob, study_label = studies.prob, studies.label
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {name: [] for name in NAMES}
     with warnings.catch_warnings():

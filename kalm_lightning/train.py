@@ -1,7 +1,7 @@
 """`python -m kalm_lightning.train [backbone=vgg16] [stage=2] [experiment=demo] ...` (also kalm-train)."""
 
 from kalm_lightning.cli import hydra_entry
-from kalm_lightning.training import run_training
+from kalm_lightning.tasks.train import run_training
 
 main = hydra_entry("train", "kalm-train", run_training)
 

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
 
-from kalm_lightning.config import config_dir, quote_numeric_choices, register_resolvers
 from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub call would otherwise hang for 45-100 s here
@@ -55,13 +53,6 @@ def sklearn_scores(prob: np.ndarray, label: np.ndarray) -> dict:
         "kappa": cohen_kappa_score(label, pred),
         "n": len(label),
     }
-
-
-def compose_config(name: str, overrides: list[str]):
-    """Compose a config exactly as the entry points do, through Hydra's compose API."""
-    register_resolvers()
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose(name, overrides=quote_numeric_choices(overrides), return_hydra_config=False)
 
 
 def run_cli(

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, run_cli
+from conftest import run_cli
 
 from kalm_lightning.config import (
     check_group_overrides,
+    compose_config,
     group_choices,
     name_jobs_by_swept_overrides,
     quote_numeric_choices,

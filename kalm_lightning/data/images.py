@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from kalm_lightning.errors import UserError
-
-RESIZE_MODES = ("stretch", "pad")
+from kalm_lightning.errors import UserError, check_choice
+from kalm_lightning.geometry import RESIZE_MODES, fit_geometry
 
 
 class BadImageError(UserError):
@@ -56,18 +55,9 @@ def load_grayscale(path: str | Path) -> np.ndarray:
     return pixels
 
 
-def fit_geometry(height: int, width: int, size: int, mode: str) -> tuple[float, float, float, float]:
-    """(scale_x, scale_y, offset_x, offset_y) mapping original pixels into the size x size square."""
-    if mode == "stretch":
-        return size / width, size / height, 0.0, 0.0
-    scale = size / max(height, width)
-    return scale, scale, (size - width * scale) / 2, (size - height * scale) / 2
-
-
 def resize_square(pixels: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
     """Resize uint8 [H, W] to [size, size]: stretched, or padded with black to keep the aspect."""
-    if mode not in RESIZE_MODES:
-        raise UserError(f"data.resize={mode!r} is not one of {', '.join(RESIZE_MODES)}")
+    check_choice("data.resize", mode, RESIZE_MODES)
     image = Image.fromarray(pixels)
     if mode == "stretch":
         return np.array(image.resize((size, size), Image.BILINEAR))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from kalm_lightning.errors import UserError
@@ -24,7 +25,7 @@ def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, .
     except RuntimeError:
         cfg = None
     if cfg is None:
-        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     return tuple(cfg.mean), tuple(cfg.std)
 
 
@@ -106,6 +107,21 @@ class Backbone(nn.Module):
         _drop_unused_children(self.conv)
         self.num_features = self.conv.num_features
         self.fc = nn.Linear(self.num_features, 2)
+
+    def feature_size(self, image_size: int) -> tuple[int, int]:
+        """(H, W) of the feature map at an input of image_size, refusing a size too small for it."""
+        was_training = self.training
+        try:
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, image_size, image_size)
+                shape = self.eval().forward_features(probe).shape
+        except RuntimeError as error:
+            raise UserError(
+                f"data.image_size={image_size} is too small for {self.name} ({error})"
+            ) from error
+        finally:
+            self.train(was_training)
+        return int(shape[2]), int(shape[3])
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """F = conv(I): the last feature map before pooling, [B, C, H, W]."""

@@ -101,7 +101,7 @@ class KALMNet(nn.Module):
             )
         self.image_size, self.source_size = image_size, source_size
         self.global_cnn = Backbone(backbone, pretrained, checkpoint_path)
-        height, width = self._feature_size(image_size)
+        height, width = self.global_cnn.feature_size(image_size)
         self.localizer = KeyAreaLocalizer(height, width, centre)
         local_weights = local_init == "backbone"
         self.local_cnn = Backbone(
@@ -109,20 +109,6 @@ class KALMNet(nn.Module):
         )
         if not local_weights:
             self.copy_global_to_local()
-
-    def _feature_size(self, image_size: int) -> tuple[int, int]:
-        was_training = self.global_cnn.training
-        try:
-            with torch.no_grad():
-                probe = torch.zeros(1, 3, image_size, image_size)
-                shape = self.global_cnn.eval().forward_features(probe).shape
-        except RuntimeError as error:
-            raise UserError(
-                f"data.image_size={image_size} is too small for {self.global_cnn.name} ({error})"
-            ) from error
-        finally:
-            self.global_cnn.train(was_training)
-        return int(shape[2]), int(shape[3])
 
     def copy_global_to_local(self) -> None:
         """local_init=global: CNN_l starts as a copy of the (trained) CNN_g."""

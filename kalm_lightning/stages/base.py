@@ -9,11 +9,20 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from kalm_lightning.errors import UserError
-from kalm_lightning.metrics import StudyMetrics
+from kalm_lightning.errors import UserError, check_number
+from kalm_lightning.metrics import NAMES, StudyMetrics
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+def check_optimizer(optimizer: OptimizerFactory | None) -> None:
+    """Refuse a learning rate or weight decay that cannot train, when the module is built."""
+    keywords = getattr(optimizer, "keywords", {})
+    if "lr" in keywords:
+        check_number("model.optimizer.lr", keywords["lr"], 0, exclusive_minimum=True)
+    if "weight_decay" in keywords:
+        check_number("model.optimizer.weight_decay", keywords["weight_decay"], 0)
 
 
 class StageModule(pl.LightningModule):
@@ -29,6 +38,7 @@ class StageModule(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
+        check_optimizer(optimizer)
         self.channels_last = channels_last
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_metrics = nn.ModuleDict({name: StudyMetrics() for name in self.scores})
@@ -69,7 +79,7 @@ class StageModule(pl.LightningModule):
             result = self.val_metrics[name].compute()
             self.val_metrics[name].reset()
             for level in ("image", "study"):
-                for metric in ("accuracy", "auroc", "kappa"):
+                for metric in NAMES:
                     logged[f"val/{name}/{level}_{metric}"] = result[level][metric]
         # Figures are already global (gathered across processes): no further reduction.
         self.log_dict(
@@ -93,31 +103,3 @@ class StageModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
         }
-
-
-def read_checkpoint(path: str, mmap: bool = False) -> dict:
-    """A Lightning checkpoint as a dict, with a clear error for a missing or unreadable file.
-
-    mmap=True maps the tensors instead of reading them: enough to look at the hyper-parameters."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except FileNotFoundError as error:
-        raise UserError(f"checkpoint {path} does not exist") from error
-    except Exception as error:
-        raise UserError(f"checkpoint {path} cannot be read ({error})") from error
-
-
-def load_stage(path: str, map_location: str = "cpu") -> StageModule:
-    """A trained stage-1 or stage-2 module from its checkpoint, without touching the network."""
-    from kalm_lightning.stages.global_stage import GlobalStage
-    from kalm_lightning.stages.kalm_stage import KALMStage
-
-    hparams = read_checkpoint(path, mmap=True).get("hyper_parameters", {})
-    stage = hparams.get("stage")
-    classes = {1: GlobalStage, 2: KALMStage}
-    if stage not in classes:
-        raise UserError(f"{path} is not a kalm-lightning stage-1 or stage-2 checkpoint")
-    module = classes[stage].load_from_checkpoint(
-        path, map_location=map_location, pretrained=False, backbone_weights=None, weights_only=False
-    )
-    return module.eval()

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.kalm import resize_view
 from kalm_lightning.stages.base import OptimizerFactory, SchedulerFactory, StageModule
+from kalm_lightning.studies import SCORES
 
 
 class GlobalStage(StageModule):
-    scores = ("global",)
+    scores = SCORES[:1]  # global
     selection_score = "global"
 
     def __init__(
@@ -30,6 +31,7 @@ class GlobalStage(StageModule):
         self.hparams["stage"] = 1
         self.image_size = image_size
         self.net = Backbone(backbone, pretrained, backbone_weights)
+        self.net.feature_size(image_size)  # refuse an input too small for the backbone, now
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(resize_view(images, self.image_size))

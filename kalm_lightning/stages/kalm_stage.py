@@ -7,15 +7,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from kalm_lightning.checkpoints import read_checkpoint
 from kalm_lightning.errors import UserError
+from kalm_lightning.figures import log_box_grid
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.kalm import KALMNet
-from kalm_lightning.stages.base import (
-    OptimizerFactory,
-    SchedulerFactory,
-    StageModule,
-    read_checkpoint,
-)
+from kalm_lightning.stages.base import OptimizerFactory, SchedulerFactory, StageModule
+from kalm_lightning.studies import SCORES
 
 BOXES_LOGGED = 16
 # CNN_g is in eval mode at the start of stage 2 on purpose (frozen BatchNorm statistics).
@@ -25,7 +23,7 @@ warnings.filterwarnings(
 
 
 class KALMStage(StageModule):
-    scores = ("global", "local", "kalm")
+    scores = SCORES
     selection_score = "kalm"
 
     def __init__(
@@ -114,7 +112,5 @@ class KALMStage(StageModule):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         if self._boxes_to_draw and self.trainer.is_global_zero:
-            from kalm_lightning.report import log_box_grid
-
             log_box_grid(self.loggers, self._boxes_to_draw, self.current_epoch)
         self._boxes_to_draw = {}

@@ -1,4 +1,4 @@
-"""One training stage, or the demo's chain of stage 1, stage 2 and evaluation, from a composed config."""
+"""The train command: one training stage, or the demo's chain of stage 1, stage 2 and evaluation, from a composed config."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kalm_lightning.cli import print_config
-from kalm_lightning.config import config_dir
+from kalm_lightning.config import compose_config, print_config, task_overrides
 from kalm_lightning.errors import UserError
+from kalm_lightning.loggers import finish_wandb
 from kalm_lightning.models.backbone import backbone_normalization
+from kalm_lightning.tasks.evaluate import run_evaluation
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
@@ -111,47 +112,44 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
     }
     if trainer.is_global_zero and not trainer.interrupted:
         (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()  # one W&B run per job, also in multiruns
+    finish_wandb(loggers)
     return result
 
 
-def stage2_config(cfg: DictConfig, global_ckpt: str) -> DictConfig:
-    """The same run as stage 2: conf/stage/2.yaml merged in, pointed at the stage-1 checkpoint."""
-    stage2 = cfg.copy()
-    OmegaConf.set_struct(stage2, False)
-    stage2 = OmegaConf.merge(stage2, OmegaConf.load(config_dir() / "stage" / "2.yaml"))
-    stage2.stage.global_ckpt = global_ckpt
-    OmegaConf.set_struct(stage2, True)
-    return stage2
+def stage2_config(global_ckpt: str, overrides: list[str]) -> DictConfig:
+    """The same run as stage 2: conf/train.yaml composed again with stage=2 on a stage-1 checkpoint."""
+    replaced = ("stage", "stage.global_ckpt", "pipeline")
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in replaced]
+    return compose_config("train", [*kept, "stage=2", f"stage.global_ckpt={global_ckpt}"])
 
 
-def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict:
+def evaluation_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
+    """conf/evaluate.yaml for a checkpoint of this run, on the data, device and precision it trained with."""
+    evaluation = compose_config("evaluate")
+    with open_dict(evaluation):
+        evaluation.merge_with(
+            {
+                "ckpt_path": ckpt_path,
+                "data": cfg.data,
+                "device": "cuda" if cfg.trainer.accelerator == "gpu" else "cpu",
+                "precision": str(cfg.trainer.precision),
+                "seed": cfg.seed,
+                **cfg.evaluate,
+            }
+        )
+    return evaluation
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     """Stage 1, stage 2 on its best checkpoint, then evaluation: the demo in one command."""
-    from kalm_lightning.evaluation import run_evaluation
-
     first = train_stage(cfg, run_dir / "stage1")
     if not first["best_ckpt"]:
         raise UserError(f"stage 1 in {run_dir / 'stage1'} saved no best checkpoint")
-    second = train_stage(stage2_config(cfg, first["best_ckpt"]), run_dir / "stage2")
+    second = train_stage(stage2_config(first["best_ckpt"], overrides), run_dir / "stage2")
     if rank_zero_only.rank != 0 or not second["best_ckpt"]:
         return second
-    evaluation = OmegaConf.create(
-        {
-            "ckpt_path": second["best_ckpt"],
-            "predictions": None,
-            "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "split": "valid",
-            "device": "cuda" if cfg.trainer.accelerator == "gpu" else "cpu",
-            "precision": str(cfg.trainer.precision),
-            "seed": cfg.seed,
-            **OmegaConf.to_container(cfg.evaluate, resolve=True),
-            "logger": None,
-        }
-    )
     out = run_dir / "evaluate"
-    run_evaluation(evaluation, out)
+    run_evaluation(evaluation_config(cfg, second["best_ckpt"]), out)
     print(f"KALM boxes drawn in {out / 'boxes.png'}")
     return second
 
@@ -161,5 +159,7 @@ def run_training(cfg: DictConfig) -> float | None:
     if rank_zero_only.rank == 0:
         print_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
-    result = run_pipeline(cfg, run_dir) if cfg.pipeline else train_stage(cfg, run_dir)
+    result = (
+        run_pipeline(cfg, run_dir, task_overrides()) if cfg.pipeline else train_stage(cfg, run_dir)
+    )
     return result.get("best_val_image_acc")

@@ -8,16 +8,13 @@ import pandas as pd
 from omegaconf import DictConfig
 from rich.console import Console
 
-from kalm_lightning.data.mura import (
-    BODY_PARTS,
-    MURA_DIR,
-    MURADataset,
-    read_mura_index,
-)
+from kalm_lightning.data.dataset import MURADataset
+from kalm_lightning.data.index import BODY_PARTS, MURA_DIR, read_mura_index
 from kalm_lightning.errors import UserError
-from kalm_lightning.evaluation import score_dataset
+from kalm_lightning.inference import score_dataset
 from kalm_lightning.models.backbone import backbone_normalization
 from kalm_lightning.stages import load_stage
+from kalm_lightning.studies import abnormal, study_table, write_submission
 
 
 def image_index(images: str, split: str) -> pd.DataFrame:
@@ -67,19 +64,14 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
     frame = score_dataset(
         module, dataset, cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision
     )
-    frame = frame.drop(columns=["label"])
-    frame["path"] = frame[
-        "image"
-    ]  # as MURA's CSV writes it (relative) for a MURA root, else absolute
+    # path as MURA's CSV writes it (relative) for a MURA root, else absolute
+    frame = frame.drop(columns=["label"]).assign(path=frame["image"])
     out.mkdir(parents=True, exist_ok=True)
     frame.drop(columns=["image"]).to_csv(out / "predictions.csv", index=False)
-    studies = frame.groupby("study", sort=False)["prob"].mean()
-    studies_frame = pd.DataFrame(
-        {"study": studies.index, "label": (studies.to_numpy() >= 0.5).astype(int)}
-    )
-    studies_frame.to_csv(out / "submission.csv", index=False, header=False)  # MURA's study,label
+    studies = study_table(frame)
+    write_submission(studies, out / "submission.csv")
     Console().print(
         f"{len(frame)} images, {len(studies)} studies scored by {hp.backbone} (stage {hp.stage}); "
-        f"{int(studies_frame['label'].sum())} studies abnormal. Predictions in {out}"
+        f"{int(abnormal(studies['prob']).sum())} studies abnormal. Predictions in {out}"
     )
     return frame

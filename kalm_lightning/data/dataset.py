@@ -1,0 +1,122 @@
+"""The MURA Dataset: radiographs as normalised tensors with their ids and labels, and bad images
+skipped into the run's skipped_images.csv."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset
+from torch.utils.data._utils.collate import default_collate
+from torchvision.transforms.v2 import functional as TF
+
+from kalm_lightning.data.cache import ImageCache
+from kalm_lightning.data.images import BadImageError, load_grayscale, resize_square
+from kalm_lightning.data.index import ON_PROBLEM
+from kalm_lightning.errors import check_choice
+from kalm_lightning.geometry import RESIZE_MODES
+
+log = logging.getLogger(__name__)
+AUGMENTATIONS = ("hflip", "rotate_degrees")  # data.augment: probability, maximum angle
+
+
+def record_skip(log_file: Path | None, path: str, reason: str) -> None:
+    """Append an image skipped as bad to the run's skipped_images.csv: nothing is lost silently."""
+    log.warning("skipped %s: %s", path, reason)
+    if log_file is None:
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    new = not log_file.exists()
+    with log_file.open("a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(["path", "reason"])
+        writer.writerow([path, reason])
+
+
+class MURADataset(Dataset):
+    """Radiographs as normalised [3, source_size, source_size] tensors with their ids and labels."""
+
+    def __init__(
+        self,
+        index: pd.DataFrame,
+        source_size: int = 448,
+        train: bool = False,
+        resize: str = "stretch",
+        augment: Mapping[str, float] | None = None,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        cache: ImageCache | None = None,
+        on_bad_image: str = "error",
+        skipped_log: str | Path | None = None,
+    ) -> None:
+        check_choice("data.on_bad_image", on_bad_image, ON_PROBLEM)
+        check_choice("data.resize", resize, RESIZE_MODES)
+        self.index = index.reset_index(drop=True)
+        self.paths = self.index["path"].tolist()
+        self.labels = self.index["label"].to_numpy()
+        # Studies as integer codes: metric states must be tensors; index["study"] has the paths.
+        self.study_codes = pd.factorize(self.index["study"])[0]
+        self.body_parts = self.index["body_part"].tolist()
+        self.source_size, self.train, self.resize = source_size, train, resize
+        self.augment = dict(augment or {}) if train else {}
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.cache, self.on_bad_image = cache, on_bad_image
+        self.skipped_log = Path(skipped_log) if skipped_log else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _pixels(self, i: int) -> tuple[torch.Tensor | None, str]:
+        """uint8 [source_size, source_size] pixels, or None and why for an image skipped as bad."""
+        if self.cache is not None:
+            return self.cache.get(i)[0], "skipped while building the cache"
+        try:
+            decoded = load_grayscale(self.paths[i])
+        except BadImageError as error:
+            if self.on_bad_image != "skip":
+                raise
+            return None, str(error)
+        return torch.from_numpy(resize_square(decoded, self.source_size, self.resize)), ""
+
+    def original_size(self, i: int) -> tuple[int, int]:
+        """(height, width) of image i before resizing, read from the cache or the PNG header."""
+        if self.cache is not None:
+            return self.cache.original_size(i)
+        with Image.open(self.paths[i]) as image:
+            return image.height, image.width
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        pixels, reason = self._pixels(i)
+        if pixels is None:
+            record_skip(self.skipped_log, self.paths[i], reason)
+            return None
+        image = pixels.unsqueeze(0).float().div_(255.0)
+        if self.augment.get("hflip", 0) and torch.rand(()) < self.augment["hflip"]:
+            image = TF.horizontal_flip(image)
+        degrees = self.augment.get("rotate_degrees", 0)
+        if degrees:
+            angle = float(torch.empty(()).uniform_(-degrees, degrees))
+            image = TF.rotate(image, angle, interpolation=TF.InterpolationMode.BILINEAR)
+        image = (image.expand(3, -1, -1) - self.mean) / self.std
+        return {
+            "image": image,
+            "label": int(self.labels[i]),
+            "image_id": i,
+            "study_id": int(self.study_codes[i]),
+            "body_part": self.body_parts[i],
+        }
+
+
+def collate_skipping_bad(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Default collation minus the images skipped as bad; None when the whole batch was bad."""
+    kept = [item for item in items if item is not None]
+    return default_collate(kept) if kept else None

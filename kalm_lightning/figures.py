@@ -1,0 +1,119 @@
+"""Figures: the paper's Fig. 3 (radiographs with their KALM box and, where known, the lesion box)
+and study-level ROC curves."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw
+from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+from kalm_lightning.geometry import LESION_BOX, PIXEL_BOX, box_to_pixels, to_source_pixels
+from kalm_lightning.loggers import log_image
+from kalm_lightning.studies import SCORE_LABELS
+
+PRED_COLOUR, TRUE_COLOUR = (255, 64, 64), (64, 255, 64)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Normalised [B, 3, S, S] images to uint8 [B, S, S] for display (each rescaled to its range)."""
+    grey = images[:, 0].float()
+    low = grey.flatten(1).amin(1).view(-1, 1, 1)
+    high = grey.flatten(1).amax(1).view(-1, 1, 1)
+    return ((grey - low) / (high - low).clamp_min(1e-6) * 255).round().byte().numpy()
+
+
+def box_grid(
+    images: np.ndarray,
+    boxes: Sequence[Sequence[float]],
+    captions: Sequence[str] = (),
+    true_boxes: Sequence[Sequence[float] | None] = (),
+    columns: int = 4,
+    tile: int = 224,
+) -> Image.Image:
+    """Radiographs with the KALM box in red and, where known, the lesion box in green."""
+    rows = max(1, math.ceil(len(images) / columns))
+    grid = Image.new("RGB", (columns * tile, rows * tile))
+    for i, pixels in enumerate(images):
+        scale = tile / pixels.shape[1]
+        image = (
+            Image.fromarray(pixels).convert("RGB").resize((tile, round(pixels.shape[0] * scale)))
+        )
+        draw = ImageDraw.Draw(image)
+        if i < len(true_boxes) and true_boxes[i] is not None:
+            draw.rectangle([v * scale for v in true_boxes[i]], outline=TRUE_COLOUR, width=2)
+        draw.rectangle([v * scale for v in boxes[i]], outline=PRED_COLOUR, width=2)
+        if i < len(captions):
+            draw.text((4, 4), captions[i], fill=(255, 255, 0))
+        grid.paste(image, ((i % columns) * tile, (i // columns) * tile))
+    return grid
+
+
+def boxes_figure(
+    frame: pd.DataFrame, dataset, source_size: int, lesions: pd.DataFrame | None, count: int
+) -> Image.Image:
+    """Fig. 3: radiographs with their KALM box, images with a known lesion (or abnormal) first."""
+    known = frame["path"].isin(lesions["path"]) if lesions is not None else frame["label"] == 1
+    chosen = (list(frame.index[known]) + list(frame.index[~known]))[:count]
+    positions = {p: i for i, p in enumerate(dataset.paths)}
+    rows = [positions[frame.at[i, "path"]] for i in chosen]
+    truth = lesions.set_index("path") if lesions is not None else None
+    pred, true = [], []
+    for i, row in zip(chosen, rows, strict=True):
+        geometry = (*dataset.original_size(row), source_size, dataset.resize)
+        pred.append(to_source_pixels(frame.loc[i, PIXEL_BOX], *geometry))
+        path = frame.at[i, "path"]
+        known_box = truth is not None and path in truth.index
+        true.append(to_source_pixels(truth.loc[path, LESION_BOX], *geometry) if known_box else None)
+    captions = [
+        f"{frame.at[i, 'body_part'][3:]} y={frame.at[i, 'label']} p={frame.at[i, 'prob']:.2f}"
+        for i in chosen
+    ]
+    images = to_uint8(torch.stack([dataset[r]["image"] for r in rows]))
+    return box_grid(images, pred, captions, true)
+
+
+def log_box_grid(loggers: Sequence, batch: Mapping[str, torch.Tensor], step: int) -> None:
+    """Send a validation box grid to the loggers that take images (TensorBoard, W&B)."""
+    images = to_uint8(batch["images"])
+    boxes = box_to_pixels(batch["boxes"], images.shape[-1]).tolist()
+    captions = [
+        f"y={int(y)} p={float(p):.2f}" for y, p in zip(batch["label"], batch["prob"], strict=True)
+    ]
+    log_image(loggers, "val/kalm_boxes", np.asarray(box_grid(images, boxes, captions)), step)
+
+
+def roc_figure(
+    curves: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: Path, title: str
+) -> None:
+    """Study-level ROC curves of each score, AUROC in the legend."""
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=120)
+    for name, (prob, label) in curves.items():
+        if torch.unique(label).numel() < 2:
+            continue
+        fpr, tpr, _ = binary_roc(prob.double(), label.long())
+        auroc = binary_auroc(prob.double(), label.long()).item()
+        axis.plot(
+            fpr.numpy(), tpr.numpy(), label=f"{SCORE_LABELS.get(name, name)} (AUROC {auroc:.3f})"
+        )
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    axis.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,83 @@
+"""Scoring a trained stage over a dataset, without gradients: the loop and the image table that
+evaluate, predict and the study share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from kalm_lightning.data.dataset import MURADataset, collate_skipping_bad
+from kalm_lightning.errors import UserError
+from kalm_lightning.geometry import PIXEL_BOX, box_to_pixels, to_original_pixels
+from kalm_lightning.stages.base import StageModule
+from kalm_lightning.studies import SCORES, prob_column
+
+INDEX_COLUMNS = ["path", "image", "study", "body_part", "label"]
+
+
+def pick_device(name: str) -> torch.device:
+    """device=auto (CUDA when present), cpu, cuda, cuda:N; a CUDA name without a GPU is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is visible: use device=cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict_images(
+    module: StageModule, loader: DataLoader, device: torch.device, precision: str
+) -> dict[str, torch.Tensor]:
+    """Every score of every image in the loader, plus KALM boxes (stage 2), ordered by image id."""
+    module.to(device).eval()
+    autocast = "bf16" in precision and device.type == "cuda"
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in loader:
+        if batch is None:
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            outputs = module.score(module.prepare_images(batch["image"].to(device)))
+        outputs["image_id"] = batch["image_id"]
+        for key, value in outputs.items():
+            parts.setdefault(key, []).append(value.float().cpu() if key != "image_id" else value)
+    joined = {key: torch.cat(values) for key, values in parts.items()}
+    order = torch.argsort(joined["image_id"])
+    return {key: value[order] for key, value in joined.items()}
+
+
+def image_table(dataset: MURADataset, outputs: dict, source_size: int) -> pd.DataFrame:
+    """One row per scored image: its index columns, each score, and the KALM box in original pixels."""
+    ids = outputs["image_id"].numpy()
+    frame = dataset.index.iloc[ids][INDEX_COLUMNS].reset_index(drop=True)
+    for name in SCORES:
+        if name in outputs:
+            frame[prob_column(name)] = outputs[name].numpy()
+    frame["prob"] = (
+        frame[prob_column("kalm")] if "kalm" in outputs else frame[prob_column("global")]
+    )
+    if "boxes" in outputs:
+        pixels = box_to_pixels(outputs["boxes"], source_size).tolist()
+        original = [
+            to_original_pixels(box, *dataset.original_size(i), source_size, dataset.resize)
+            for box, i in zip(pixels, ids, strict=True)
+        ]
+        frame[PIXEL_BOX] = np.round(np.array(original), 1)
+    return frame
+
+
+def score_dataset(
+    module: StageModule,
+    dataset: MURADataset,
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    precision: str,
+) -> pd.DataFrame:
+    """Run a trained stage over a dataset: one row per image with its scores and KALM box."""
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_bad
+    )
+    outputs = predict_images(module, loader, pick_device(device), precision)
+    return image_table(dataset, outputs, module.hparams.source_size)

@@ -1,0 +1,91 @@
+"""How images become studies, one home: the score names, the decision threshold, the study average
+and MURA's submission file.
+
+MURA is judged per study: a study's probability is the mean of its images' abnormal probabilities,
+and the study is called abnormal when that mean is >= THRESHOLD.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+import torch
+
+THRESHOLD = 0.5
+SCORES = ("global", "local", "kalm")  # CNN_g, CNN_l and their average (the paper's S_g, S_l, KALM)
+PREDICTIONS = "predictions"  # the score of a predictions CSV given to evaluate
+SCORE_LABELS = {"global": "g", "local": "l", "kalm": "KALM", PREDICTIONS: PREDICTIONS}
+
+
+def abnormal(prob):
+    """The predicted class of probabilities (tensor, array or Series): 1 when prob >= THRESHOLD."""
+    return (prob >= THRESHOLD) * 1
+
+
+def prob_column(score: str) -> str:
+    """The image-table column holding a score: prob_global, prob_local, prob_kalm, or prob."""
+    return "prob" if score == PREDICTIONS else f"prob_{score}"
+
+
+class Studies(NamedTuple):
+    ids: torch.Tensor  # sorted study ids
+    prob: torch.Tensor  # mean abnormal probability of each study's images (float64)
+    label: torch.Tensor  # the label of each study's first image
+    first: torch.Tensor  # index of each study's first image
+    count: torch.Tensor  # images per study
+
+
+def study_means(prob: torch.Tensor, label: torch.Tensor, study: torch.Tensor) -> Studies:
+    """Per study (sorted by id): mean probability, label, first image and image count."""
+    ids, inverse = torch.unique(study, return_inverse=True)
+    count = torch.zeros(len(ids), dtype=torch.float64).index_add_(
+        0, inverse, torch.ones_like(prob, dtype=torch.float64)
+    )
+    total = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, prob.double())
+    first = torch.full((len(ids),), len(prob), dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(len(prob)), reduce="amin"
+    )
+    return Studies(ids, total / count, label[first], first, count.long())
+
+
+def study_table(frame: pd.DataFrame, column: str = "prob") -> pd.DataFrame:
+    """One row per study of an image table (in order of first appearance): study, images, label, prob.
+
+    Images without a probability (NaN: unreadable files) are left out of their study's mean; a
+    study with none of its images scored gets NaN."""
+    scored = frame[frame[column].notna()]
+    codes, names = pd.factorize(scored["study"])
+    labels = scored["label"] if "label" in scored else pd.Series(-1, index=scored.index)
+    studies = study_means(
+        torch.tensor(scored[column].to_numpy(float)),
+        torch.tensor(labels.to_numpy(int)),
+        torch.from_numpy(codes),
+    )
+    table = pd.DataFrame(
+        {
+            "study": names,
+            "images": studies.count.numpy(),
+            "label": studies.label.numpy(),
+            "prob": studies.prob.numpy(),
+        }
+    )
+    missing = pd.unique(frame.loc[~frame["study"].isin(names), "study"])
+    if len(missing):
+        table = pd.concat(
+            [
+                table,
+                pd.DataFrame({"study": missing, "images": 0, "label": -1, "prob": float("nan")}),
+            ],
+            ignore_index=True,
+        )
+    return table
+
+
+def write_submission(studies: pd.DataFrame, path: Path) -> None:
+    """MURA's submission file: `study,label` per scored study, label the predicted class, no header."""
+    scored = studies[studies["prob"].notna()]
+    pd.DataFrame({"study": scored["study"], "label": abnormal(scored["prob"])}).to_csv(
+        path, index=False, header=False
+    )

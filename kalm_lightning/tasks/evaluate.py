@@ -1,0 +1,135 @@
+"""The evaluate command: a checkpoint or a predictions CSV scored per study and written as reports."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from kalm_lightning.data.index import BODY_PARTS, read_lesion_boxes, read_mura_index
+from kalm_lightning.data.mura import MURADataModule
+from kalm_lightning.errors import UserError
+from kalm_lightning.geometry import PIXEL_BOX, localization_scores
+from kalm_lightning.inference import score_dataset
+from kalm_lightning.loggers import finish_wandb, wandb_loggers
+from kalm_lightning.metrics import bootstrap_intervals, score_images
+from kalm_lightning.models.backbone import backbone_normalization
+from kalm_lightning.report import TABLE_COLUMNS, print_summary, table_rows, write_reports
+from kalm_lightning.stages import load_stage
+from kalm_lightning.studies import PREDICTIONS, prob_column
+
+log = logging.getLogger(__name__)
+
+
+def score_table(
+    frame: pd.DataFrame, scores: list[str], bootstrap: int, seed: int
+) -> dict[str, Any]:
+    """metrics.json blocks for each score column of an image table."""
+    study = torch.from_numpy(pd.factorize(frame["study"])[0])
+    label = torch.tensor(frame["label"].to_numpy())
+    part = torch.tensor([BODY_PARTS.index(p) for p in frame["body_part"]])
+    metrics = {}
+    for name in scores:
+        prob = torch.tensor(frame[prob_column(name)].to_numpy())
+        metrics[name] = score_images(prob, label, study, part)
+        if bootstrap > 0:
+            metrics[name]["intervals"] = bootstrap_intervals(prob, label, study, bootstrap, seed)
+    return metrics
+
+
+def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dict, str]:
+    """Run a stage-1 or stage-2 checkpoint over the split and write every report."""
+    module = load_stage(ckpt_path)
+    hp = module.hparams
+    mean, std = backbone_normalization(hp.backbone)
+    data_cfg = {**cfg.data, "image_size": hp.image_size, "source_size": hp.source_size}
+    datamodule: MURADataModule = hydra.utils.instantiate(
+        data_cfg, mean=mean, std=std, run_dir=str(out)
+    )
+    datamodule.prepare_data()
+    part = "test" if cfg.split == "valid" else "train"
+    dataset = datamodule.dataset(part)
+    dataset.train = False
+    dataset.augment = {}
+    frame = score_dataset(
+        module, dataset, datamodule.batch_size, datamodule.num_workers, cfg.device, cfg.precision
+    )
+    scores = [name for name in module.scores if prob_column(name) in frame]
+    metrics = score_table(frame, scores, cfg.bootstrap, cfg.seed)
+    lesions = read_lesion_boxes(datamodule.root)
+    boxes = None
+    if PIXEL_BOX[0] in frame:  # a stage-2 model: KALM boxes to score and draw
+        if lesions is not None:
+            metrics["localization"] = localization_scores(frame, lesions)
+        boxes = {
+            "dataset": dataset,
+            "source_size": hp.source_size,
+            "lesions": lesions,
+            "count": cfg.box_grid,
+        }
+    write_reports(frame, metrics, out, hp.backbone, scores, boxes)
+    return metrics, hp.backbone
+
+
+def evaluate_predictions(cfg: DictConfig, csv_path: str, out: Path) -> dict:
+    """Score an image-level predictions CSV (path,prob) against the MURA labels of the split."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise UserError(f"predictions={csv_path} does not exist")
+    given = pd.read_csv(path)
+    if not {"path", "prob"} <= set(given.columns):
+        raise UserError(f"{path} needs the columns path,prob (found {','.join(given.columns)})")
+    if given["prob"].isna().any() or given["prob"].min() < 0 or given["prob"].max() > 1:
+        raise UserError(f"{path}: prob must be abnormal probabilities in [0, 1], not logits")
+    index = read_mura_index(cfg.data.root, cfg.split)
+    key = given["path"].map(lambda p: str(Path(p).resolve()) if Path(p).is_absolute() else p)
+    by_path = dict(zip(index["path"], index.index, strict=True))
+    by_image = dict(zip(index["image"], index.index, strict=True))
+    rows = key.map(lambda p: by_path.get(p, by_image.get(p)))
+    if rows.isna().any():
+        first = given["path"][rows.isna()].iloc[0]
+        raise UserError(
+            f"{path}: {int(rows.isna().sum())} path(s) are not images of the {cfg.split} "
+            f"split under {cfg.data.root}, e.g. {first}"
+        )
+    if rows.duplicated().any():
+        raise UserError(f"{path}: {given['path'][rows.duplicated()].iloc[0]} is listed twice")
+    if len(rows) < len(index):
+        log.warning("%s scores %d of the %d images of the split", path, len(rows), len(index))
+    frame = index.loc[rows.astype(int).to_numpy()].reset_index(drop=True)
+    frame["prob"] = given["prob"].to_numpy()
+    metrics = score_table(frame, [PREDICTIONS], cfg.bootstrap, cfg.seed)
+    write_reports(frame, metrics, out, PREDICTIONS, [PREDICTIONS])
+    return metrics
+
+
+def log_to_loggers(cfg: DictConfig, out: Path, metrics: dict, model: str) -> None:
+    """With logger=wandb: the table and the figures in the run as well."""
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    for logger in wandb_loggers(loggers):
+        logger.log_table(
+            "study_table", columns=list(TABLE_COLUMNS), data=table_rows(metrics, model)
+        )
+        images = [str(out / name) for name in ("roc.png", "boxes.png") if (out / name).exists()]
+        logger.log_image("reports", images)
+    finish_wandb(loggers)
+
+
+def run_evaluation(cfg: DictConfig, out: Path | None = None) -> dict:
+    """The evaluate command: exactly one of ckpt_path and predictions."""
+    out = Path(out or cfg.paths.run_dir)
+    if bool(cfg.ckpt_path) == bool(cfg.predictions):
+        raise UserError("give exactly one of ckpt_path=CKPT and predictions=FILE.csv")
+    if cfg.ckpt_path:
+        metrics, model = evaluate_checkpoint(cfg, cfg.ckpt_path, out)
+    else:
+        metrics = evaluate_predictions(cfg, cfg.predictions, out)
+        model = PREDICTIONS
+    log_to_loggers(cfg, out, metrics, model)
+    print_summary(metrics, model, out)
+    return metrics
