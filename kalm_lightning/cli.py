@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
@@ -25,6 +26,11 @@ def one_line_errors(program: str) -> Callable:
                 return task(cfg)
             except UserError as error:
                 message = str(error)
+            except InstantiationException as error:
+                # A constructor refused a setting: Hydra wraps its UserError, which is the message.
+                if not isinstance(error.__cause__, UserError):
+                    raise
+                message = str(error.__cause__)
             except MissingMandatoryValue as error:
                 message = f"setting {error.full_key} is required: pass {error.full_key}=..."
             print(f"{program}: {message}", file=sys.stderr)

@@ -120,6 +120,29 @@ def test_missing_mura_root_exits_with_one_line(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["data.resize=weird"], "data.resize='weird' is not one of stretch, pad"),
+        (["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
+        (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
+        (["model.optimizer.lr=-1"], "model.optimizer.lr=-1 must be > 0"),
+        (
+            ["backbone=inception_v4", "data.image_size=32", "data.source_size=64"],
+            "data.image_size=32 is too small for inception_v4",
+        ),
+    ],
+)
+def test_bad_settings_give_one_line_on_the_main_process(
+    tmp_path: Path, overrides: list[str], line: str
+) -> None:
+    """Checked where the DataModule and the stage are built: one line, exit 2, no worker traceback."""
+    result = run_cli("train", [*overrides, "data.synthetic.train_studies=4"], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"kalm-train: {line}")
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_wheel_runs_outside_the_repository(tmp_path: Path) -> None:
     """A non-editable install finds its configs as package data, run from another directory."""
     repo = Path(__file__).resolve().parents[1]
