@@ -4,13 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MURA_ROOT ?= /data/MURA
+HARDWARE ?= gpu
+TABLE1_DIR ?= outputs/mura/table1
+# The study's best combination (experiments/synthetic/RESULTS.md) as overrides; ++ adds the
+# stage-2 keys to stage 1's config too, where they do nothing.
+BEST_VARIANT ?= ++stage.centre=cell
+STUDY_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install demo test lint format sweep bench clean
+.PHONY: help install demo test lint format sweep study table1 bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +42,16 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 sweep: $(STAMP)  ## the paper's three backbones on MURA in one multirun (MURA_ROOT=/path)
 	$(BIN)/python -m kalm_lightning.train -m experiment=paper data.root=$(MURA_ROOT) \
 		backbone=resnet18,vgg16,inception_v4
+
+study: $(STAMP)  ## the localizer study on synthetic data, resumable (experiments/synthetic/RESULTS.md)
+	$(BIN)/python experiments/synthetic/study.py $(STUDY_ARGS)
+
+table1: $(STAMP)  ## the paper's Table 1 on MURA: 3 backbones + the best variant, then RESULTS.md (MURA_ROOT=/path)
+	$(BIN)/python -m kalm_lightning.train -m experiment=paper hardware=$(HARDWARE) data.root=$(MURA_ROOT) \
+		evaluate.bootstrap=1000 hydra.sweep.dir=$(TABLE1_DIR)/paper backbone=resnet18,vgg16,inception_v4
+	$(BIN)/python -m kalm_lightning.train -m experiment=paper hardware=$(HARDWARE) data.root=$(MURA_ROOT) \
+		evaluate.bootstrap=1000 hydra.sweep.dir=$(TABLE1_DIR)/variant backbone=resnet18 $(BEST_VARIANT)
+	$(BIN)/python experiments/table1/aggregate.py $(TABLE1_DIR) --out experiments/table1/RESULTS.md
 
 bench: $(STAMP)  ## timings: localizer + crop share of a stage-2 step, cache vs PNG decoding
 	$(BIN)/python -m kalm_lightning.bench

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +164,40 @@ def test_evaluate_logs_table_and_figures_to_wandb(mura_root: Path, tmp_path: Pat
         tmp_path.glob("outputs/synthetic/evaluate/*/wandb/offline-run-*/run-*.wandb")
     ).read_bytes()
     assert b"study_table" in records and b"reports" in records and b"predictions" in records
+
+
+@pytest.mark.slow
+def test_table1_aggregation_of_a_paper_pipeline_run(tmp_path: Path) -> None:
+    """`make table1`'s code path at tiny sizes: experiment=paper as a multirun, then aggregate.py."""
+    sweep = tmp_path / "table1"
+    check(
+        run_cli(
+            "train",
+            [
+                "-m",
+                "experiment=paper",
+                "data=synthetic",
+                "backbone=resnet18",
+                "backbone.pretrained=false",
+                "++stage.centre=cell",
+                *TINY_RUN,
+                "evaluate.bootstrap=5",
+                f"hydra.sweep.dir={sweep}/variant",
+            ],
+            tmp_path,
+        )
+    )
+    script = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "aggregate.py"
+    out = tmp_path / "RESULTS.md"
+    result = subprocess.run(
+        [sys.executable, str(script), str(sweep), "--out", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    for score in ("g", "l", "KALM"):
+        assert f"| resnet18_{score} (centre=cell) |" in text  # a variant: no paper figure beside it
+    metrics = json.loads(next(sweep.rglob("evaluate/metrics.json")).read_text())
+    auroc = metrics["kalm"]["study"]["auroc"]
+    low, high = metrics["kalm"]["intervals"]["auroc"]
+    assert f"{auroc:.3f} [{low:.3f}, {high:.3f}]" in text
+    assert "## Per body part" in text and "### XR_" in text

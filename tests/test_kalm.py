@@ -187,3 +187,46 @@ def test_channels_last_gives_the_same_scores() -> None:
     assert fast.net.global_cnn.conv.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     for name in ("global", "local", "kalm", "boxes"):
         torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
+
+
+def test_cam_aggregation_weights_channels_by_the_classifier() -> None:
+    """aggregation=cam: the box follows sum_c (W[1, c] - W[0, c]) F_c, not the plain channel sum."""
+    torch.manual_seed(0)
+    fmap = torch.zeros(1, 2, 4, 4)
+    fmap[0, 0, 0, 0] = 5.0  # a strong channel the classifier calls normal
+    fmap[0, 1, 3, 2] = 1.0  # a weak channel the classifier calls abnormal
+    weights = torch.tensor([-1.0, 1.0])
+    plain = KeyAreaLocalizer(4, 4, "cell")(fmap)
+    cam = KeyAreaLocalizer(4, 4, "cell", "cam")(fmap, weights)
+    assert plain[0, :2].tolist() == [-0.75, -0.75]  # the bright normal channel's cell
+    assert cam[0, :2].tolist() == [0.25, 0.75]  # column 2, row 3: the abnormal evidence
+
+
+def test_soft_centre_has_a_gradient_and_tends_to_the_argmax() -> None:
+    torch.manual_seed(1)
+    fmap = torch.randn(2, 8, 5, 5).relu()
+    learned = KeyAreaLocalizer(5, 5, "soft", "learned", channels=8, temperature=10.0)
+    learned(fmap)[:, :2].sum().backward()
+    assert learned.channel_weights.grad.abs().sum() > 0  # the centre now learns
+    sharp = KeyAreaLocalizer(5, 5, "soft", temperature=1e4)(fmap)
+    cell = KeyAreaLocalizer(5, 5, "cell")(fmap)
+    torch.testing.assert_close(sharp[:, :2], cell[:, :2])
+
+
+def test_box_init_and_the_controls_give_the_documented_boxes() -> None:
+    torch.manual_seed(2)
+    fmap = torch.randn(3, 8, 4, 4)
+    boxes = KeyAreaLocalizer(4, 4, box_init=0.3)(fmap)
+    torch.testing.assert_close(boxes[:, 2:], torch.full((3, 2), 0.3))
+    images = torch.randn(3, 3, 128, 128)
+    full = KALMNet("resnet18", image_size=64, source_size=128, crop="full").eval()
+    assert full(images).boxes.tolist() == [[0.0, 0.0, 1.0, 1.0]] * 3
+    fixed = KALMNet("resnet18", image_size=64, source_size=128, crop="fixed", fixed_box=0.25)
+    assert fixed.eval()(images).boxes.tolist() == [[0.0, 0.0, 0.25, 0.25]] * 3
+
+
+def test_output_stride_gives_the_localizer_a_finer_map() -> None:
+    coarse = KALMNet("resnet18", image_size=112, source_size=224)
+    fine = KALMNet("resnet18", image_size=112, source_size=224, output_stride=16)
+    assert (coarse.localizer.height, fine.localizer.height) == (4, 7)
+    fine.local_cnn.load_state_dict(coarse.local_cnn.state_dict())  # same weights, same layers

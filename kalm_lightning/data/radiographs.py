@@ -11,7 +11,11 @@ from PIL import Image
 
 PNG_MODES = ("L", "RGB", "I;16", "LA", "P")
 MODE_WEIGHTS = np.array([0.78, 0.1, 0.06, 0.03, 0.03])
-LESION_KINDS = ("implant", "fracture")
+# implant: a bright disc; fracture: a dark line across a bone; texture: a disc of fine stripes
+# (period 3 px) that adds no brightness, clear at full size and averaged away at half size.
+LESION_KINDS = ("implant", "fracture", "texture")
+TEXTURE_PERIOD = 3.0
+DEFAULT_LESIONS = ("implant", "fracture")
 
 
 def _segment_distance(yy: np.ndarray, xx: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
@@ -81,12 +85,24 @@ def _smooth_noise(h: int, w: int, cells: int, rng: np.random.Generator) -> np.nd
 
 
 def render_view(
-    part: str, h: int, w: int, lesion: str | None, conspicuity: float, rng: np.random.Generator
+    part: str,
+    h: int,
+    w: int,
+    lesion: str | None,
+    conspicuity: float,
+    rng: np.random.Generator,
+    layout_jitter: float = 0.0,
 ) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
-    """One radiograph as uint8 [h, w] and its lesion box (x0, y0, x1, y1) when it has a lesion."""
+    """One radiograph as uint8 [h, w] and its lesion box (x0, y0, x1, y1) when it has a lesion.
+
+    layout_jitter > 0 shifts the whole limb by up to that fraction of the height and width, so that
+    lesions spread over the image instead of gathering around its centre."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     image = 0.06 + 0.05 * _smooth_noise(h, w, 4, rng)
     bones = _bone_layout(part, h, w, rng)
+    if layout_jitter > 0:
+        shift = rng.uniform(-layout_jitter, layout_jitter, 2) * np.array([h, w])
+        bones = [(np.asarray(p0) + shift, np.asarray(p1) + shift, r) for p0, p1, r in bones]
     texture = _smooth_noise(h, w, 24, rng)
     tissue, bone = np.zeros_like(image), np.zeros_like(image)
     for p0, p1, radius in bones:
@@ -98,14 +114,26 @@ def render_view(
     image += tissue + bone
     box = None
     if lesion is not None:
-        p0, p1, radius = bones[int(rng.integers(len(bones)))]
-        t = rng.uniform(0.25, 0.75)
-        cy, cx = np.asarray(p0) + t * (np.asarray(p1) - np.asarray(p0))
+        for _ in range(20 if layout_jitter > 0 else 1):
+            p0, p1, radius = bones[int(rng.integers(len(bones)))]
+            t = rng.uniform(0.1, 0.9) if layout_jitter > 0 else rng.uniform(0.25, 0.75)
+            cy, cx = np.asarray(p0) + t * (np.asarray(p1) - np.asarray(p0))
+            inside = 0.1 * h <= cy <= 0.9 * h and 0.1 * w <= cx <= 0.9 * w
+            central = 0.25 * h <= cy <= 0.75 * h and 0.25 * w <= cx <= 0.75 * w
+            # Shifted limbs (the study preset): lesions spread out, the centre no more likely.
+            if inside and (not central or rng.random() < 0.4):
+                break
         side = np.sqrt(rng.uniform(0.01, 0.03) * h * w)
         if lesion == "implant":
             r = side / 2
             mask = np.clip(r - np.hypot(yy - cy, xx - cx), 0, 1)
             image += conspicuity * 0.55 * mask
+        elif lesion == "texture":
+            r = side / 2
+            mask = np.clip(r - np.hypot(yy - cy, xx - cx), 0, 1)
+            angle = rng.uniform(0, np.pi)
+            phase = (xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / TEXTURE_PERIOD)
+            image += conspicuity * 0.25 * mask * np.sign(np.sin(phase + rng.uniform(0, 2 * np.pi)))
         else:
             axis = np.asarray(p1, float) - np.asarray(p0, float)
             normal = np.array([-axis[1], axis[0]]) / max(np.linalg.norm(axis), 1e-9)

@@ -20,6 +20,7 @@ import numpy as np
 
 from kalm_lightning.data.index import BODY_PARTS, MURA_DIR
 from kalm_lightning.data.radiographs import (
+    DEFAULT_LESIONS,
     LESION_KINDS,
     MODE_WEIGHTS,
     PNG_MODES,
@@ -42,7 +43,10 @@ class SyntheticSettings:
     conspicuity: float = 1.0
     max_size: int = 512
     abnormal_rate: float = 0.4
-    lesions: list[str] = field(default_factory=lambda: list(LESION_KINDS))
+    lesions: list[str] = field(default_factory=lambda: list(DEFAULT_LESIONS))
+    layout_jitter: float = (
+        0.0  # > 0: limbs shifted by up to this fraction of the image (study preset)
+    )
 
 
 @dataclass
@@ -101,7 +105,9 @@ def _write_study(args: tuple[Path, Study, SyntheticSettings]) -> list[tuple[str,
         if rng.random() < 0.5:
             h, w = w, h
         kind = str(rng.choice(settings.lesions)) if lesioned[view] else None
-        pixels, box = render_view(study.body_part, h, w, kind, settings.conspicuity, rng)
+        pixels, box = render_view(
+            study.body_part, h, w, kind, settings.conspicuity, rng, settings.layout_jitter
+        )
         mode = PNG_MODES[int(rng.choice(len(PNG_MODES), p=MODE_WEIGHTS))]
         name = f"{study.folder}image{view + 1}.png"
         save_png(pixels, base / name, mode)
@@ -156,7 +162,8 @@ def ensure_synthetic_mura(root: str | Path, **settings) -> Path:
     wanted = SyntheticSettings(**settings)
     marker = Path(root) / MURA_DIR / "synthetic.json"
     if marker.is_file():
-        if json.loads(marker.read_text()) == asdict(wanted):
+        # Settings added since a tree was made take their defaults, which it was made with.
+        if {**asdict(SyntheticSettings()), **json.loads(marker.read_text())} == asdict(wanted):
             return Path(root)
         raise UserError(
             f"{marker.parent} was generated with other settings than data.synthetic asks for; "
@@ -181,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--conspicuity", type=float, default=1.0, help="lesion contrast, 0.3 subtle"
     )
     parser.add_argument("--max-size", type=int, default=512, help="longest image side in pixels")
-    parser.add_argument("--lesions", nargs="+", default=list(LESION_KINDS), choices=LESION_KINDS)
+    parser.add_argument("--lesions", nargs="+", default=list(DEFAULT_LESIONS), choices=LESION_KINDS)
+    parser.add_argument("--layout-jitter", type=float, default=0.0, help="limb shift, 0.25 spreads")
     args = parser.parse_args(argv)
     if (Path(args.out) / MURA_DIR).exists():
         parser.exit(2, f"{Path(args.out) / MURA_DIR} exists already: choose another --out\n")
@@ -192,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.conspicuity,
         args.max_size,
         lesions=args.lesions,
+        layout_jitter=args.layout_jitter,
     )
     print(json.dumps(generate_synthetic_mura(args.out, settings), indent=2))
 

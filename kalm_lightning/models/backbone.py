@@ -13,9 +13,10 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from kalm_lightning.errors import UserError
+from kalm_lightning.errors import UserError, check_choice
 
 HUB_HOST = ("huggingface.co", 443)
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -43,10 +44,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def create_feature_model(
-    name: str, pretrained: bool = False, checkpoint_path: str | None = None
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    output_stride: int | None = None,
 ) -> nn.Module:
-    """A timm model without its classifier, loading weights from a local file or the hub."""
+    """A timm model without its classifier, loading weights from a local file or the hub.
+
+    output_stride (8 or 16, where the timm model supports it) dilates the last stages instead of
+    striding them: a finer feature map with the same weights."""
     kwargs: dict = {"num_classes": 0, "global_pool": ""}
+    if output_stride is not None:
+        check_choice("backbone.output_stride", output_stride, OUTPUT_STRIDES)
+        kwargs["output_stride"] = output_stride
     if checkpoint_path:
         path = Path(checkpoint_path).expanduser()
         if not path.is_file():
@@ -61,6 +71,13 @@ def create_feature_model(
         )
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as error:
+        if "output_stride" not in str(error):
+            raise
+        raise UserError(
+            f"backbone.output_stride={output_stride}: timm's {name} has no output_stride option; "
+            "leave backbone.output_stride=null"
+        ) from error
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise UserError(
@@ -99,11 +116,15 @@ class Backbone(nn.Module):
     """CNN_g or CNN_l: conv (timm's forward_features) -> GAP -> Linear(C, 2), as eq. (1)-(3)."""
 
     def __init__(
-        self, name: str, pretrained: bool = False, checkpoint_path: str | None = None
+        self,
+        name: str,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        output_stride: int | None = None,
     ) -> None:
         super().__init__()
         self.name = name
-        self.conv = create_feature_model(name, pretrained, checkpoint_path)
+        self.conv = create_feature_model(name, pretrained, checkpoint_path, output_stride)
         _drop_unused_children(self.conv)
         self.num_features = self.conv.num_features
         self.fc = nn.Linear(self.num_features, 2)

@@ -93,10 +93,14 @@ class StageModule(pl.LightningModule):
             sync_dist=False,
         )
 
+    def parameter_groups(self) -> list[dict]:
+        """What the optimiser trains: every parameter that requires a gradient, in one group."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise UserError("model.optimizer is not set: training needs an optimiser config")
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         return {

@@ -25,12 +25,13 @@ class GlobalStage(StageModule):
         channels_last: bool = False,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
+        output_stride: int | None = None,
     ) -> None:
         super().__init__(channels_last, optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.hparams["stage"] = 1
         self.image_size = image_size
-        self.net = Backbone(backbone, pretrained, backbone_weights)
+        self.net = Backbone(backbone, pretrained, backbone_weights, output_stride)
         self.net.feature_size(image_size)  # refuse an input too small for the backbone, now
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kalm_lightning.checkpoints import read_checkpoint
-from kalm_lightning.errors import UserError
+from kalm_lightning.errors import UserError, check_number
 from kalm_lightning.figures import log_box_grid
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.kalm import KALMNet
@@ -39,16 +39,39 @@ class KALMStage(StageModule):
         channels_last: bool = False,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
+        aggregation: str = "sum",
+        temperature: float = 10.0,
+        box_init: float | None = None,
+        box_lr: float | None = None,
+        crop: str = "kalm",
+        fixed_box: float = 0.5,
+        output_stride: int | None = None,
     ) -> None:
         super().__init__(channels_last, optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "global_ckpt"], logger=False)
         self.hparams["stage"] = 2
+        if box_lr is not None:
+            check_number("stage.box_lr", box_lr, 0, exclusive_minimum=True)
         # CNN_g's weights come from stage 1 and CNN_l's from the backbone config: no hub call for CNN_g.
-        self.net = KALMNet(backbone, False, None, image_size, source_size, centre, "backbone")
+        self.net = KALMNet(
+            backbone,
+            False,
+            None,
+            image_size,
+            source_size,
+            centre,
+            "backbone",
+            aggregation,
+            temperature,
+            box_init,
+            crop,
+            fixed_box,
+            output_stride,
+        )
         if local_init == "backbone" and (pretrained or backbone_weights):
             self.net.local_cnn = Backbone(backbone, pretrained, backbone_weights)
         if global_ckpt is not None:
-            self.load_global(global_ckpt, backbone)
+            self.load_global(global_ckpt, backbone, output_stride)
             if local_init == "global":
                 self.net.copy_global_to_local()
         # Frozen, BatchNorm statistics included. Lightning restores each submodule's recorded mode
@@ -56,8 +79,8 @@ class KALMStage(StageModule):
         self.net.global_cnn.requires_grad_(False).eval()
         self._boxes_to_draw: dict[str, torch.Tensor] = {}
 
-    def load_global(self, path: str, backbone: str) -> None:
-        """CNN_g from a stage-1 checkpoint, refusing one trained with another backbone."""
+    def load_global(self, path: str, backbone: str, output_stride: int | None) -> None:
+        """CNN_g from a stage-1 checkpoint, refusing one trained with another backbone or stride."""
         checkpoint = read_checkpoint(path)
         hparams = checkpoint.get("hyper_parameters", {})
         if hparams.get("stage") != 1:
@@ -67,8 +90,22 @@ class KALMStage(StageModule):
                 f"stage.global_ckpt={path} was trained with backbone "
                 f"{hparams.get('backbone')}, not {backbone}"
             )
+        if hparams.get("output_stride") != output_stride:
+            raise UserError(
+                f"stage.global_ckpt={path} was trained with backbone.output_stride="
+                f"{hparams.get('output_stride')}, not {output_stride}"
+            )
         weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()}
         self.net.global_cnn.load_state_dict(weights)
+
+    def parameter_groups(self) -> list[dict]:
+        """stage.box_lr: the localizer's own learning rate (fc_w, fc_h and learned channel weights)."""
+        if self.hparams.box_lr is None:
+            return super().parameter_groups()
+        box = [p for p in self.net.localizer.parameters() if p.requires_grad]
+        ids = {id(p) for p in box}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": rest}, {"params": box, "lr": self.hparams.box_lr}]
 
     def train(self, mode: bool = True) -> KALMStage:
         super().train(mode)

@@ -37,6 +37,7 @@ def find_stage1_checkpoint(cfg: DictConfig) -> str:
         if (
             result.get("stage") == 1
             and result.get("backbone") == cfg.backbone.name
+            and result.get("output_stride") == cfg.backbone.output_stride
             and result.get("data_root") == data_root
             and Path(result.get("best_ckpt") or "").is_file()
         ):
@@ -96,6 +97,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
     result = {
         "stage": int(cfg.stage.number),
         "backbone": cfg.backbone.name,
+        "output_stride": cfg.backbone.output_stride,
         "data": cfg.data.name,
         "data_root": str(Path(cfg.data.root).expanduser().resolve()),
         "run_dir": str(run_dir.resolve()),
