@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kalm_lightning.checkpoints import read_checkpoint
+from kalm_lightning.checkpoints import WEIGHTS_ONLY, read_checkpoint
 from kalm_lightning.errors import UserError
 from kalm_lightning.stages.base import StageModule
 from kalm_lightning.stages.global_stage import GlobalStage
@@ -18,6 +18,10 @@ def load_stage(path: str, map_location: str = "cpu") -> StageModule:
     if stage not in STAGES:
         raise UserError(f"{path} is not a kalm-lightning stage-1 or stage-2 checkpoint")
     module = STAGES[stage].load_from_checkpoint(
-        path, map_location=map_location, pretrained=False, backbone_weights=None, weights_only=False
+        path,
+        map_location=map_location,
+        pretrained=False,
+        backbone_weights=None,
+        weights_only=WEIGHTS_ONLY,
     )
     return module.eval()

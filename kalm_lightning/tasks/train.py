@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kalm_lightning.checkpoints import WEIGHTS_ONLY, read_checkpoint
 from kalm_lightning.config import compose_config, print_config, task_overrides
 from kalm_lightning.errors import UserError
 from kalm_lightning.loggers import finish_wandb
@@ -52,18 +53,20 @@ def find_stage1_checkpoint(cfg: DictConfig) -> str:
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """ckpt_path: null, last (this run directory's last.ckpt), or a path."""
+    """ckpt_path: null, last (this run directory's last.ckpt), or a path; checked safe to load."""
     if cfg.ckpt_path in (None, ""):
         return None
     if cfg.ckpt_path == "last":
         last = run_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
             log.info("Resuming from %s", last)
+            read_checkpoint(str(last), mmap=True)
             return str(last)
         log.warning("ckpt_path=last: no %s yet, starting this stage from scratch", last)
         return None
     if not Path(cfg.ckpt_path).is_file():
         raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist")
+    read_checkpoint(str(cfg.ckpt_path), mmap=True)  # refused here, on the main process, if unsafe
     return str(cfg.ckpt_path)
 
 
@@ -92,7 +95,12 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.fit(
+        model,
+        datamodule=datamodule,
+        ckpt_path=resume_checkpoint(cfg, run_dir),
+        weights_only=WEIGHTS_ONLY,
+    )
     callback = trainer.checkpoint_callback
     result = {
         "stage": int(cfg.stage.number),
