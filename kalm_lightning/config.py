@@ -68,6 +68,9 @@ def register_resolvers() -> None:
             lambda parent, ckpt=None: str(newest_run_dir(Path(parent), ckpt)),
             use_cache=True,
         )
+    if not OmegaConf.has_resolver("kalm_first"):
+        # The first value that is set: predict's output=DIR, else its timestamped default.
+        OmegaConf.register_new_resolver("kalm_first", lambda *values: next(v for v in values if v))
     if not OmegaConf.has_resolver("kalm_job_dir"):
         # A multirun job's directory: its swept overrides, or job<N> when a sweep varies nothing.
         OmegaConf.register_new_resolver("kalm_job_dir", lambda name, num: name or f"job{num}")

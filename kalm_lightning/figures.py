@@ -82,6 +82,20 @@ def boxes_figure(
     return box_grid(images, pred, captions, true)
 
 
+def overlay_image(
+    pixels: np.ndarray, box: Sequence[float] | None, caption: str, longest: int = 768
+) -> Image.Image:
+    """A radiograph (uint8 [H, W], shown at most `longest` px) with its KALM box and a caption."""
+    scale = min(1.0, longest / max(pixels.shape))
+    size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+    image = Image.fromarray(pixels).convert("RGB").resize(size, Image.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    if box is not None:
+        draw.rectangle([v * scale for v in box], outline=PRED_COLOUR, width=3)
+    draw.text((6, 6), caption, fill=(255, 255, 0))
+    return image
+
+
 def log_box_grid(loggers: Sequence, batch: Mapping[str, torch.Tensor], step: int) -> None:
     """Send a validation box grid to the loggers that take images (TensorBoard, W&B)."""
     images = to_uint8(batch["images"])

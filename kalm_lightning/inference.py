@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from rich.progress import track
 from torch.utils.data import DataLoader
 
 from kalm_lightning.data.dataset import MURADataset, collate_skipping_bad
@@ -28,13 +29,18 @@ def pick_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def predict_images(
-    module: StageModule, loader: DataLoader, device: torch.device, precision: str
+    module: StageModule,
+    loader: DataLoader,
+    device: torch.device,
+    precision: str,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Every score of every image in the loader, plus KALM boxes (stage 2), ordered by image id."""
     module.to(device).eval()
     autocast = "bf16" in precision and device.type == "cuda"
     parts: dict[str, list[torch.Tensor]] = {}
-    for batch in loader:
+    batches = track(loader, description="scoring", transient=True) if progress else loader
+    for batch in batches:
         if batch is None:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -74,10 +80,11 @@ def score_dataset(
     num_workers: int,
     device: str,
     precision: str,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Run a trained stage over a dataset: one row per image with its scores and KALM box."""
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_bad
     )
-    outputs = predict_images(module, loader, pick_device(device), precision)
+    outputs = predict_images(module, loader, pick_device(device), precision, progress)
     return image_table(dataset, outputs, module.hparams.source_size)

@@ -19,9 +19,9 @@ PREDICTIONS = "predictions"  # the score of a predictions CSV given to evaluate
 SCORE_LABELS = {"global": "g", "local": "l", "kalm": "KALM", PREDICTIONS: PREDICTIONS}
 
 
-def abnormal(prob):
-    """The predicted class of probabilities (tensor, array or Series): 1 when prob >= THRESHOLD."""
-    return (prob >= THRESHOLD) * 1
+def abnormal(prob, threshold: float = THRESHOLD):
+    """The predicted class of probabilities (tensor, array or Series): 1 when prob >= threshold."""
+    return (prob >= threshold) * 1
 
 
 def prob_column(score: str) -> str:
@@ -83,9 +83,9 @@ def study_table(frame: pd.DataFrame, column: str = "prob") -> pd.DataFrame:
     return table
 
 
-def write_submission(studies: pd.DataFrame, path: Path) -> None:
+def write_submission(studies: pd.DataFrame, path: Path, threshold: float = THRESHOLD) -> None:
     """MURA's submission file: `study,label` per scored study, label the predicted class, no header."""
     scored = studies[studies["prob"].notna()]
-    pd.DataFrame({"study": scored["study"], "label": abnormal(scored["prob"])}).to_csv(
+    pd.DataFrame({"study": scored["study"], "label": abnormal(scored["prob"], threshold)}).to_csv(
         path, index=False, header=False
     )

@@ -6,9 +6,17 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnxruntime
 import pandas as pd
+import pydicom
 import pytest
+import torch
 from conftest import TINY_RUN, check, run_cli
+from PIL import Image
+
+from kalm_lightning.data.images import load_grayscale
+from kalm_lightning.stages import load_stage
 
 DATA = [arg for arg in TINY_RUN if arg.startswith("data.")]
 
@@ -25,8 +33,11 @@ def test_predict_then_evaluate_gives_the_checkpoint_figures(trained: dict[str, P
         )
     )
     run = next((work / "pred/predict").iterdir())
-    predictions = pd.read_csv(run / "predictions.csv")
-    assert {"path", "prob", "prob_global", "prob_local", "box_x0"} <= set(predictions.columns)
+    predictions = pd.read_csv(run / "predictions_images.csv")
+    assert {"path", "prob", "prob_global", "prob_local", "box_x0", "error"} <= set(
+        predictions.columns
+    )
+    assert predictions["error"].isna().all()
     assert predictions["path"].str.startswith("MURA-v1.1/valid/").all()
     submission = pd.read_csv(run / "submission.csv", header=None, names=["study", "label"])
     assert submission["study"].nunique() == len(submission) and set(submission["label"]) <= {0, 1}
@@ -34,7 +45,7 @@ def test_predict_then_evaluate_gives_the_checkpoint_figures(trained: dict[str, P
         run_cli(
             "evaluate",
             [
-                f"predictions={run / 'predictions.csv'}",
+                f"predictions={run / 'predictions_images.csv'}",
                 f"data.root={root}",
                 "paths.output_root=pred_eval",
             ],
@@ -54,22 +65,6 @@ def test_predict_then_evaluate_gives_the_checkpoint_figures(trained: dict[str, P
             )
 
 
-def test_predict_on_a_folder_of_pngs(trained: dict[str, Path], tmp_path: Path) -> None:
-    source = trained["work"] / "data/synthetic/MURA-v1.1/valid"
-    folder = tmp_path / "new"
-    for png in list(source.rglob("*.png"))[:5]:
-        target = folder / png.relative_to(source)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(png, target)
-    (folder / "broken.png").write_bytes(b"not a png")
-    best = json.loads((trained["stage1"] / "result.json").read_text())["best_ckpt"]
-    check(run_cli("predict", [f"ckpt_path={best}", f"images={folder}", "num_workers=0"], tmp_path))
-    run = next((tmp_path / "outputs/predict").iterdir())
-    predictions = pd.read_csv(run / "predictions.csv")
-    assert len(predictions) == 5 and predictions["prob"].between(0, 1).all()
-    assert pd.read_csv(run / "skipped_images.csv")["path"].str.endswith("broken.png").all()
-
-
 def test_predict_on_a_missing_folder_gives_one_line(
     trained: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -78,3 +73,201 @@ def test_predict_on_a_missing_folder_gives_one_line(
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(
         "nowhere does not exist"
     )
+
+
+@pytest.fixture(scope="module")
+def new_images(trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder tree of new radiographs: two studies of PNGs, a JPEG, a corrupt and an empty file."""
+    source = trained["work"] / "data/synthetic/MURA-v1.1/valid"
+    folder = tmp_path_factory.mktemp("new")
+    pngs = sorted(source.rglob("*.png"))[:4]
+    for i, png in enumerate(pngs):
+        target = folder / f"patient{i // 2}" / "study1" / f"view{i}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, target)
+    Image.open(pngs[0]).convert("L").save(folder / "patient0" / "study1" / "view9.jpg", quality=95)
+    (folder / "patient1" / "study1" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    (folder / "patient1" / "study1" / "empty.png").write_bytes(b"")
+    return folder
+
+
+def predict(ckpt: str, images: Path, out: Path, *extra: str):
+    return run_cli(
+        "predict",
+        [f"ckpt_path={ckpt}", f"images={images}", f"output={out}", "num_workers=0", *extra],
+        out.parent,
+    )
+
+
+def test_folder_tree_with_bad_files_gets_a_row_per_file_and_a_nonzero_exit(
+    trained: dict[str, Path], new_images: Path, tmp_path: Path
+) -> None:
+    best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
+    out = tmp_path / "pred"
+    result = predict(best, new_images, out, "overlays=true")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("kalm-predict: 2 of 7 files could not")
+    assert "5 of 7 files scored" in result.stdout.replace("\n", " ")
+    rows = pd.read_csv(out / "predictions_images.csv")
+    assert len(rows) == 7
+    bad = rows[rows["path"].str.endswith(("corrupt.png", "empty.png"))]
+    assert bad["prob"].isna().all() and bad["error"].str.contains("cannot decode").all()
+    good = rows.drop(bad.index)
+    assert good["error"].isna().all() and good["prob"].between(0, 1).all()
+    assert (good["box_x1"] > good["box_x0"]).all()
+    studies = pd.read_csv(out / "predictions_studies.csv")
+    assert list(studies.columns) == ["study", "images", "prob", "label"]
+    assert sorted(studies["images"]) == [
+        2,
+        3,
+    ]  # patient0: two PNGs and the JPEG; patient1: two PNGs
+    submission = pd.read_csv(out / "submission.csv", header=None, names=["study", "label"])
+    assert len(submission) == 2
+    overlays = sorted((out / "overlays").iterdir())
+    assert len(overlays) == 5
+    for path in overlays:
+        with Image.open(path) as image:
+            assert image.mode == "RGB" and image.width > 0
+    # Nothing already in the output folder is overwritten without overwrite=true.
+    again = predict(best, new_images, out)
+    assert again.returncode == 2 and "already holds" in again.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "predictions_images.csv",
+            "predictions_studies.csv",
+            "submission.csv",
+            "skipped_images.csv",
+            "overlays",
+        ]
+    )
+
+
+def test_one_image_a_study_folder_and_a_csv(
+    trained: dict[str, Path], new_images: Path, tmp_path: Path
+) -> None:
+    best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
+    one = new_images / "patient0" / "study1" / "view0.png"
+    check(predict(best, one, tmp_path / "one"))
+    single = pd.read_csv(tmp_path / "one" / "predictions_images.csv")
+    check(predict(best, one.parent, tmp_path / "study"))
+    study = pd.read_csv(tmp_path / "study" / "predictions_images.csv")
+    assert len(single) == 1 and len(study) == 3
+    listed = tmp_path / "list.csv"
+    pd.DataFrame({"path": [str(one), "patient0/study1/view1.png"]}).to_csv(listed, index=False)
+    shutil.copytree(new_images / "patient0", tmp_path / "patient0")
+    check(predict(best, listed, tmp_path / "csv"))
+    from_csv = pd.read_csv(tmp_path / "csv" / "predictions_images.csv")
+    assert from_csv["path"].tolist() == [str(one), "patient0/study1/view1.png"]
+    same = study.set_index(study["path"].str.rsplit("/", n=1).str[-1])["prob"]
+    assert from_csv["prob"].tolist() == pytest.approx(
+        [same["view0.png"], same["view1.png"]], abs=1e-6
+    )
+    assert single["prob"].iloc[0] == pytest.approx(same["view0.png"], abs=1e-6)
+
+
+def test_stage1_checkpoint_gives_the_global_score_and_empty_boxes(
+    trained: dict[str, Path], new_images: Path, tmp_path: Path
+) -> None:
+    best = json.loads((trained["stage1"] / "result.json").read_text())["best_ckpt"]
+    check(predict(best, new_images / "patient0", tmp_path / "s1"))
+    rows = pd.read_csv(tmp_path / "s1" / "predictions_images.csv")
+    assert rows["prob"].tolist() == rows["prob_global"].tolist()
+    assert rows[["prob_local", "box_x0", "box_y1"]].isna().all().all()
+
+
+def write_dicom(
+    path: Path, pixels: np.ndarray, monochrome1: bool, bits: int, windowed: bool
+) -> None:
+    """A DICOM that a viewer shows exactly as `pixels` (uint8): rescaled, windowed, maybe inverted."""
+    shown = 255 - pixels.astype(np.int64) if monochrome1 else pixels.astype(np.int64)
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    if windowed:  # stored = 8 * shown + 50, real = 2 * stored - 100 = 16 * shown; window maps 16 * shown to shown
+        ds.RescaleSlope, ds.RescaleIntercept = 2, -100
+        ds.WindowCenter, ds.WindowWidth = 2040.5, 4081
+        stored = (8 * shown + 50).astype(np.uint16)
+    else:
+        stored = shown.astype(np.uint8 if bits == 8 else np.uint16)
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    ("monochrome1", "bits", "windowed"),
+    [(False, 8, False), (True, 8, False), (False, 16, True), (True, 16, True)],
+)
+def test_dicom_and_the_png_exported_from_it_agree(
+    trained: dict[str, Path],
+    new_images: Path,
+    tmp_path: Path,
+    monochrome1: bool,
+    bits: int,
+    windowed: bool,
+) -> None:
+    png = new_images / "patient0" / "study1" / "view0.png"
+    pixels = np.asarray(Image.open(png).convert("L")).copy()
+    pixels[0, 0], pixels[0, 1] = 0, 255  # the full range: an unwindowed DICOM is shown min to max
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    Image.fromarray(pixels).save(folder / "exported.png")
+    write_dicom(folder / "original.dcm", pixels, monochrome1, bits, windowed)
+    assert (load_grayscale(folder / "original.dcm") == pixels).all()
+    best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
+    check(predict(best, folder, tmp_path / "out"))
+    rows = pd.read_csv(tmp_path / "out" / "predictions_images.csv").set_index("path")
+    probs = {Path(p).name: v for p, v in rows["prob"].items()}
+    assert abs(probs["original.dcm"] - probs["exported.png"]) < 1e-4
+
+
+def test_dicom_without_pixel_data_gets_its_own_error(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "dicoms"
+    folder.mkdir()
+    write_dicom(
+        folder / "ok.dcm", np.arange(64 * 64, dtype=np.uint8).reshape(64, 64), False, 8, False
+    )
+    ds = pydicom.dcmread(folder / "ok.dcm")
+    del ds.PixelData
+    ds.save_as(folder / "nopixels.dcm")
+    best = json.loads((trained["stage1"] / "result.json").read_text())["best_ckpt"]
+    result = predict(best, folder, tmp_path / "out")
+    assert result.returncode == 2
+    rows = pd.read_csv(tmp_path / "out" / "predictions_images.csv").set_index("path")
+    errors = {Path(p).name: e for p, e in rows["error"].items()}
+    assert pd.isna(errors["ok.dcm"]) and "no pixel data" in errors["nopixels.dcm"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_eager_pytorch(trained: dict[str, Path], tmp_path: Path, fmt: str) -> None:
+    best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
+    target = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt")
+    check(run_cli("export", [f"ckpt_path={best}", f"format={fmt}", f"output={target}"], tmp_path))
+    meta = json.loads(target.with_suffix(target.suffix + ".json").read_text())
+    assert meta["outputs"] == ["prob", "prob_global", "prob_local", "boxes"]
+    size = meta["source_size"]
+    module = load_stage(best)
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            eager = module.score(images)
+        expected = [eager["kalm"], eager["global"], eager["local"], eager["boxes"]]
+        if fmt == "onnx":
+            session = onnxruntime.InferenceSession(str(target))
+            got = [torch.from_numpy(v) for v in session.run(None, {"images": images.numpy()})]
+        else:
+            got = list(torch.jit.load(str(target))(images))
+        for value, reference in zip(got, expected, strict=True):
+            torch.testing.assert_close(value, reference, atol=1e-4, rtol=0)

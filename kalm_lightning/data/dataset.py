@@ -11,14 +11,13 @@ from typing import Any
 
 import pandas as pd
 import torch
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 from torchvision.transforms.v2 import functional as TF
 
 from kalm_lightning.data.cache import ImageCache
-from kalm_lightning.data.images import BadImageError, load_grayscale, resize_square
+from kalm_lightning.data.images import BadImageError, image_size, load_grayscale, resize_square
 from kalm_lightning.data.index import ON_PROBLEM
 from kalm_lightning.errors import check_choice
 from kalm_lightning.geometry import RESIZE_MODES
@@ -91,8 +90,7 @@ class MURADataset(Dataset):
         """(height, width) of image i before resizing, read from the cache or the PNG header."""
         if self.cache is not None:
             return self.cache.original_size(i)
-        with Image.open(self.paths[i]) as image:
-            return image.height, image.width
+        return image_size(self.paths[i])
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         pixels, reason = self._pixels(i)

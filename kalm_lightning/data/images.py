@@ -1,4 +1,4 @@
-"""Decoding radiograph PNGs of any mode to 8-bit greyscale, and resizing them to the source size."""
+"""Decoding radiographs (PNG of any mode, JPEG, DICOM) to 8-bit greyscale, and resizing them to the source size."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from kalm_lightning.data.dicom import dicom_size, is_dicom, read_dicom
 from kalm_lightning.errors import UserError, check_choice
 from kalm_lightning.geometry import RESIZE_MODES, fit_geometry
 
@@ -32,7 +33,16 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
 
 
 def load_grayscale(path: str | Path) -> np.ndarray:
-    """Read one image as uint8 [H, W]; any failure raises BadImageError naming the file."""
+    """Read one image (PNG, JPEG, any format PIL reads, or DICOM) as uint8 [H, W]; any failure
+    raises BadImageError naming the file."""
+    if is_dicom(path):
+        try:
+            pixels = read_dicom(path)
+        except Exception as error:  # pydicom's parser and decoders raise many types
+            raise BadImageError(f"{path}: cannot read DICOM image ({error})") from error
+        if pixels.size == 0:
+            raise BadImageError(f"{path}: the image has no pixels")
+        return pixels
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -53,6 +63,14 @@ def load_grayscale(path: str | Path) -> np.ndarray:
     if pixels.size == 0:
         raise BadImageError(f"{path}: the image has no pixels")
     return pixels
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image from its header, without decoding the pixels."""
+    if is_dicom(path):
+        return dicom_size(path)
+    with Image.open(path) as image:
+        return image.height, image.width
 
 
 def resize_square(pixels: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:

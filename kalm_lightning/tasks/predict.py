@@ -1,77 +1,217 @@
-"""Predictions of a trained model on new radiographs, in the CSV shape `evaluate predictions=` reads."""
+"""The predict command: a trained model on new radiographs, every file accounted for.
+
+Outputs (in the shapes evaluate writes, so `evaluate predictions=` reads them):
+predictions_images.csv (path, study, prob_global, prob_local, prob, the KALM box in the original
+image's pixels, error), predictions_studies.csv (study, images, prob, label at the threshold),
+submission.csv (MURA's study,label) and, with overlays=true, overlays/<image>.png.
+"""
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 from rich.console import Console
 
 from kalm_lightning.data.dataset import MURADataset
+from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.data.index import BODY_PARTS, MURA_DIR, read_mura_index
-from kalm_lightning.errors import UserError
+from kalm_lightning.errors import UserError, check_choice, check_number
+from kalm_lightning.figures import overlay_image
+from kalm_lightning.geometry import PIXEL_BOX, RESIZE_MODES
 from kalm_lightning.inference import score_dataset
 from kalm_lightning.models.backbone import backbone_normalization
 from kalm_lightning.stages import load_stage
-from kalm_lightning.studies import abnormal, study_table, write_submission
+from kalm_lightning.studies import SCORES, abnormal, prob_column, study_table, write_submission
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", "")  # "": DICOM often has no suffix
+OUTPUTS = (
+    "predictions_images.csv",
+    "predictions_studies.csv",
+    "submission.csv",
+    "skipped_images.csv",
+    "overlays",
+)
+COLUMNS = ["path", "study", *(prob_column(s) for s in SCORES[:2]), "prob", *PIXEL_BOX, "error"]
 
 
-def image_index(images: str, split: str) -> pd.DataFrame:
-    """The images to score: a MURA root's split, a folder of PNGs (recursively) or one PNG."""
-    path = Path(images).expanduser()
-    if (path / MURA_DIR).is_dir() or path.name == MURA_DIR:
-        index = read_mura_index(path, split)
-        return index.assign(label=-1)  # the model must not see the labels; evaluate scores them
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() == ".png")
-    else:
-        raise UserError(f"images={images} does not exist")
-    if not files:
-        raise UserError(f"images={images} holds no .png files")
-    absolute = [str(f.resolve()) for f in files]
-    parts = [next((p for p in f.parts if p in BODY_PARTS), "unknown") for f in files]
+def _rows(files: list[Path], shown: list[str], studies: list[str]) -> pd.DataFrame:
+    """The index predict scores: file (what is read), path (what is reported), study, body part."""
     return pd.DataFrame(
         {
-            "path": absolute,
-            "image": absolute,
-            "study": [str(Path(a).parent) + "/" for a in absolute],
+            "path": [str(f) for f in files],
+            "image": shown,
+            "study": studies,
             "patient": [f.parent.parent.name for f in files],
-            "body_part": parts,
-            "label": -1,
+            "body_part": [next((p for p in f.parts if p in BODY_PARTS), "unknown") for f in files],
+            "label": -1,  # the model never sees labels; evaluate scores them
         }
     )
 
 
+def _from_csv(path: Path) -> pd.DataFrame:
+    """A CSV with a `path` column, or MURA's header-less image CSV; relative paths are resolved
+    against the CSV's folder, then the folder above it (where MURA's paths start)."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "path" not in table.columns:
+        first = str(table.columns[0])
+        if len(table.columns) != 1 or Path(first).suffix.lower() not in IMAGE_SUFFIXES[:-1]:
+            raise UserError(
+                f"images={path}: a CSV needs a `path` column (or MURA's header-less image list)"
+            )
+        table = pd.read_csv(path, header=None, names=["path"], dtype=str, keep_default_na=False)
+    files = []
+    for given in table["path"].str.strip():
+        candidates = (
+            [Path(given)]
+            if Path(given).is_absolute()
+            else [path.parent / given, path.parent.parent / given]
+        )
+        files.append(next((c for c in candidates if c.exists()), candidates[0]).resolve())
+    given = table["path"].str.strip().tolist()
+    return _rows(files, given, [str(Path(g).parent) + "/" for g in given])
+
+
+def collect_images(images: str, split: str) -> pd.DataFrame:
+    """One row per file to score: a MURA root's split, a CSV, one file, or a folder tree."""
+    path = Path(images).expanduser()
+    if (path / MURA_DIR).is_dir() or path.name == MURA_DIR:
+        index = read_mura_index(path, split)
+        return index.assign(label=-1)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return _from_csv(path.resolve())
+    if path.is_file():
+        files = [path.resolve()]
+    elif path.is_dir():
+        files = sorted(
+            f.resolve() for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")
+        )
+    else:
+        raise UserError(f"images={images} does not exist")
+    if not files:
+        raise UserError(f"images={images} holds no files")
+    return _rows(files, [str(f) for f in files], [str(f.parent) + "/" for f in files])
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds files, unless overwrite=true (then ours are replaced)."""
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise UserError(
+            f"output={out} already holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}: "
+            "choose another folder, or pass overwrite=true to replace the predictions there"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def overlay_name(path: str, taken: set[str]) -> str:
+    """A file name for an image's overlay, unique in the run."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.strip("/")).strip("_") or "image"
+    name, n = f"{stem}.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}.png"
+    taken.add(name)
+    return name
+
+
+def write_overlays(frame: pd.DataFrame, out: Path, threshold: float) -> None:
+    folder = out / "overlays"
+    folder.mkdir()
+    taken: set[str] = set()
+    for row in frame[frame["prob"].notna()].itertuples():
+        box = None if np.isnan(row.box_x0) else [row.box_x0, row.box_y0, row.box_x1, row.box_y1]
+        verdict = "abnormal" if abnormal(row.prob, threshold) else "normal"
+        image = overlay_image(load_grayscale(row.file), box, f"p={row.prob:.3f} {verdict}")
+        image.save(folder / overlay_name(row.path, taken))
+
+
 def run_prediction(cfg: DictConfig) -> pd.DataFrame:
-    """Score every image; write predictions.csv and submission.csv into the run directory."""
+    """Score every file; write the CSVs (and overlays); exit non-zero when any file failed."""
+    check_number("threshold", cfg.threshold, 0, 1)
+    check_choice("resize", cfg.resize, RESIZE_MODES)
+    check_number("batch_size", cfg.batch_size, 1, integer=True)
+    out = Path(cfg.paths.run_dir)
     module = load_stage(cfg.ckpt_path)
     hp = module.hparams
+    index = collect_images(cfg.images, cfg.split)
+    prepare_output(out, cfg.overwrite)
+
+    exists = index["path"].map(lambda p: Path(p).is_file())
+    skipped_log = out / "skipped_images.csv"
     mean, std = backbone_normalization(hp.backbone)
-    index = image_index(cfg.images, cfg.split)
-    out = Path(cfg.paths.run_dir)
     dataset = MURADataset(
-        index,
+        index[exists],
         hp.source_size,
         resize=cfg.resize,
         mean=mean,
         std=std,
         on_bad_image="skip",
-        skipped_log=out / "skipped_images.csv",
+        skipped_log=skipped_log,
     )
-    frame = score_dataset(
-        module, dataset, cfg.batch_size, cfg.num_workers, cfg.device, cfg.precision
+    scored = pd.DataFrame(columns=["path", "prob"])
+    if len(dataset):
+        scored = score_dataset(
+            module,
+            dataset,
+            cfg.batch_size,
+            cfg.num_workers,
+            cfg.device,
+            cfg.precision,
+            progress=True,
+        )
+    reasons = pd.read_csv(skipped_log).set_index("path")["reason"] if skipped_log.is_file() else {}
+    frame = index.rename(columns={"path": "file"}).merge(
+        scored.drop(columns=["image", "study", "body_part", "label"], errors="ignore").rename(
+            columns={"path": "file"}
+        ),
+        on="file",
+        how="left",
     )
-    # path as MURA's CSV writes it (relative) for a MURA root, else absolute
-    frame = frame.drop(columns=["label"]).assign(path=frame["image"])
-    out.mkdir(parents=True, exist_ok=True)
-    frame.drop(columns=["image"]).to_csv(out / "predictions.csv", index=False)
+    frame["path"] = frame["image"]
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = np.nan
+    frame["error"] = [
+        None
+        if pd.notna(prob)
+        else "file does not exist"
+        if not ok
+        else reasons.get(file, "not scored")
+        for prob, ok, file in zip(frame["prob"], exists, frame["file"], strict=True)
+    ]
+    frame[COLUMNS].to_csv(out / "predictions_images.csv", index=False)
     studies = study_table(frame)
-    write_submission(studies, out / "submission.csv")
-    Console().print(
-        f"{len(frame)} images, {len(studies)} studies scored by {hp.backbone} (stage {hp.stage}); "
-        f"{int(abnormal(studies['prob']).sum())} studies abnormal. Predictions in {out}"
+    studies["label"] = np.where(
+        studies["prob"].notna(), abnormal(studies["prob"], cfg.threshold), -1
     )
+    studies[["study", "images", "prob", "label"]].to_csv(
+        out / "predictions_studies.csv", index=False
+    )
+    write_submission(studies, out / "submission.csv", cfg.threshold)
+    if cfg.overlays:
+        write_overlays(frame, out, cfg.threshold)
+
+    failed = int(frame["error"].notna().sum())
+    called = int((studies["label"] == 1).sum())
+    Console().print(
+        f"{len(frame) - failed} of {len(frame)} files scored by {hp.backbone} (stage {hp.stage}), "
+        f"{failed} failed; {len(studies)} studies, {called} abnormal at threshold {cfg.threshold}. "
+        f"Predictions in {out}"
+    )
+    if failed:
+        raise UserError(
+            f"{failed} of {len(frame)} files could not be scored: see the error column of "
+            f"{out / 'predictions_images.csv'}"
+        )
     return frame

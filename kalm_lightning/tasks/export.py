@@ -1,0 +1,126 @@
+"""The export command: a trained stage as one ONNX or TorchScript graph, with its preprocessing.
+
+The graph takes the normalised source image [N, 3, S, S] (N free) and returns, for a stage-2
+checkpoint, `prob` (KALM's fused probability), `prob_global`, `prob_local` and `boxes` (x, y, w, h
+in [-1, 1] units, see `kalm_lightning.geometry`); for a stage-1 checkpoint `prob` and `prob_global`.
+`<file>.json` beside it says how to make the input from a radiograph.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from kalm_lightning.errors import UserError, check_choice
+from kalm_lightning.models.backbone import backbone_normalization
+from kalm_lightning.models.kalm import KALMNet, resize_view
+from kalm_lightning.stages import load_stage
+from kalm_lightning.stages.base import StageModule
+from kalm_lightning.studies import THRESHOLD
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+class ExportedModel(nn.Module):
+    """A trained stage's networks as a plain module (no Lightning): images in, a tuple out."""
+
+    def __init__(self, stage: StageModule) -> None:
+        super().__init__()
+        self.net = stage.net.eval()
+        self.image_size = stage.hparams.image_size
+        self.two_stage = isinstance(self.net, KALMNet)
+        self.outputs = (
+            ["prob", "prob_global", "prob_local", "boxes"]
+            if self.two_stage
+            else ["prob", "prob_global"]
+        )
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.two_stage:
+            out = self.net(images)
+            return out.prob, out.global_prob, out.local_prob, out.boxes
+        # GlobalStage.forward and .score: CNN_g on the resized view, softmax's abnormal column.
+        prob = self.net(resize_view(images, self.image_size)).float().softmax(dim=1)[:, 1]
+        return prob, prob
+
+
+def preprocessing(stage: StageModule, outputs: list[str]) -> dict:
+    """What a deployer needs to reproduce the input and read the outputs."""
+    hp = stage.hparams
+    mean, std = backbone_normalization(hp.backbone)
+    return {
+        "input": "images",
+        "shape": ["N", 3, hp.source_size, hp.source_size],
+        "steps": [
+            "decode to 8-bit greyscale (DICOM: modality LUT, VOI LUT or window, MONOCHROME1 inverted)",
+            f"resize to {hp.source_size}x{hp.source_size} (bilinear, stretched)",
+            "scale to [0, 1] (divide by 255)",
+            "repeat the grey channel 3 times",
+            "subtract mean and divide by std per channel",
+        ],
+        "source_size": hp.source_size,
+        "image_size": hp.image_size,
+        "mean": list(mean),
+        "std": list(std),
+        "outputs": outputs,
+        "threshold": THRESHOLD,
+        "backbone": hp.backbone,
+        "stage": hp.stage,
+    }
+
+
+def export_onnx(model: ExportedModel, example: torch.Tensor, path: Path, opset: int) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch's exporter needs it; say so in one line if absent)
+    except ImportError as error:
+        raise UserError(
+            "format=onnx needs the export extra: pip install 'kalm-lightning[export]'"
+        ) from error
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=model.outputs,
+            dynamic_shapes={"images": {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def export_torchscript(model: ExportedModel, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (example,), check_trace=False)
+    traced.save(str(path))
+
+
+def run_export(cfg: DictConfig) -> Path:
+    check_choice("format", cfg.format, FORMATS)
+    stage = load_stage(cfg.ckpt_path)
+    model = ExportedModel(stage)
+    path = (
+        Path(cfg.output) if cfg.output else Path(cfg.paths.run_dir) / f"model{FORMATS[cfg.format]}"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = stage.hparams.source_size
+    example = torch.zeros(2, 3, size, size)
+    with torch.no_grad():
+        if cfg.format == "onnx":
+            export_onnx(model, example, path, cfg.opset)
+        else:
+            export_torchscript(model, example, path)
+    meta = path.with_suffix(path.suffix + ".json")
+    meta.write_text(json.dumps(preprocessing(stage, model.outputs), indent=2) + "\n")
+    print(f"{cfg.format} model written to {path}; preprocessing in {meta}")
+    return path
