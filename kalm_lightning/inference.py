@@ -13,7 +13,7 @@ from kalm_lightning.data.dataset import MURADataset, collate_skipping_bad
 from kalm_lightning.errors import UserError
 from kalm_lightning.geometry import PIXEL_BOX, box_to_pixels, to_original_pixels
 from kalm_lightning.stages.base import StageModule
-from kalm_lightning.studies import SCORES, prob_column
+from kalm_lightning.studies import GLOBAL, KALM, SCORES, prob_column
 
 INDEX_COLUMNS = ["path", "image", "study", "body_part", "label"]
 
@@ -60,9 +60,7 @@ def image_table(dataset: MURADataset, outputs: dict, source_size: int) -> pd.Dat
     for name in SCORES:
         if name in outputs:
             frame[prob_column(name)] = outputs[name].numpy()
-    frame["prob"] = (
-        frame[prob_column("kalm")] if "kalm" in outputs else frame[prob_column("global")]
-    )
+    frame["prob"] = frame[prob_column(KALM)] if KALM in outputs else frame[prob_column(GLOBAL)]
     if "boxes" in outputs:
         pixels = box_to_pixels(outputs["boxes"], source_size).tolist()
         original = [

@@ -15,6 +15,7 @@ import torch
 
 THRESHOLD = 0.5
 SCORES = ("global", "local", "kalm")  # CNN_g, CNN_l and their average (the paper's S_g, S_l, KALM)
+GLOBAL, LOCAL, KALM = SCORES
 PREDICTIONS = "predictions"  # the score of a predictions CSV given to evaluate
 SCORE_LABELS = {"global": "g", "local": "l", "kalm": "KALM", PREDICTIONS: PREDICTIONS}
 

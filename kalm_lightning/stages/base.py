@@ -11,6 +11,7 @@ from torch import nn
 
 from kalm_lightning.errors import UserError, check_number
 from kalm_lightning.metrics import NAMES, StudyMetrics
+from kalm_lightning.studies import GLOBAL
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -28,8 +29,8 @@ def check_optimizer(optimizer: OptimizerFactory | None) -> None:
 class StageModule(pl.LightningModule):
     """A stage names its scores (e.g. global, local, kalm) and which one selects checkpoints."""
 
-    scores: tuple[str, ...] = ("global",)
-    selection_score: str = "global"
+    scores: tuple[str, ...] = (GLOBAL,)
+    selection_score: str = GLOBAL
 
     def __init__(
         self,

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.kalm import resize_view
 from kalm_lightning.stages.base import OptimizerFactory, SchedulerFactory, StageModule
-from kalm_lightning.studies import SCORES
+from kalm_lightning.studies import GLOBAL
 
 
 class GlobalStage(StageModule):
-    scores = SCORES[:1]  # global
-    selection_score = "global"
+    scores = (GLOBAL,)
+    selection_score = GLOBAL
 
     def __init__(
         self,
@@ -38,7 +38,7 @@ class GlobalStage(StageModule):
         return self.net(resize_view(images, self.image_size))
 
     def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"global": self(images).float().softmax(dim=1)[:, 1]}
+        return {GLOBAL: self(images).float().softmax(dim=1)[:, 1]}
 
     def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
         if batch is None:

@@ -13,7 +13,7 @@ from kalm_lightning.figures import log_box_grid
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.kalm import KALMNet
 from kalm_lightning.stages.base import OptimizerFactory, SchedulerFactory, StageModule
-from kalm_lightning.studies import SCORES
+from kalm_lightning.studies import GLOBAL, KALM, LOCAL, SCORES
 
 BOXES_LOGGED = 16
 # CNN_g is in eval mode at the start of stage 2 on purpose (frozen BatchNorm statistics).
@@ -24,7 +24,7 @@ warnings.filterwarnings(
 
 class KALMStage(StageModule):
     scores = SCORES
-    selection_score = "kalm"
+    selection_score = KALM
 
     def __init__(
         self,
@@ -118,9 +118,9 @@ class KALMStage(StageModule):
     def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self(images)
         return {
-            "global": out.global_prob,
-            "local": out.local_prob,
-            "kalm": out.prob,
+            GLOBAL: out.global_prob,
+            LOCAL: out.local_prob,
+            KALM: out.prob,
             "boxes": out.boxes,
         }
 
@@ -142,7 +142,7 @@ class KALMStage(StageModule):
             self._boxes_to_draw = {
                 "images": batch["image"][:BOXES_LOGGED].detach().float().cpu(),
                 "boxes": outputs["boxes"][:BOXES_LOGGED].detach().float().cpu(),
-                "prob": outputs["kalm"][:BOXES_LOGGED].detach().cpu(),
+                "prob": outputs[KALM][:BOXES_LOGGED].detach().cpu(),
                 "label": batch["label"][:BOXES_LOGGED].cpu(),
             }
 
