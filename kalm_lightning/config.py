@@ -56,8 +56,21 @@ def newest_run_dir(parent: Path, ckpt_path: str | None) -> Path:
         if lasts:
             newest = max(lasts)[1]
             return parent / newest.relative_to(parent).parts[0]
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    return parent / stamp
+    return claim_dir(parent, datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+
+
+def claim_dir(parent: Path, name: str) -> Path:
+    """Create parent/name, or name_2, name_3 ... when another run took it: two runs started in the
+    same second never share a directory (mkdir is atomic)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = parent / (name if n == 1 else f"{name}_{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run directory named {name}* under {parent}")
 
 
 def register_resolvers() -> None:

@@ -9,6 +9,10 @@ import pytest
 import torch
 from conftest import TINY_RUN, run_cli
 
+from kalm_lightning.config import compose_config, newest_run_dir
+from kalm_lightning.errors import UserError
+from kalm_lightning.tasks.train import find_stage1_checkpoint
+
 
 class RunsCode:
     """A pickle that calls os.system when loaded: what a malicious .ckpt holds."""
@@ -50,3 +54,28 @@ def test_a_checkpoint_that_runs_code_is_refused_before_it_runs(
     assert line.startswith(f"kalm-{module}: checkpoint {ckpt} is refused: it asks to load ")
     assert "posix.system" in line or "os.system" in line
     assert "Traceback" not in result.stderr
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_the_images(tmp_path: Path) -> None:
+    result = run_cli("train", ["stage=1", *TINY_RUN, "model.optimizer.lr=1e30"], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("kalm-train: training loss is nan at step 1 (epoch 0); the batch held ")
+    assert "MURA-v1.1/train/" in line and "Traceback" not in result.stderr
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path) -> None:
+    first = newest_run_dir(tmp_path, None)
+    second = newest_run_dir(tmp_path, None)
+    assert first != second and first.is_dir() and second.is_dir()
+    assert second.name.startswith(first.name)
+
+
+def test_auto_never_picks_a_half_written_stage1_result(tmp_path: Path) -> None:
+    """A result.json being written by another process is skipped, not read half-way."""
+    run = tmp_path / "outputs" / "synthetic" / "resnet18" / "stage1" / "x"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text('{"stage": 1, "backbone": "resn')  # cut off mid-write
+    cfg = compose_config("train", ["stage=2", f"paths.output_root={tmp_path / 'outputs'}"])
+    with pytest.raises(UserError, match="no finished stage-1 run"):
+        find_stage1_checkpoint(cfg)

@@ -57,6 +57,23 @@ class StageModule(pl.LightningModule):
         """Abnormal probabilities per score name, plus anything else worth keeping (e.g. boxes)."""
         raise NotImplementedError
 
+    def check_finite(self, loss: torch.Tensor, batch: dict) -> None:
+        """Stop at the first NaN or Inf loss, naming the step and the batch's images; the
+        checkpoints saved before it stay as they are."""
+        if torch.isfinite(loss.detach()).all():
+            return
+        ids = batch["image_id"].tolist()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        paths = [datamodule.dataset("train").paths[i] for i in ids] if datamodule else ids
+        shown = ", ".join(map(str, paths[:3])) + (
+            f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+        )
+        raise UserError(
+            f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+            f"the batch held {shown}. The last good checkpoints are kept; lower model.optimizer.lr "
+            "or check those images"
+        )
+
     def validation_step(self, batch: dict | None, batch_idx: int) -> None:
         if batch is None:
             return

@@ -44,5 +44,6 @@ class GlobalStage(StageModule):
         if batch is None:
             return None
         loss = F.cross_entropy(self(self.prepare_images(batch["image"])).float(), batch["label"])
+        self.check_finite(loss, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss

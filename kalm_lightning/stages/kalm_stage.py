@@ -130,6 +130,7 @@ class KALMStage(StageModule):
         out = self(self.prepare_images(batch["image"]))
         loss = F.cross_entropy(out.local_logits.float(), batch["label"])
         size = len(batch["label"])
+        self.check_finite(loss, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log_dict(
             {"train/box_w": out.boxes[:, 2].mean(), "train/box_h": out.boxes[:, 3].mean()},

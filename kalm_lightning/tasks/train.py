@@ -34,7 +34,10 @@ def find_stage1_checkpoint(cfg: DictConfig) -> str:
     data_root = str(Path(cfg.data.root).expanduser().resolve())
     found = []
     for path in root.rglob(RESULT_FILE) if root.is_dir() else []:
-        result = json.loads(path.read_text())
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # another process's file, not finished: never picked
         if (
             result.get("stage") == 1
             and result.get("backbone") == cfg.backbone.name
@@ -121,7 +124,10 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
         "epochs": trainer.current_epoch,
     }
     if trainer.is_global_zero and not trainer.interrupted:
-        (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        # Written to a temporary name, then renamed: `auto` never reads half a file.
+        partial = run_dir / f".{RESULT_FILE}.partial"
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        partial.replace(run_dir / RESULT_FILE)
     finish_wandb(loggers)
     return result
 
