@@ -146,7 +146,8 @@ def evaluation_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
         evaluation.merge_with(
             {
                 "ckpt_path": ckpt_path,
-                "data": cfg.data,
+                # Resolved here: its interpolations (data.root under paths.data_root) are this run's.
+                "data": OmegaConf.to_container(cfg.data, resolve=True),
                 "device": "cuda" if cfg.trainer.accelerator == "gpu" else "cpu",
                 "precision": str(cfg.trainer.precision),
                 "seed": cfg.seed,
