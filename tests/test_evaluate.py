@@ -183,10 +183,13 @@ def test_table1_aggregation_of_a_paper_pipeline_run(tmp_path: Path) -> None:
                 *TINY_RUN,
                 "evaluate.bootstrap=5",
                 f"hydra.sweep.dir={sweep}/variant",
+                "paths.data_root=generated",
             ],
             tmp_path,
         )
     )
+    # Evaluation after training read the run's own data, not conf/evaluate.yaml's default root.
+    assert (tmp_path / "generated").is_dir() and not (tmp_path / "data").exists()
     script = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "aggregate.py"
     out = tmp_path / "RESULTS.md"
     result = subprocess.run(
