@@ -12,7 +12,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from rich.console import Console
 from rich.syntax import Syntax
 
@@ -131,6 +132,21 @@ def prepare_argv(program: str) -> None:
     if message:
         print(f"{program}: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def pin_job_for_other_ranks() -> None:
+    """In a multirun, make DDP's further ranks join this job instead of re-running the sweep.
+
+    Lightning starts each further rank as `python -m kalm_lightning.train <sys.argv[1:]>
+    hydra.run.dir=<HydraConfig run.dir>`. In a multirun that argv is the whole sweep (`-m seed=1,2`),
+    so each rank ran every job again in a sweep directory of its own. The ranks get this job's own
+    overrides and its own directory instead."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    sys.argv[1:] = quote_numeric_choices(list(hydra_cfg.overrides.task))
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
 def task_overrides() -> list[str]:

@@ -4,6 +4,7 @@ DDP on two CPU processes, W&B offline and resuming."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -104,6 +105,31 @@ def test_multirun_over_two_backbones(tmp_path: Path) -> None:
     for job in (tmp_path / "outputs/synthetic/multirun").glob("*/backbone=*"):
         assert (job / "checkpoints/last.ckpt").is_file() and (job / "result.json").is_file()
         assert json.loads((job / "result.json").read_text())["backbone"] == job.name.split("=")[1]
+
+
+@pytest.mark.slow
+def test_multirun_with_ddp_runs_each_job_once_in_its_own_directory(tmp_path: Path) -> None:
+    """Each job's second rank joins that job: one sweep directory, two job directories, no strays."""
+    check(
+        run_cli(
+            "train",
+            ["-m", "seed=1,2", "hardware=ddp_cpu", *TINY_RUN, "trainer.limit_train_batches=2"],
+            tmp_path,
+        )
+    )
+    sweeps = list((tmp_path / "outputs/synthetic/multirun").iterdir())
+    assert len(sweeps) == 1, sweeps
+    jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
+    assert jobs == ["seed=1", "seed=2"]
+    for job in jobs:
+        result = json.loads((sweeps[0] / job / "result.json").read_text())
+        assert Path(result["best_ckpt"]).is_file() and result["run_dir"].endswith(job)
+    stray = [p for p in tmp_path.rglob("*.log") if "train_ddp_process" in p.name]
+    assert all(p.parent.parent == sweeps[0] for p in stray), stray
+    left = subprocess.run(
+        ["pgrep", "-f", f"kalm_lightning.train.*{tmp_path}"], capture_output=True, text=True
+    )
+    assert left.stdout.strip() == ""  # no rank outlives its job
 
 
 @pytest.mark.slow

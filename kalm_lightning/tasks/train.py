@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kalm_lightning.checkpoints import WEIGHTS_ONLY, read_checkpoint
-from kalm_lightning.config import compose_config, print_config, task_overrides
+from kalm_lightning.config import (
+    compose_config,
+    pin_job_for_other_ranks,
+    print_config,
+    task_overrides,
+)
 from kalm_lightning.errors import UserError
 from kalm_lightning.loggers import finish_wandb
 from kalm_lightning.models.backbone import backbone_normalization
@@ -171,12 +182,40 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     return second
 
 
+DDP_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def one_ddp_job() -> Iterator[None]:
+    """A multirun job's DDP ranks belong to that job alone.
+
+    The further ranks are pointed at this job (`pin_job_for_other_ranks`); afterwards the process
+    group is closed and the variables Lightning's launcher set in this process are removed, so the
+    next job of the sweep starts its own ranks instead of talking to the finished job's."""
+    before = {key: os.environ.get(key) for key in DDP_ENVIRONMENT}
+    pin_job_for_other_ranks()
+    try:
+        yield
+    finally:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 def run_training(cfg: DictConfig) -> float | None:
     """The train command: print the config, then one stage or the whole pipeline."""
     if rank_zero_only.rank == 0:
         print_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
-    result = (
-        run_pipeline(cfg, run_dir, task_overrides()) if cfg.pipeline else train_stage(cfg, run_dir)
-    )
+    with one_ddp_job():
+        result = (
+            run_pipeline(cfg, run_dir, task_overrides())
+            if cfg.pipeline
+            else train_stage(cfg, run_dir)
+        )
     return result.get("best_val_image_acc")
