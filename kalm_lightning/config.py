@@ -17,7 +17,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from rich.console import Console
 from rich.syntax import Syntax
 
-GROUPS = ("backbone", "stage", "data", "hardware", "logger", "experiment", "trainer", "callbacks")
+GROUPS = (
+    "backbone",
+    "stage",
+    "data",
+    "hardware",
+    "logger",
+    "experiment",
+    "trainer",
+    "callbacks",
+    "debug",
+    "hparams_search",
+)
 
 
 def config_dir() -> Path:

@@ -105,6 +105,18 @@ def test_multirun_over_two_backbones(tmp_path: Path) -> None:
     for job in (tmp_path / "outputs/synthetic/multirun").glob("*/backbone=*"):
         assert (job / "checkpoints/last.ckpt").is_file() and (job / "result.json").is_file()
         assert json.loads((job / "result.json").read_text())["backbone"] == job.name.split("=")[1]
+    sweep = next((tmp_path / "outputs/synthetic/multirun").iterdir())
+    check(run_cli("summarize", [str(sweep)], tmp_path))
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert sorted(summary["job"]) == ["backbone=resnet18", "backbone=vgg16"]
+    assert summary["best_val"].is_monotonic_decreasing
+    assert summary["overrides"].str.contains("backbone=").all()
+    assert "| backbone=vgg16 |" in (sweep / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("debug", ["fdr", "limit"])
+def test_debug_configs_run(tmp_path: Path, debug: str) -> None:
+    check(run_cli("train", [f"debug={debug}", *TINY_RUN[:-1]], tmp_path))
 
 
 @pytest.mark.slow

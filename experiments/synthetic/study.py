@@ -142,7 +142,7 @@ class Study:
             "overrides": [*stage1, *(stage2 or ())],
             "stage": result["stage"],
             "ckpt": result["best_ckpt"],
-            "heldout_image_acc": result["best_val_image_acc"],
+            "heldout_image_acc": result["best_val_score"],  # image accuracy: the default selection
             "study": {k: v["study"] for k, v in metrics.items() if "study" in v},
             "localization": metrics.get("localization"),
             "mean_box": mean_box(run_dir) if stage2 is not None else None,

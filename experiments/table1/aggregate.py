@@ -9,13 +9,11 @@ backbone and score, beyond-paper variants as extra rows, then the same per body 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from kalm_lightning.studies import SCORE_LABELS, SCORES
+from kalm_lightning.summary import find_jobs
 
 PAPER = {  # Table 1 of Huang et al. (ICASSP 2020): study-level accuracy, AUROC, kappa
     ("resnet18", "global"): (0.821, 0.875, 0.633),
@@ -41,13 +39,12 @@ PAPER_STAGE = {
 
 
 def find_runs(folder: Path) -> list[dict]:
-    """Each finished pipeline run: backbone, variant label, metrics, ordered paper runs first."""
+    """Each finished pipeline job (the same jobs `kalm-summarize` lists): backbone, variant, metrics."""
     runs = []
-    for metrics_file in sorted(folder.rglob("evaluate/metrics.json")):
-        config_file = metrics_file.parent.parent / "stage2" / "config.yaml"
-        if not config_file.is_file():
+    for job in find_jobs(folder):
+        if job["metrics"] is None:
             continue
-        cfg = OmegaConf.load(config_file)
+        cfg = job["config"]
         changed = [
             f"{key}={cfg.stage.get(key)}"
             for key, default in PAPER_STAGE.items()
@@ -59,8 +56,8 @@ def find_runs(folder: Path) -> list[dict]:
             {
                 "backbone": cfg.backbone.name,
                 "variant": " ".join(changed),
-                "metrics": json.loads(metrics_file.read_text()),
-                "path": metrics_file.parent,
+                "metrics": job["metrics"],
+                "path": job["dir"],
             }
         )
     return sorted(runs, key=lambda r: (r["variant"] != "", r["backbone"], r["variant"]))

@@ -9,10 +9,11 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from kalm_lightning.errors import UserError, check_number
+from kalm_lightning.errors import UserError, check_choice, check_number
 from kalm_lightning.metrics import NAMES, StudyMetrics
 from kalm_lightning.studies import GLOBAL
 
+SELECTION_METRICS = tuple(f"{level}_{name}" for level in ("image", "study") for name in NAMES)
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -37,9 +38,12 @@ class StageModule(pl.LightningModule):
         channels_last: bool = False,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
+        selection_metric: str = "image_accuracy",
     ) -> None:
         super().__init__()
         check_optimizer(optimizer)
+        check_choice("model.selection_metric", selection_metric, SELECTION_METRICS)
+        self.selection_metric = selection_metric
         self.channels_last = channels_last
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_metrics = nn.ModuleDict({name: StudyMetrics() for name in self.scores})
@@ -103,10 +107,14 @@ class StageModule(pl.LightningModule):
         self.log_dict(
             {k: torch.tensor(v, dtype=torch.float32) for k, v in logged.items()}, sync_dist=False
         )
-        selection = logged[f"val/{self.selection_score}/image_accuracy"]
-        self.log(
-            "val/image_acc",
-            torch.tensor(selection, dtype=torch.float32),
+        # The paper selects checkpoints by image-level accuracy; model.selection_metric may choose
+        # a study-level figure instead. Both of the stage's selection score (CNN_g, or KALM).
+        chosen = {
+            "val/image_acc": logged[f"val/{self.selection_score}/image_accuracy"],
+            "val/selection": logged[f"val/{self.selection_score}/{self.selection_metric}"],
+        }
+        self.log_dict(
+            {k: torch.tensor(v, dtype=torch.float32) for k, v in chosen.items()},
             prog_bar=True,
             sync_dist=False,
         )

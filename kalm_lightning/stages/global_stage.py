@@ -25,9 +25,10 @@ class GlobalStage(StageModule):
         channels_last: bool = False,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
+        selection_metric: str = "image_accuracy",
         output_stride: int | None = None,
     ) -> None:
-        super().__init__(channels_last, optimizer, scheduler)
+        super().__init__(channels_last, optimizer, scheduler, selection_metric)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.hparams["stage"] = 1
         self.image_size = image_size

@@ -39,6 +39,7 @@ class KALMStage(StageModule):
         channels_last: bool = False,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
+        selection_metric: str = "image_accuracy",
         aggregation: str = "sum",
         temperature: float = 10.0,
         box_init: float | None = None,
@@ -47,7 +48,7 @@ class KALMStage(StageModule):
         fixed_box: float = 0.5,
         output_stride: int | None = None,
     ) -> None:
-        super().__init__(channels_last, optimizer, scheduler)
+        super().__init__(channels_last, optimizer, scheduler, selection_metric)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "global_ckpt"], logger=False)
         self.hparams["stage"] = 2
         if box_lr is not None:

@@ -28,10 +28,10 @@ from kalm_lightning.config import (
 from kalm_lightning.errors import UserError
 from kalm_lightning.loggers import finish_wandb
 from kalm_lightning.models.backbone import backbone_normalization
+from kalm_lightning.summary import RESULT_FILE
 from kalm_lightning.tasks.evaluate import run_evaluation
 
 log = logging.getLogger(__name__)
-RESULT_FILE = "result.json"
 
 
 def find_stage1_checkpoint(cfg: DictConfig) -> str:
@@ -129,7 +129,8 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
         "last_ckpt": str(Path(callback.last_model_path).resolve())
         if callback and callback.last_model_path
         else None,
-        "best_val_image_acc": float(callback.best_model_score)
+        "selection_metric": cfg.model.selection_metric,
+        "best_val_score": float(callback.best_model_score)
         if callback and callback.best_model_score is not None
         else None,
         "epochs": trainer.current_epoch,
@@ -218,4 +219,4 @@ def run_training(cfg: DictConfig) -> float | None:
             if cfg.pipeline
             else train_stage(cfg, run_dir)
         )
-    return result.get("best_val_image_acc")
+    return result.get("best_val_score")  # what a sweeper (Optuna) optimises

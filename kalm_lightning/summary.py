@@ -1,0 +1,97 @@
+"""Every job of a sweep in one table: its overrides and its figures, sorted by the selection figure.
+
+`python -m kalm_lightning.summarize SWEEP_DIR` writes summary.md and summary.csv into SWEEP_DIR;
+`experiments/table1/aggregate.py` reads the same jobs through `find_jobs`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from kalm_lightning.errors import UserError
+from kalm_lightning.metrics import NAMES
+from kalm_lightning.studies import SCORE_LABELS, SCORES
+
+RESULT_FILE = "result.json"  # what a finished training stage leaves in its run directory
+
+
+def find_jobs(folder: Path) -> list[dict]:
+    """Each finished job under folder: its directory, overrides, config, result and metrics.
+
+    A job is a run directory with result.json (one stage) or stage2/result.json (a pipeline,
+    whose evaluate/metrics.json holds the study-level figures)."""
+    jobs = []
+    for result_file in sorted(folder.rglob(RESULT_FILE)):
+        run = result_file.parent
+        job = run.parent if run.name in ("stage1", "stage2") else run
+        if run.name == "stage1" and (job / "stage2").is_dir():
+            continue  # a pipeline: its stage 2 stands for it
+        overrides_file = job / ".hydra" / "overrides.yaml"
+        metrics_file = job / "evaluate" / "metrics.json"
+        jobs.append(
+            {
+                "dir": job,
+                "name": str(job.relative_to(folder)),
+                "overrides": list(OmegaConf.load(overrides_file))
+                if overrides_file.is_file()
+                else [],
+                "config": OmegaConf.load(run / "config.yaml"),
+                "result": json.loads(result_file.read_text()),
+                "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
+            }
+        )
+    return jobs
+
+
+def summary_table(jobs: list[dict]) -> pd.DataFrame:
+    """One row per job: overrides, the selection figure, and each score's study-level figures."""
+    rows = []
+    for job in jobs:
+        result = job["result"]
+        row = {
+            "job": job["name"],
+            "overrides": " ".join(job["overrides"]),
+            "selection": result.get("selection_metric", "image_accuracy"),
+            "best_val": result.get("best_val_score", result.get("best_val_image_acc")),
+        }
+        for score in SCORES:
+            block = (job["metrics"] or {}).get(score)
+            for name in NAMES:
+                row[f"{SCORE_LABELS[score]}_{name}"] = block["study"][name] if block else math.nan
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.sort_values("best_val", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:.3f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += [
+        "| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(folder: Path) -> pd.DataFrame:
+    """Write summary.md and summary.csv into folder; return the table."""
+    jobs = find_jobs(folder)
+    if not jobs:
+        raise UserError(f"{folder} holds no finished job (no {RESULT_FILE} below it)")
+    table = summary_table(jobs)
+    table.to_csv(folder / "summary.csv", index=False)
+    header = (
+        f"# Sweep {folder}\n\n{len(table)} job(s), best first by the validation figure each job "
+        "selected its checkpoint on (`best_val`). Study-level figures (g / l / KALM) come from the "
+        "job's evaluation, where it ran one.\n\n"
+    )
+    (folder / "summary.md").write_text(header + to_markdown(table))
+    return table
