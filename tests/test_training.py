@@ -253,3 +253,31 @@ def test_stage2_logs_a_box_grid_to_tensorboard(trained: dict[str, Path]) -> None
     assert "val/kalm_boxes" in accumulator.Tags()["images"]
     image = accumulator.Images("val/kalm_boxes")[0]
     assert image.width >= 224 and image.height >= 224
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_three_trials_and_the_summary_sorts_them(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    sweep = tmp_path / "optuna"
+    check(
+        run_cli(
+            "train",
+            [
+                "-m",
+                "hparams_search=optuna",
+                "hydra.sweeper.n_trials=3",
+                f"hydra.sweep.dir={sweep}",
+                "model.selection_metric=image_accuracy",
+                *TINY_RUN,
+            ],
+            trained["work"],
+        )
+    )
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert set(best.best_params) >= {"model.optimizer.lr", "stage.aggregation", "stage.centre"}
+    check(run_cli("summarize", [str(sweep)], tmp_path))
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert len(summary) == 3 and summary["best_val"].is_monotonic_decreasing
+    assert summary["best_val"].iloc[0] == pytest.approx(best.best_value)
+    assert summary["overrides"].str.contains("stage.centre=").all()
