@@ -8,6 +8,7 @@ in [-1, 1] units, see `kalm_lightning.geometry`); for a stage-1 checkpoint `prob
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -75,12 +76,8 @@ def preprocessing(stage: StageModule, outputs: list[str]) -> dict:
 
 
 def export_onnx(model: ExportedModel, example: torch.Tensor, path: Path, opset: int) -> None:
-    try:
-        import onnxscript  # noqa: F401  (torch's exporter needs it; say so in one line if absent)
-    except ImportError as error:
-        raise UserError(
-            "format=onnx needs the export extra: pip install 'kalm-lightning[export]'"
-        ) from error
+    if importlib.util.find_spec("onnxscript") is None:  # torch's exporter needs it
+        raise UserError("format=onnx needs the export extra: pip install 'kalm-lightning[export]'")
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
