@@ -112,6 +112,20 @@ def quote_numeric_choices(argv: list[str]) -> list[str]:
     return quoted
 
 
+HYDRA_VALUED_FLAGS = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--info",
+    "-i",
+}
 SWEEP_FUNCTIONS = ("range(", "choice(", "glob(", "interval(", "tag(", "shuffle(", "sort(")
 
 
@@ -120,9 +134,11 @@ def name_jobs_by_swept_overrides(argv: list[str]) -> list[str]:
     if not {"-m", "--multirun"} & set(argv):
         return argv
     fixed = []
-    for arg in argv:
+    for previous, arg in zip(["", *argv], argv, strict=False):
         match = re.fullmatch(r"[~+]*([\w.@/-]+)(?:=(.*))?", arg)
-        if arg.startswith("-") or not match or match.group(1).startswith("hydra."):
+        if previous in HYDRA_VALUED_FLAGS or arg.startswith("-") or not match:
+            continue  # a flag, or a flag's value such as `--cfg job`
+        if match.group(1).startswith("hydra."):
             continue
         value = match.group(2) or ""
         swept = ("," in value and not value.startswith(("[", "{"))) or value.startswith(
