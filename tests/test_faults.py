@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, check, run_cli
 
 from kalm_lightning.config import compose_config, newest_run_dir
 from kalm_lightning.errors import UserError
@@ -79,3 +80,26 @@ def test_auto_never_picks_a_half_written_stage1_result(tmp_path: Path) -> None:
     cfg = compose_config("train", ["stage=2", f"paths.output_root={tmp_path / 'outputs'}"])
     with pytest.raises(UserError, match="no finished stage-1 run"):
         find_stage1_checkpoint(cfg)
+
+
+def final_state(work: Path) -> tuple[dict, pd.DataFrame]:
+    run = next((work / "outputs/synthetic/resnet18/stage1").iterdir())
+    state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    logs = pd.concat(pd.read_csv(f) for f in sorted(run.glob("csv/version_*/metrics.csv")))
+    return state, logs.dropna(subset=["val/image_acc"]).set_index("epoch")
+
+
+def test_resuming_after_an_interruption_ends_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Stopped after epoch 1 and resumed with ckpt_path=last (as after SIGKILL): the same weights
+    and the same logged figures, bit for bit, as the run that was never stopped."""
+    base = [a for a in TINY_RUN if not a.startswith("trainer.max_epochs")]
+    base += ["stage=1", "data.augment.rotate_degrees=10", "data.augment.hflip=0.5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    check(run_cli("train", [*base, "trainer.max_epochs=2"], straight))
+    check(run_cli("train", [*base, "trainer.max_epochs=1"], resumed))
+    check(run_cli("train", [*base, "trainer.max_epochs=2", "ckpt_path=last"], resumed))
+    (a, a_logs), (b, b_logs) = final_state(straight), final_state(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a_logs.loc[1, "val/image_acc"] == b_logs.loc[1, "val/image_acc"]

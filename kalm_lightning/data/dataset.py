@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torch.utils.data._utils.collate import default_collate
 from torchvision.transforms.v2 import functional as TF
 
@@ -55,6 +55,7 @@ class MURADataset(Dataset):
         cache: ImageCache | None = None,
         on_bad_image: str = "error",
         skipped_log: str | Path | None = None,
+        seed: int = 0,
     ) -> None:
         check_choice("data.on_bad_image", on_bad_image, ON_PROBLEM)
         check_choice("data.resize", resize, RESIZE_MODES)
@@ -70,6 +71,7 @@ class MURADataset(Dataset):
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.cache, self.on_bad_image = cache, on_bad_image
         self.skipped_log = Path(skipped_log) if skipped_log else None
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,18 +94,17 @@ class MURADataset(Dataset):
             return self.cache.original_size(i)
         return image_size(self.paths[i])
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        """Image `key`, or `(index, epoch)` from `EpochSampler`: augmentation is then drawn from a
+        generator seeded by (seed, epoch, index), so a resumed run sees exactly the same images."""
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         pixels, reason = self._pixels(i)
         if pixels is None:
             record_skip(self.skipped_log, self.paths[i], reason)
             return None
         image = pixels.unsqueeze(0).float().div_(255.0)
-        if self.augment.get("hflip", 0) and torch.rand(()) < self.augment["hflip"]:
-            image = TF.horizontal_flip(image)
-        degrees = self.augment.get("rotate_degrees", 0)
-        if degrees:
-            angle = float(torch.empty(()).uniform_(-degrees, degrees))
-            image = TF.rotate(image, angle, interpolation=TF.InterpolationMode.BILINEAR)
+        if self.augment:
+            image = self._augmented(image, self._generator(i, epoch))
         image = (image.expand(3, -1, -1) - self.mean) / self.std
         return {
             "image": image,
@@ -112,6 +113,32 @@ class MURADataset(Dataset):
             "study_id": int(self.study_codes[i]),
             "body_part": self.body_parts[i],
         }
+
+    def _generator(self, i: int, epoch: int | None) -> torch.Generator | None:
+        if epoch is None:
+            return None  # the process's own random state (a DataLoader without EpochSampler)
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+
+    def _augmented(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if (
+            self.augment.get("hflip", 0)
+            and torch.rand((), generator=generator) < self.augment["hflip"]
+        ):
+            image = TF.horizontal_flip(image)
+        degrees = self.augment.get("rotate_degrees", 0)
+        if degrees:
+            angle = float(torch.empty(()).uniform_(-degrees, degrees, generator=generator))
+            image = TF.rotate(image, angle, interpolation=TF.InterpolationMode.BILINEAR)
+        return image
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler's shuffle (seeded by seed + epoch, sharded by rank) yielding
+    (index, epoch): the order and the augmentation of every epoch follow from the seed alone, so
+    a run resumed from an end-of-epoch checkpoint goes on exactly as the uninterrupted run."""
+
+    def __iter__(self):
+        return ((i, self.epoch) for i in super().__iter__())
 
 
 def collate_skipping_bad(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:

@@ -12,11 +12,12 @@ import pandas as pd
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from kalm_lightning.data.cache import ImageCache
 from kalm_lightning.data.dataset import (
     AUGMENTATIONS,
+    EpochSampler,
     MURADataset,
     collate_skipping_bad,
     record_skip,
@@ -157,6 +158,7 @@ class MURADataModule(pl.LightningDataModule):
                 cache=self._cache(part),
                 on_bad_image=self.on_bad_image,
                 skipped_log=self.skipped_log,
+                seed=self.seed,
             )
         return self.datasets[part]
 
@@ -181,8 +183,8 @@ class MURADataModule(pl.LightningDataModule):
         dataset = self.dataset(part)
         world_size, rank = self._world()
         sampler = None
-        if world_size > 1 and shuffle:
-            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed)
+        if shuffle:  # also on one process: the epoch's order and augmentation follow from the seed
+            sampler = EpochSampler(dataset, world_size, rank, shuffle=True, seed=self.seed)
         elif world_size > 1:
             # Lightning's default sampler pads shards, counting images twice; this one does not.
             sampler = UnrepeatedDistributedSampler(dataset, world_size, rank, shuffle=False)

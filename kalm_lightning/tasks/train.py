@@ -116,6 +116,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
         weights_only=WEIGHTS_ONLY,
     )
     callback = trainer.checkpoint_callback
+    last = run_dir / "checkpoints" / "last.ckpt"
     result = {
         "stage": int(cfg.stage.number),
         "backbone": cfg.backbone.name,
@@ -126,9 +127,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
         "best_ckpt": str(Path(callback.best_model_path).resolve())
         if callback and callback.best_model_path
         else None,
-        "last_ckpt": str(Path(callback.last_model_path).resolve())
-        if callback and callback.last_model_path
-        else None,
+        "last_ckpt": str(last.resolve()) if last.is_file() else None,
         "selection_metric": cfg.model.selection_metric,
         "best_val_score": float(callback.best_model_score)
         if callback and callback.best_model_score is not None
