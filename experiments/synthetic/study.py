@@ -36,6 +36,7 @@ from kalm_lightning.tasks.evaluate import run_evaluation
 from kalm_lightning.tasks.train import evaluation_config, train_stage
 
 HERE = Path(__file__).resolve().parent
+DISCUSSION = HERE / "discussion.md"  # the reading of the results, included in RESULTS.md
 SOURCE_INPUT = ("data.image_size=${data.source_size}",)
 FINER_MAP = ("backbone.output_stride=16",)
 QUICK = (
@@ -292,6 +293,36 @@ def verdict(summary: list[dict], name: str, against: str) -> str:
     )
 
 
+def goal(summary: list[dict]) -> str:
+    """The study's goal: hit rate >= 90%, IoU >= 0.3, and a fused score beating the global CNN at
+    the input size and both controls by more than the spreads."""
+    met = []
+    for s in summary:
+        if s["score"] != "kalm" or s["row"].startswith("control") or s["hit_rate"] is None:
+            continue
+        beats = all(
+            verdict(summary, s["row"], other).startswith("beats")
+            for other in (
+                ROWS[0].name,
+                "control: whole image to CNN_l",
+                "control: fixed centre box",
+            )
+        )
+        if s["hit_rate"] >= 0.9 and s["mean_iou"] >= 0.3 and beats:
+            met.append(s["row"])
+    best_hit = max(
+        (s for s in summary if s["hit_rate"] is not None and not s["row"].startswith("control")),
+        key=lambda s: s["hit_rate"],
+    )
+    return (
+        "**Goal** (box holds the lesion centre in >= 90% of lesioned images, mean IoU >= 0.3, fused "
+        "score beating the global CNN at input size and both controls by more than the spreads): "
+        + (f"met by {', '.join(met)}." if met else "met by no row.")
+        + f" Highest hit rate outside the controls: {best_hit['row']}, {best_hit['hit_rate']:.1%} "
+        f"(IoU {best_hit['mean_iou']:.3f})."
+    )
+
+
 def plot(summary: list[dict], out: Path) -> None:
     names = [s["row"] for s in summary]
     figure, axis = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2), dpi=110)
@@ -428,6 +459,9 @@ def write_results(study: Study, table: dict[str, list[dict]], command: str, wall
             )
             + "."
         )
+    lines += ["", goal(summary)]
+    if DISCUSSION.is_file():
+        lines += ["", "## Why (written after reading the runs)", "", DISCUSSION.read_text().strip()]
     lines += [
         "",
         "![AUROC per row](auroc.png)",
