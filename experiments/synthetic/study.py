@@ -36,7 +36,7 @@ from kalm_lightning.tasks.evaluate import run_evaluation
 from kalm_lightning.tasks.train import evaluation_config, train_stage
 
 HERE = Path(__file__).resolve().parent
-DISCUSSION = HERE / "discussion.md"  # the reading of the results, included in RESULTS.md
+DISCUSSION = "discussion.md"  # beside RESULTS.md: the reading of the results, included in it
 SOURCE_INPUT = ("data.image_size=${data.source_size}",)
 FINER_MAP = ("backbone.output_stride=16",)
 QUICK = (
@@ -460,8 +460,9 @@ def write_results(study: Study, table: dict[str, list[dict]], command: str, wall
             + "."
         )
     lines += ["", goal(summary)]
-    if DISCUSSION.is_file():
-        lines += ["", "## Why (written after reading the runs)", "", DISCUSSION.read_text().strip()]
+    if (study.out / DISCUSSION).is_file():
+        notes = (study.out / DISCUSSION).read_text().strip()
+        lines += ["", "## Why (written after reading the runs)", "", notes]
     lines += [
         "",
         "![AUROC per row](auroc.png)",
