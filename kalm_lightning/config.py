@@ -85,6 +85,13 @@ def claim_dir(parent: Path, name: str) -> Path:
     raise RuntimeError(f"no free run directory named {name}* under {parent}")
 
 
+def sweep_group(fallback: str) -> str:
+    """The sweep directory's name (multirun/<timestamp>) for a multirun job, else fallback."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"sweep-{Path(HydraConfig.get().sweep.dir).name}"
+    return fallback
+
+
 def register_resolvers() -> None:
     """Resolvers the configs use; safe to call more than once."""
     if not OmegaConf.has_resolver("kalm_run_dir"):
@@ -96,6 +103,9 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("kalm_first"):
         # The first value that is set: predict's output=DIR, else its timestamped default.
         OmegaConf.register_new_resolver("kalm_first", lambda *values: next(v for v in values if v))
+    if not OmegaConf.has_resolver("kalm_group"):
+        # A W&B group: the sweep's name in a multirun (its jobs side by side), else the fallback.
+        OmegaConf.register_new_resolver("kalm_group", sweep_group)
     if not OmegaConf.has_resolver("kalm_job_dir"):
         # A multirun job's directory: its swept overrides, or job<N> when a sweep varies nothing.
         OmegaConf.register_new_resolver("kalm_job_dir", lambda name, num: name or f"job{num}")

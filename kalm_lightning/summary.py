@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
+import wandb
 from omegaconf import OmegaConf
 
 from kalm_lightning.errors import UserError
@@ -95,3 +97,19 @@ def summarize(folder: Path) -> pd.DataFrame:
     )
     (folder / "summary.md").write_text(header + to_markdown(table))
     return table
+
+
+def log_to_wandb(table: pd.DataFrame, folder: Path, project: str) -> None:
+    """The summary as one W&B table, in the run group the sweep's jobs logged under
+    (offline unless WANDB_MODE says otherwise; `wandb sync` uploads it)."""
+    group = f"sweep-{folder.resolve().name}"
+    run = wandb.init(
+        project=project,
+        group=group,
+        name=f"{group}-summary",
+        dir=str(folder),
+        mode=os.environ.get("WANDB_MODE", "offline"),
+        job_type="summary",
+    )
+    run.log({"sweep_summary": wandb.Table(dataframe=table)})
+    run.finish()

@@ -106,9 +106,11 @@ def test_multirun_over_two_backbones(tmp_path: Path) -> None:
         assert (job / "checkpoints/last.ckpt").is_file() and (job / "result.json").is_file()
         assert json.loads((job / "result.json").read_text())["backbone"] == job.name.split("=")[1]
     sweep = next((tmp_path / "outputs/synthetic/multirun").iterdir())
-    check(run_cli("summarize", [str(sweep)], tmp_path))
+    check(run_cli("summarize", [str(sweep), "--wandb"], tmp_path))
     summary = pd.read_csv(sweep / "summary.csv")
     assert sorted(summary["job"]) == ["backbone=resnet18", "backbone=vgg16"]
+    record = next(sweep.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()
+    assert b"sweep_summary" in record and f"sweep-{sweep.name}".encode() in record
     assert summary["best_val"].is_monotonic_decreasing
     assert summary["overrides"].str.contains("backbone=").all()
     assert "| backbone=vgg16 |" in (sweep / "summary.md").read_text()
