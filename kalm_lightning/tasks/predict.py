@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from kalm_lightning.data.dataset import MURADataset
+from kalm_lightning.data.dicom import DICOM_SUFFIXES
 from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.data.index import BODY_PARTS, MURA_DIR, read_mura_index
 from kalm_lightning.errors import UserError, check_choice, check_number
@@ -28,7 +29,7 @@ from kalm_lightning.models.backbone import backbone_normalization
 from kalm_lightning.stages import load_stage
 from kalm_lightning.studies import SCORES, abnormal, prob_column, study_table, write_submission
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", "")  # "": DICOM often has no suffix
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)  # what a header-less CSV lists
 OUTPUTS = (
     "predictions_images.csv",
     "predictions_studies.csv",
@@ -59,7 +60,7 @@ def _from_csv(path: Path) -> pd.DataFrame:
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "path" not in table.columns:
         first = str(table.columns[0])
-        if len(table.columns) != 1 or Path(first).suffix.lower() not in IMAGE_SUFFIXES[:-1]:
+        if len(table.columns) != 1 or Path(first).suffix.lower() not in IMAGE_SUFFIXES:
             raise UserError(
                 f"images={path}: a CSV needs a `path` column (or MURA's header-less image list)"
             )
