@@ -8,10 +8,14 @@ else (a function to call, a class to build) is refused before any of it runs.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from kalm_lightning.errors import UserError
 
@@ -38,3 +42,17 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
     if not isinstance(checkpoint, dict):
         raise UserError(f"checkpoint {path} is not a Lightning checkpoint (no dict inside)")
     return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic: each file is written to a temporary name
+    beside it and renamed over the old one, so whatever kills the process (SIGKILL, a full disk)
+    leaves either the previous checkpoint or the new one, never half a file."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)

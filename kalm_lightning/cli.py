@@ -14,10 +14,12 @@ from omegaconf.errors import MissingMandatoryValue
 
 from kalm_lightning.config import config_dir, prepare_argv, register_resolvers
 from kalm_lightning.errors import UserError
+from kalm_lightning.preemption import Preempted
 
 
 def one_line_errors(program: str) -> Callable:
-    """Wrap a task so that UserError and missing settings end it with one line and exit code 2."""
+    """Wrap a task so that UserError and missing settings end it with one line and exit code 2,
+    and a preempted run with one line and 128 + the signal's number."""
 
     def wrap(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         @functools.wraps(task)
@@ -33,6 +35,9 @@ def one_line_errors(program: str) -> Callable:
                 message = str(error.__cause__)
             except MissingMandatoryValue as error:
                 message = f"setting {error.full_key} is required: pass {error.full_key}=..."
+            except Preempted as stop:  # not an error: the state is saved, the run continues later
+                print(f"{program}: {stop}", file=sys.stderr)
+                raise SystemExit(stop.exit_code) from None
             print(f"{program}: {message}", file=sys.stderr)
             raise SystemExit(2)
 

@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from rich.console import Console
 from rich.syntax import Syntax
 
+from kalm_lightning.preemption import resumes_last
+
 GROUPS = (
     "backbone",
     "stage",
@@ -62,8 +64,9 @@ def check_group_overrides(argv: list[str]) -> str | None:
 
 
 def newest_run_dir(parent: Path, ckpt_path: str | None) -> Path:
-    """A new timestamped run directory, or with ckpt_path=last the newest one holding last.ckpt."""
-    if ckpt_path == "last":
+    """A new timestamped run directory, or with ckpt_path=last (and in a requeued SLURM job) the
+    newest one holding last.ckpt."""
+    if resumes_last(ckpt_path):
         lasts = [(p.stat().st_mtime, p) for p in parent.glob("*/**/checkpoints/last.ckpt")]
         if lasts:
             newest = max(lasts)[1]

@@ -3,11 +3,25 @@ that raise it for settings."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+
+# How torch re-raises an exception from a DataLoader worker: the class rebuilt around a message
+# made of this header, the worker's traceback, and last the original "module.Class: message".
+WORKER_RERAISE = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
 
 
 class UserError(Exception):
-    """Bad input or settings: the message names the file or setting and how to fix it."""
+    """Bad input or settings: the message names the file or setting and how to fix it.
+
+    Raised in a DataLoader worker (a corrupt image), it reaches the main process rebuilt by torch
+    with the worker's traceback as its message; the constructor keeps only the original line."""
+
+    def __init__(self, message: str = "") -> None:
+        if WORKER_RERAISE.match(message):
+            original = message.rstrip().splitlines()[-1]
+            message = original.split(": ", 1)[-1]
+        super().__init__(message)
 
 
 def check_choice(setting: str, value: object, choices: Iterable[object]) -> None:

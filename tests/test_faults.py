@@ -1,16 +1,26 @@
-"""Faults through the real command line: files that are not what they claim must not run code."""
+"""Faults through the real command line: files that are not what they claim must not run code,
+runs that are stopped (a signal, SIGKILL, a SLURM requeue) go on to the same end."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_RUN, check, run_cli
+from conftest import TINY, TINY_RUN, check, run_cli
 
 from kalm_lightning.config import compose_config, newest_run_dir
+from kalm_lightning.data.synthetic import generate_synthetic_mura
 from kalm_lightning.errors import UserError
 from kalm_lightning.tasks.train import find_stage1_checkpoint
 
@@ -86,20 +96,223 @@ def final_state(work: Path) -> tuple[dict, pd.DataFrame]:
     run = next((work / "outputs/synthetic/resnet18/stage1").iterdir())
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     logs = pd.concat(pd.read_csv(f) for f in sorted(run.glob("csv/version_*/metrics.csv")))
-    return state, logs.dropna(subset=["val/image_acc"]).set_index("epoch")
+    return state, logs.dropna(subset=["val/image_acc"]).set_index("epoch")["val/image_acc"]
 
 
-def test_resuming_after_an_interruption_ends_as_the_uninterrupted_run(tmp_path: Path) -> None:
-    """Stopped after epoch 1 and resumed with ckpt_path=last (as after SIGKILL): the same weights
-    and the same logged figures, bit for bit, as the run that was never stopped."""
-    base = [a for a in TINY_RUN if not a.startswith("trainer.max_epochs")]
-    base += ["stage=1", "data.augment.rotate_degrees=10", "data.augment.hflip=0.5"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    straight.mkdir(), resumed.mkdir()
-    check(run_cli("train", [*base, "trainer.max_epochs=2"], straight))
-    check(run_cli("train", [*base, "trainer.max_epochs=1"], resumed))
-    check(run_cli("train", [*base, "trainer.max_epochs=2", "ckpt_path=last"], resumed))
-    (a, a_logs), (b, b_logs) = final_state(straight), final_state(resumed)
+# Two epochs of eight batches, with augmentation: where a run stops matters.
+RESUMABLE = [
+    *(a for a in TINY_RUN if not a.startswith(("trainer.max_epochs", "trainer.limit_train"))),
+    "stage=1",
+    "trainer.max_epochs=2",
+    "data.augment.rotate_degrees=10",
+    "data.augment.hflip=0.5",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, pd.Series]:
+    work = tmp_path_factory.mktemp("straight")
+    check(run_cli("train", RESUMABLE, work))
+    return final_state(work)
+
+
+def interrupt_in_epoch_1(work: Path, signum: int, env: dict | None = None) -> str:
+    """Start the run, send signum as soon as epoch 0's checkpoint exists (early in epoch 1)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kalm_lightning.train", *RESUMABLE],
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+    )
+    deadline = time.monotonic() + 300
+    while not list(work.glob("outputs/*/*/stage1/*/checkpoints/last.ckpt")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.01)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == (-signum if signum == signal.SIGKILL else 128 + signum), stderr
+    return stderr.strip().splitlines()[-1] if stderr.strip() else ""
+
+
+def assert_same_run(resumed: tuple[dict, pd.Series], straight: tuple[dict, pd.Series]) -> None:
+    (a, a_logs), (b, b_logs) = straight, resumed
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert a_logs.loc[1, "val/image_acc"] == b_logs.loc[1, "val/image_acc"]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert a_logs.to_dict() == b_logs.to_dict() and len(a_logs) == 2
+
+
+def test_sigterm_mid_epoch_saves_and_resume_ends_as_the_uninterrupted_run(
+    tmp_path: Path, uninterrupted: tuple[dict, pd.Series]
+) -> None:
+    """Preemption's warning in the middle of epoch 1 (the last): a checkpoint at the batch
+    boundary, one line, exit 143; ckpt_path=last then ends with the same weights and the same
+    logged figures, bit for bit. (SIGUSR1 takes the same path: the SLURM test below.)"""
+    line = interrupt_in_epoch_1(tmp_path, signal.SIGTERM)
+    assert re.fullmatch(
+        r"kalm-train: stopped by SIGTERM in epoch 1 after batch [1-7] of 8; saved \S+/checkpoints/"
+        r"last\.ckpt; continue with ckpt_path=last",
+        line,
+    ), line
+    assert not list(tmp_path.rglob("*.partial"))
+    check(run_cli("train", [*RESUMABLE, "ckpt_path=last"], tmp_path))
+    assert_same_run(final_state(tmp_path), uninterrupted)
+
+
+def test_sigkill_mid_epoch_then_resume_ends_as_the_uninterrupted_run(
+    tmp_path: Path, uninterrupted: tuple[dict, pd.Series]
+) -> None:
+    """No warning at all: the run resumes from the last epoch's end and still ends the same."""
+    interrupt_in_epoch_1(tmp_path, signal.SIGKILL)
+    check(run_cli("train", [*RESUMABLE, "ckpt_path=last"], tmp_path))
+    assert_same_run(final_state(tmp_path), uninterrupted)
+
+
+def test_slurm_requeues_on_sigusr1_and_the_requeued_job_continues_the_run(
+    tmp_path: Path, uninterrupted: tuple[dict, pd.Series]
+) -> None:
+    """Inside a SLURM batch job, SIGUSR1 also runs `scontrol requeue <job>` (here a stand-in
+    that records its arguments); the requeued job (SLURM_RESTART_COUNT=1) is the same command
+    with no ckpt_path, and it continues the interrupted run to the same end."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol_args"}\n')
+    scontrol.chmod(0o755)
+    slurm = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "kalm",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    work = tmp_path / "work"
+    work.mkdir()
+    line = interrupt_in_epoch_1(work, signal.SIGUSR1, slurm)
+    assert re.fullmatch(
+        r"kalm-train: stopped by SIGUSR1 in epoch 1 after batch [1-7] of 8; saved \S+/checkpoints/"
+        r"last\.ckpt; SLURM job 4242 requeued; continue with ckpt_path=last",
+        line,
+    ), line
+    assert (tmp_path / "scontrol_args").read_text().split() == ["requeue", "4242"]
+    requeued = {**os.environ, **slurm, "SLURM_RESTART_COUNT": "1", "PYTHONWARNINGS": "ignore"}
+    check(
+        subprocess.run(
+            [sys.executable, "-m", "kalm_lightning.train", *RESUMABLE],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            env=requeued,
+            timeout=600,
+        )
+    )
+    assert len(list((work / "outputs/synthetic/resnet18/stage1").iterdir())) == 1
+    assert_same_run(final_state(work), uninterrupted)
+
+
+@pytest.fixture(scope="module")
+def mura_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tree")
+    generate_synthetic_mura(root, TINY, workers=1)
+    return root
+
+
+def replace_line(csv_path: Path, row: int, text: str) -> str:
+    """Rewrite one row of a header-less MURA CSV (kept with its \\r\\n endings); returns the old row."""
+    lines = csv_path.read_bytes().decode().splitlines(keepends=True)
+    old = lines[row].rstrip("\r\n")
+    lines[row] = text + lines[row][len(old) :]
+    csv_path.write_bytes("".join(lines).encode())
+    return old
+
+
+def valid_image(root: Path, row: int = 0) -> Path:
+    csv_path = root / "MURA-v1.1/valid_image_paths.csv"
+    return root / csv_path.read_text().splitlines()[row].strip()
+
+
+def oversized(path: Path) -> None:
+    """Keep the PNG, but make its header claim 20000 x 20000 pixels (CRC fixed, so PIL believes it)."""
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", 20000, 20000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def break_tree(root: Path, case: str) -> str:
+    """Damage a copy of the tree as the case says; returns the file the message must name."""
+    mura = root / "MURA-v1.1"
+    if case == "label-contradiction":
+        studies = mura / "train_labeled_studies.csv"
+        rows = studies.read_text().splitlines()
+        row = next(i for i, r in enumerate(rows) if "_positive/," in r)
+        replace_line(studies, row, rows[row].rsplit(",", 1)[0] + ",0")
+        return f"{studies} row {row + 1}: label contradicts the study folder name"
+    if case == "missing-image":
+        image = valid_image(root)
+        image.unlink()
+        return f"1 image(s) listed in {mura / 'valid_image_paths.csv'} are missing on disk"
+    if case == "escaping-path":
+        replace_line(mura / "valid_image_paths.csv", 2, "MURA-v1.1/valid/../../../etc/passwd")
+        return f"{mura / 'valid_image_paths.csv'} row 3: path escapes the dataset root"
+    image = valid_image(root, 1)
+    if case == "corrupt-image":
+        image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    elif case == "truncated-image":
+        image.write_bytes(image.read_bytes()[:200])
+    elif case == "empty-image":
+        image.write_bytes(b"")
+    elif case == "oversized-image":
+        oversized(image)
+    return str(image)
+
+
+BAD_DATA = {  # case: what the one line says after naming the file
+    "label-contradiction": "",
+    "missing-image": ": MURA-v1.1/valid/",
+    "escaping-path": ": 'MURA-v1.1/valid/../../../etc/passwd'",
+    "corrupt-image": ": cannot decode image",
+    "truncated-image": ": cannot decode image",
+    "empty-image": ": cannot decode image",
+    "oversized-image": ": more than twice PIL's limit of 89478485 pixels, refused as a possible "
+    "decompression bomb; downscale the image or raise PIL.Image.MAX_IMAGE_PIXELS",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_through_the_command_line_gives_one_line(
+    tmp_path: Path, mura_tree: Path, case: str
+) -> None:
+    """Each damaged tree: one line naming the file and the fix, exit 2, no traceback, nothing
+    written as a finished run. Images are read by DataLoader workers, as in real runs."""
+    root = tmp_path / "mura"
+    shutil.copytree(mura_tree, root)
+    named = break_tree(root, case)
+    args = ["stage=1", "data=mura", f"data.root={root}", "data.num_workers=2", *TINY_RUN[:3]]
+    args += ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "~callbacks.progress_bar"]
+    result = run_cli("train", args, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"kalm-train: {named}{BAD_DATA[case]}"), line
+    assert not list(tmp_path.rglob("result.json"))
+
+
+def test_bad_data_can_be_skipped_and_is_listed(tmp_path: Path, mura_tree: Path) -> None:
+    """data.on_missing=skip and data.on_bad_image=skip: the run finishes; the missing image is
+    named in the log and the corrupt one listed in the run's skipped_images.csv."""
+    root = tmp_path / "mura"
+    shutil.copytree(mura_tree, root)
+    break_tree(root, "missing-image")
+    corrupt = break_tree(root, "corrupt-image")
+    args = ["stage=1", "data=mura", f"data.root={root}", "data.num_workers=2", *TINY_RUN[:3]]
+    args += ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "~callbacks.progress_bar"]
+    args += ["data.on_missing=skip", "data.on_bad_image=skip"]
+    result = check(run_cli("train", args, tmp_path))
+    assert "1 image(s) listed in" in result.stdout + result.stderr
+    skipped = pd.read_csv(next(tmp_path.rglob("skipped_images.csv")))
+    assert skipped["path"].tolist() == [corrupt]
+    assert len(list(tmp_path.rglob("result.json"))) == 1

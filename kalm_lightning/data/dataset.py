@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +136,23 @@ class MURADataset(Dataset):
 class EpochSampler(DistributedSampler):
     """DistributedSampler's shuffle (seeded by seed + epoch, sharded by rank) yielding
     (index, epoch): the order and the augmentation of every epoch follow from the seed alone, so
-    a run resumed from an end-of-epoch checkpoint goes on exactly as the uninterrupted run."""
+    a resumed run goes on exactly as the uninterrupted run.
+
+    `resume_at(epoch, skip)`: in that epoch, leave out the first `skip` indices of this rank's
+    shard (the batches a run interrupted mid-epoch had already trained on). The length stays the
+    whole epoch's, which is what Lightning counts batches against."""
+
+    resume_epoch: int | None = None
+    resume_skip: int = 0
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        self.resume_epoch, self.resume_skip = epoch, skip
 
     def __iter__(self):
-        return ((i, self.epoch) for i in super().__iter__())
+        indices = super().__iter__()
+        if self.epoch == self.resume_epoch:
+            indices = islice(indices, self.resume_skip, None)
+        return ((i, self.epoch) for i in indices)
 
 
 def collate_skipping_bad(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:

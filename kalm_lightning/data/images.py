@@ -56,8 +56,11 @@ def load_grayscale(path: str | Path) -> np.ndarray:
             pixels = to_grayscale(image)
     except BadImageError:
         raise
-    except Image.DecompressionBombError as error:
-        raise BadImageError(f"{path}: refused as too large ({error})") from error
+    except Image.DecompressionBombError as error:  # PIL refuses these before reading the size out
+        raise BadImageError(
+            f"{path}: more than twice PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels, refused as a "
+            "possible decompression bomb; downscale the image or raise PIL.Image.MAX_IMAGE_PIXELS"
+        ) from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise BadImageError(f"{path}: cannot decode image ({error})") from error
     if pixels.size == 0:

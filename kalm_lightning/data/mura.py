@@ -112,6 +112,7 @@ class MURADataModule(pl.LightningDataModule):
         self.indexes: dict[str, pd.DataFrame] = {}
         self.datasets: dict[str, MURADataset] = {}
         self.caches: dict[str, ImageCache] = {}
+        self.resume_position: tuple[int, int] | None = None
 
     def _split_indexes(self) -> dict[str, pd.DataFrame]:
         if not self.indexes:
@@ -185,6 +186,9 @@ class MURADataModule(pl.LightningDataModule):
         sampler = None
         if shuffle:  # also on one process: the epoch's order and augmentation follow from the seed
             sampler = EpochSampler(dataset, world_size, rank, shuffle=True, seed=self.seed)
+            if self.resume_position is not None:
+                epoch, batches = self.resume_position
+                sampler.resume_at(epoch, batches * self.batch_size)
         elif world_size > 1:
             # Lightning's default sampler pads shards, counting images twice; this one does not.
             sampler = UnrepeatedDistributedSampler(dataset, world_size, rank, shuffle=False)
@@ -199,6 +203,19 @@ class MURADataModule(pl.LightningDataModule):
             collate_fn=collate_skipping_bad,
             drop_last=False,
         )
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the train loader stands, saved in every checkpoint: the epoch and how many of its
+        batches were trained on (all of them at an epoch's end, fewer when preempted mid-epoch)."""
+        if self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """A resumed run's train loader skips the batches its checkpoint had trained on."""
+        if "epoch" in state_dict:
+            self.resume_position = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -28,6 +28,7 @@ from kalm_lightning.config import (
 from kalm_lightning.errors import UserError
 from kalm_lightning.loggers import finish_wandb
 from kalm_lightning.models.backbone import backbone_normalization
+from kalm_lightning.preemption import resumes_last
 from kalm_lightning.summary import RESULT_FILE
 from kalm_lightning.tasks.evaluate import run_evaluation
 
@@ -67,16 +68,17 @@ def find_stage1_checkpoint(cfg: DictConfig) -> str:
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """ckpt_path: null, last (this run directory's last.ckpt), or a path; checked safe to load."""
-    if cfg.ckpt_path in (None, ""):
-        return None
-    if cfg.ckpt_path == "last":
+    """ckpt_path: null, last (this run directory's last.ckpt, also what a requeued SLURM job
+    continues from), or a path; checked safe to load."""
+    if resumes_last(cfg.ckpt_path):
         last = run_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
             log.info("Resuming from %s", last)
             read_checkpoint(str(last), mmap=True)
             return str(last)
         log.warning("ckpt_path=last: no %s yet, starting this stage from scratch", last)
+        return None
+    if cfg.ckpt_path in (None, ""):
         return None
     if not Path(cfg.ckpt_path).is_file():
         raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist")
