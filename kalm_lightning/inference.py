@@ -10,6 +10,7 @@ from rich.progress import track
 from torch.utils.data import DataLoader
 
 from kalm_lightning.data.dataset import MURADataset, collate_skipping_bad
+from kalm_lightning.data.transfer import model_input
 from kalm_lightning.errors import UserError
 from kalm_lightning.geometry import PIXEL_BOX, box_to_pixels, to_original_pixels
 from kalm_lightning.stages.base import StageModule
@@ -39,12 +40,14 @@ def predict_images(
     module.to(device).eval()
     autocast = "bf16" in precision and device.type == "cuda"
     parts: dict[str, list[torch.Tensor]] = {}
+    norm = loader.dataset.mean.flatten(), loader.dataset.std.flatten()
     batches = track(loader, description="scoring", transient=True) if progress else loader
     for batch in batches:
         if batch is None:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            outputs = module.score(module.prepare_images(batch["image"].to(device)))
+            images = model_input({"image": batch["image"].to(device)}, *norm)["image"]
+            outputs = module.score(module.prepare_images(images))
         outputs["image_id"] = batch["image_id"]
         for key, value in outputs.items():
             parts.setdefault(key, []).append(value.float().cpu() if key != "image_id" else value)

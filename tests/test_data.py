@@ -16,8 +16,15 @@ from PIL import Image
 
 from kalm_lightning.data.cache import ImageCache
 from kalm_lightning.data.images import BadImageError, load_grayscale, resize_square
-from kalm_lightning.data.mura import BODY_PARTS, MURADataModule, MURADataset, read_mura_index
+from kalm_lightning.data.mura import (
+    BODY_PARTS,
+    MURADataModule,
+    MURADataset,
+    collate_skipping_bad,
+    read_mura_index,
+)
 from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura, main
+from kalm_lightning.data.transfer import model_input
 from kalm_lightning.errors import UserError
 
 
@@ -226,7 +233,9 @@ def test_datamodule_batch_has_documented_keys_shapes_dtypes(mura_root: Path) -> 
         str(mura_root), image_size=32, source_size=64, batch_size=4, num_workers=0
     )
     datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
+    sent = next(iter(datamodule.train_dataloader()))  # what crosses from the workers: uint8 grey
+    assert sent["image"].shape == (4, 1, 64, 64) and sent["image"].dtype == torch.uint8
+    batch = datamodule.on_after_batch_transfer(sent, 0)  # what the training step sees
     assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.float32
     assert batch["label"].dtype == torch.int64 and set(batch["label"].tolist()) <= {0, 1}
     assert batch["image_id"].dtype == torch.int64 and batch["study_id"].dtype == torch.int64
@@ -234,6 +243,24 @@ def test_datamodule_batch_has_documented_keys_shapes_dtypes(mura_root: Path) -> 
     # normalised: the background of a radiograph sits well below zero after ImageNet normalisation
     assert batch["image"].min() < -1.0
     assert len(datamodule.dataset("val")) == len(read_mura_index(mura_root, "valid"))
+
+
+@pytest.mark.parametrize("augment", [{}, {"hflip": 0.5, "rotate_degrees": 10}])
+def test_device_transforms_give_the_documented_dataset_output(mura_root: Path, augment) -> None:
+    """uint8 pixels + the drawn augmentation, finished batched by model_input, equal MURADataset's
+    documented output made image by image in the workers (same seed, epoch and images)."""
+    index = read_mura_index(mura_root, "train").head(12)
+    kwargs = {"source_size": 64, "train": True, "augment": augment, "seed": 7}
+    documented, pixels = MURADataset(index, **kwargs), MURADataset(index, **kwargs, pixels=True)
+    keys = [(i, 3) for i in range(len(index))]
+    expected = collate_skipping_bad([documented[k] for k in keys])
+    sent = collate_skipping_bad([pixels[k] for k in keys])
+    assert sent["image"].dtype == torch.uint8
+    assert set(sent) - set(expected) == ({"hflip", "angle"} if augment else set())
+    got = model_input(sent, documented.mean.flatten(), documented.std.flatten())
+    assert got["image"].shape == expected["image"].shape
+    assert torch.allclose(got["image"], expected["image"], atol=1e-4)
+    assert torch.equal(got["label"], expected["label"])
 
 
 def test_patient_disjoint_holdout(mura_root: Path) -> None:

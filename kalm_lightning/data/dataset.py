@@ -42,7 +42,11 @@ def record_skip(log_file: Path | None, path: str, reason: str) -> None:
 
 
 class MURADataset(Dataset):
-    """Radiographs as normalised [3, source_size, source_size] tensors with their ids and labels."""
+    """Radiographs as normalised [3, source_size, source_size] tensors with their ids and labels.
+
+    pixels=True (what MURADataModule uses): `image` is the uint8 [1, source_size, source_size]
+    greyscale instead, with the augmentation drawn for it (`hflip`, `angle`) beside it;
+    `data.transfer.model_input` turns a batch of these into the documented output on the device."""
 
     def __init__(
         self,
@@ -57,6 +61,7 @@ class MURADataset(Dataset):
         on_bad_image: str = "error",
         skipped_log: str | Path | None = None,
         seed: int = 0,
+        pixels: bool = False,
     ) -> None:
         check_choice("data.on_bad_image", on_bad_image, ON_PROBLEM)
         check_choice("data.resize", resize, RESIZE_MODES)
@@ -72,7 +77,7 @@ class MURADataset(Dataset):
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.cache, self.on_bad_image = cache, on_bad_image
         self.skipped_log = Path(skipped_log) if skipped_log else None
-        self.seed = seed
+        self.seed, self.pixels = seed, pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -103,34 +108,37 @@ class MURADataset(Dataset):
         if pixels is None:
             record_skip(self.skipped_log, self.paths[i], reason)
             return None
-        image = pixels.unsqueeze(0).float().div_(255.0)
-        if self.augment:
-            image = self._augmented(image, self._generator(i, epoch))
-        image = (image.expand(3, -1, -1) - self.mean) / self.std
-        return {
-            "image": image,
+        item = {
             "label": int(self.labels[i]),
             "image_id": i,
             "study_id": int(self.study_codes[i]),
             "body_part": self.body_parts[i],
         }
+        drawn = self._draw(self._generator(i, epoch)) if self.augment else {}
+        if self.pixels:  # augmented and normalised later, batched on the device
+            return {"image": pixels.unsqueeze(0), **item, **drawn}
+        image = pixels.unsqueeze(0).float().div_(255.0)
+        if drawn.get("hflip"):
+            image = TF.horizontal_flip(image)
+        if "angle" in drawn:
+            image = TF.rotate(image, drawn["angle"], interpolation=TF.InterpolationMode.BILINEAR)
+        return {"image": (image.expand(3, -1, -1) - self.mean) / self.std, **item}
 
     def _generator(self, i: int, epoch: int | None) -> torch.Generator | None:
         if epoch is None:
             return None  # the process's own random state (a DataLoader without EpochSampler)
         return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
 
-    def _augmented(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        if (
-            self.augment.get("hflip", 0)
-            and torch.rand((), generator=generator) < self.augment["hflip"]
-        ):
-            image = TF.horizontal_flip(image)
+    def _draw(self, generator: torch.Generator | None) -> dict[str, bool | float]:
+        """This image's augmentation: a horizontal flip (data.augment.hflip = its probability)
+        and a rotation angle in degrees (uniform within +-data.augment.rotate_degrees)."""
+        drawn: dict[str, bool | float] = {}
+        if self.augment.get("hflip", 0):
+            drawn["hflip"] = bool(torch.rand((), generator=generator) < self.augment["hflip"])
         degrees = self.augment.get("rotate_degrees", 0)
         if degrees:
-            angle = float(torch.empty(()).uniform_(-degrees, degrees, generator=generator))
-            image = TF.rotate(image, angle, interpolation=TF.InterpolationMode.BILINEAR)
-        return image
+            drawn["angle"] = float(torch.empty(()).uniform_(-degrees, degrees, generator=generator))
+        return drawn
 
 
 class EpochSampler(DistributedSampler):

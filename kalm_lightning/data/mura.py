@@ -31,6 +31,7 @@ from kalm_lightning.data.index import (
     read_mura_index,
 )
 from kalm_lightning.data.synthetic import ensure_synthetic_mura
+from kalm_lightning.data.transfer import model_input
 from kalm_lightning.errors import UserError, check_choice, check_number
 from kalm_lightning.geometry import RESIZE_MODES
 
@@ -72,6 +73,7 @@ class MURADataModule(pl.LightningDataModule):
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         run_dir: str | None = None,
         seed: int = 0,
+        device_transforms: bool = True,
     ) -> None:
         super().__init__()
         check_choice("data.resize", resize, RESIZE_MODES)
@@ -108,6 +110,7 @@ class MURADataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".kalm_cache"
         self.synthetic = dict(synthetic) if synthetic else None
         self.mean, self.std, self.seed = tuple(mean), tuple(std), seed
+        self.device_transforms = device_transforms
         self.skipped_log = Path(run_dir) / "skipped_images.csv" if run_dir else None
         self.indexes: dict[str, pd.DataFrame] = {}
         self.datasets: dict[str, MURADataset] = {}
@@ -160,6 +163,7 @@ class MURADataModule(pl.LightningDataModule):
                 on_bad_image=self.on_bad_image,
                 skipped_log=self.skipped_log,
                 seed=self.seed,
+                pixels=self.device_transforms,
             )
         return self.datasets[part]
 
@@ -203,6 +207,10 @@ class MURADataModule(pl.LightningDataModule):
             collate_fn=collate_skipping_bad,
             drop_last=False,
         )
+
+    def on_after_batch_transfer(self, batch: dict | None, dataloader_idx: int) -> dict | None:
+        """data.device_transforms: augment, normalise and expand the uint8 pixels on the device."""
+        return None if batch is None else model_input(batch, self.mean, self.std)
 
     def state_dict(self) -> dict[str, int]:
         """Where the train loader stands, saved in every checkpoint: the epoch and how many of its
