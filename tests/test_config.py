@@ -131,6 +131,11 @@ def test_missing_mura_root_exits_with_one_line(tmp_path: Path) -> None:
             ["backbone=inception_v4", "data.image_size=32", "data.source_size=64"],
             "data.image_size=32 is too small for inception_v4",
         ),
+        (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be >= 1"),
+        (
+            ["trainer.precision=bogus"],
+            "Lightning refused the trainer settings: Precision 'bogus' is invalid",
+        ),
     ],
 )
 def test_bad_settings_give_one_line_on_the_main_process(

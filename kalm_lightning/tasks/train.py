@@ -14,6 +14,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -25,7 +26,7 @@ from kalm_lightning.config import (
     print_config,
     task_overrides,
 )
-from kalm_lightning.errors import UserError
+from kalm_lightning.errors import UserError, check_number
 from kalm_lightning.loggers import finish_wandb
 from kalm_lightning.models.backbone import backbone_normalization
 from kalm_lightning.preemption import resumes_last
@@ -86,6 +87,31 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(cfg.ckpt_path)
 
 
+# Trainer settings Lightning checks late (a ZeroDivisionError mid-fit) or not at all: minimum values.
+TRAINER_MINIMUMS = {
+    "max_epochs": -1,  # -1: no limit
+    "accumulate_grad_batches": 1,
+    "log_every_n_steps": 1,
+    "check_val_every_n_epoch": 1,
+    "num_nodes": 1,
+}
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
+    """The Trainer from cfg.trainer; a setting it refuses ends the run with one line."""
+    for key, minimum in TRAINER_MINIMUMS.items():
+        if cfg.trainer.get(key) is not None:
+            check_number(f"trainer.{key}", cfg.trainer[key], minimum, integer=True)
+    if cfg.trainer.get("gradient_clip_val") is not None:
+        check_number("trainer.gradient_clip_val", cfg.trainer.gradient_clip_val, 0)
+    try:
+        return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"Lightning refused the trainer settings: {first}") from error
+
+
 def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in (group or {}).values() if c and "_target_" in c]
 
@@ -103,9 +129,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
     extra = {"global_ckpt": find_stage1_checkpoint(cfg)} if cfg.stage.number == 2 else {}
     model = hydra.utils.instantiate(cfg.model, **extra)
     loggers = instantiate_all(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False
-    )
+    trainer = build_trainer(cfg, instantiate_all(cfg.get("callbacks")), loggers)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
