@@ -30,11 +30,14 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 def model_input(
     batch: dict[str, Any], mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
 ) -> dict[str, Any]:
-    """uint8 pixels (+ the drawn augmentation) -> normalised float [B, 3, S, S] on their device."""
+    """uint8 pixels (+ the drawn augmentation) -> normalised float [B, 3, S, S] on their device.
+
+    The augmentation runs on one channel at 0-255 (black stays 0); scaling, normalising and the
+    expansion to three channels are then one fused multiply-add, (p / 255 - mean) / std."""
     pixels = batch["image"]
     if pixels.dtype != torch.uint8:
         return batch
-    images = pixels.float().div_(255.0)
+    images = pixels.float()
     if "hflip" in batch:
         flip = batch["hflip"].to(images.device).view(-1, 1, 1, 1)
         images = torch.where(flip, images.flip(-1), images)
@@ -42,4 +45,4 @@ def model_input(
         images = rotate(images, batch["angle"])
     mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    return {**batch, "image": (images - mean) / std}
+    return {**batch, "image": torch.addcmul(-mean / std, images, 1.0 / (255.0 * std))}
