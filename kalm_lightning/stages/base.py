@@ -39,12 +39,13 @@ class StageModule(pl.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         selection_metric: str = "image_accuracy",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_optimizer(optimizer)
         check_choice("model.selection_metric", selection_metric, SELECTION_METRICS)
         self.selection_metric = selection_metric
-        self.channels_last = channels_last
+        self.channels_last, self.compile_net = channels_last, compile
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_metrics = nn.ModuleDict({name: StudyMetrics() for name in self.scores})
 
@@ -56,6 +57,10 @@ class StageModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
+        if self.compile_net and not getattr(self, "_compiled", False):
+            # model.compile: torch.compile in place (nn.Module.compile), so checkpoints keep their keys.
+            self.net.compile()
+            self._compiled = True
 
     def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Abnormal probabilities per score name, plus anything else worth keeping (e.g. boxes)."""

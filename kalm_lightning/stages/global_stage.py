@@ -26,10 +26,11 @@ class GlobalStage(StageModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         selection_metric: str = "image_accuracy",
+        compile: bool = False,
         output_stride: int | None = None,
     ) -> None:
-        super().__init__(channels_last, optimizer, scheduler, selection_metric)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        super().__init__(channels_last, optimizer, scheduler, selection_metric, compile)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "compile"], logger=False)
         self.hparams["stage"] = 1
         self.image_size = image_size
         self.net = Backbone(backbone, pretrained, backbone_weights, output_stride)

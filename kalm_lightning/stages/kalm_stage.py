@@ -40,6 +40,7 @@ class KALMStage(StageModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         selection_metric: str = "image_accuracy",
+        compile: bool = False,
         aggregation: str = "sum",
         temperature: float = 10.0,
         box_init: float | None = None,
@@ -48,8 +49,10 @@ class KALMStage(StageModule):
         fixed_box: float = 0.5,
         output_stride: int | None = None,
     ) -> None:
-        super().__init__(channels_last, optimizer, scheduler, selection_metric)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "global_ckpt"], logger=False)
+        super().__init__(channels_last, optimizer, scheduler, selection_metric, compile)
+        self.save_hyperparameters(
+            ignore=["optimizer", "scheduler", "global_ckpt", "compile"], logger=False
+        )
         self.hparams["stage"] = 2
         if box_lr is not None:
             check_number("stage.box_lr", box_lr, 0, exclusive_minimum=True)
