@@ -276,7 +276,7 @@ BAD_DATA = {  # case: what the one line says after naming the file
     "escaping-path": ": 'MURA-v1.1/valid/../../../etc/passwd'",
     "corrupt-image": ": cannot decode image",
     "truncated-image": ": cannot decode image",
-    "empty-image": ": cannot decode image",
+    "empty-image": ": the file is empty (0 bytes)",
     "oversized-image": ": more than twice PIL's limit of 89478485 pixels, refused as a possible "
     "decompression bomb; downscale the image or raise PIL.Image.MAX_IMAGE_PIXELS",
 }

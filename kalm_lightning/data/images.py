@@ -35,6 +35,8 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
 def load_grayscale(path: str | Path) -> np.ndarray:
     """Read one image (PNG, JPEG, any format PIL reads, or DICOM) as uint8 [H, W]; any failure
     raises BadImageError naming the file."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise BadImageError(f"{path}: the file is empty (0 bytes)")
     if is_dicom(path):
         try:
             pixels = read_dicom(path)
