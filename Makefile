@@ -9,6 +9,8 @@ TABLE1_DIR ?= outputs/mura/table1
 # The study's best combination (experiments/synthetic/RESULTS.md) as overrides; ++ adds the
 # stage-2 keys to stage 1's config too, where they do nothing.
 BEST_VARIANT ?= ++stage.centre=cell
+# make bench BENCH_ARGS='--device cuda --precision bf16 --channels-last --batch 64'
+BENCH_ARGS ?=
 STUDY_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
@@ -53,8 +55,8 @@ table1: $(STAMP)  ## the paper's Table 1 on MURA: 3 backbones + the best variant
 		evaluate.bootstrap=1000 hydra.sweep.dir=$(TABLE1_DIR)/variant backbone=resnet18 $(BEST_VARIANT)
 	$(BIN)/python experiments/table1/aggregate.py $(TABLE1_DIR) --out experiments/table1/RESULTS.md
 
-bench: $(STAMP)  ## timings: localizer + crop share of a stage-2 step, cache vs PNG decoding
-	$(BIN)/python -m kalm_lightning.bench
+bench: $(STAMP)  ## KALM against a plain timm classifier, loader against step: table + bench.json
+	$(BIN)/python -m kalm_lightning.bench $(BENCH_ARGS)
 
 clean:  ## remove .venv, outputs, generated data and caches
 	rm -rf $(VENV) outputs multirun data build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,156 +1,385 @@
-"""Timings that matter for KALM: what the localizer and crop add to a stage-2 step, and what the
-image cache saves over PNG decoding. `python -m kalm_lightning.bench [--device cuda --bf16]`."""
+"""kalm-bench: KALM against a plain timm classifier, side by side, and the loader against the step.
+
+`python -m kalm_lightning.bench` (or `make bench`) times, after warm-up and alternating the
+contenders round by round so that machine noise hits them alike (medians over the rounds):
+
+- a plain timm classifier's training step and forward, at the CNN input size and at the source size;
+- the stage-1 and stage-2 training steps and KALM inference, through the project's own modules;
+- the localizer + crop share of the stage-2 step;
+- image loading: PNG decode + resize against the cache, and the DataModule's train loader in
+  images/s (cache at the source size, its workers) against the images/s the stage-1 step consumes;
+- peak memory of each training step, each in its own subprocess (on CUDA the allocator's peak;
+  on the CPU the growth of the process's peak resident memory over its size before the model).
+
+It prints a table and writes bench.json (every figure and the ratios named in RATIOS).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 
 from kalm_lightning.data.cache import ImageCache
 from kalm_lightning.data.images import load_grayscale, resize_square
 from kalm_lightning.data.index import read_mura_index
+from kalm_lightning.data.mura import MURADataModule
 from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura
-from kalm_lightning.models.kalm import KALMNet, crop
+from kalm_lightning.data.transfer import model_input
+from kalm_lightning.models.kalm import crop
+from kalm_lightning.stages.global_stage import GlobalStage
+from kalm_lightning.stages.kalm_stage import KALMStage
+from kalm_lightning.studies import KALM
+
+RATIOS = (
+    "stage2_over_plain_train",
+    "kalm_over_plain_infer",
+    "localize_crop_share",
+    "cache_speedup",
+    "stage2_over_plain_memory",
+    "loader_over_step_throughput",
+)
+TRAINING = ("plain_train@input", "stage2_train")  # the steps whose memory is measured
 
 
-def timed(step: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of step() over repeats, synchronising the device around each call."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+@dataclass
+class Settings:
+    backbone: str = "resnet18"
+    batch: int = 8
+    image_size: int = 224
+    source_size: int = 448
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    channels_last: bool = False
+    compile: bool = False
+    rounds: int = 9
+    warmup: int = 1
+    loader_studies: int = 160
+    loader_batch: int = 64
+    workers: int = 2
+    loader_epochs: int = 4
+    decode_images: int = 48
 
 
-def localizer_crop_share(
-    backbone: str,
-    batch: int,
-    image: int,
-    source: int,
-    device: torch.device,
-    bf16: bool,
-    channels_last: bool,
-    repeats: int,
-) -> dict:
-    """A stage-2 training step (frozen CNN_g, CE on S_l, Adam) against KALM's own part of it."""
-    net = KALMNet(backbone, image_size=image, source_size=source).to(device)
-    net.global_cnn.requires_grad_(False).eval()
-    memory = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(memory_format=memory)
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    images = torch.randn(batch, 3, source, source, device=device).contiguous(memory_format=memory)
-    labels = torch.randint(0, 2, (batch,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+def autocast(s: Settings):
+    device = torch.device(s.device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
 
-    def train_step() -> None:
-        with autocast:
-            loss = F.cross_entropy(net(images).local_logits.float(), labels)
+
+def prepared(module: torch.nn.Module, s: Settings) -> torch.nn.Module:
+    module = module.to(s.device)
+    if s.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return torch.compile(module) if s.compile else module
+
+
+def inputs(s: Settings, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(s.batch, 3, size, size, generator=generator).to(s.device)
+    if s.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, torch.randint(0, 2, (s.batch,), generator=generator).to(s.device)
+
+
+def train_step(model: Callable, images: torch.Tensor, labels: torch.Tensor, params, s: Settings):
+    """forward, cross-entropy, backward, Adam: what every training contender does per batch."""
+    optimizer = torch.optim.Adam([p for p in params if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        with autocast(s):
+            loss = F.cross_entropy(model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    with torch.no_grad(), autocast:
-        features = net.global_cnn.forward_features(F.interpolate(images, size=image))
+    return step
 
-    def kalm_step() -> None:
-        with autocast:
-            patches = crop(images, net.localizer(features), image)
+
+def infer_step(model: Callable, images: torch.Tensor, s: Settings) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad(), autocast(s):
+            model(images)
+
+    return step
+
+
+def build(s: Settings, name: str) -> Callable[[], None]:
+    """One contender's step, with its own model and inputs (so that its memory is its own)."""
+    small, labels = inputs(s, s.image_size)
+    source, _ = inputs(s, s.source_size)
+    if name.startswith("plain"):
+        plain = prepared(timm.create_model(s.backbone, pretrained=False, num_classes=2), s)
+        images = small if name.endswith("@input") else source
+        if name.startswith("plain_train"):
+            return train_step(plain, images, labels, plain.parameters(), s)
+        return infer_step(plain.eval(), images, s)
+    if name == "stage1_train":
+        stage1 = prepared(
+            GlobalStage(s.backbone, image_size=s.image_size, source_size=s.source_size), s
+        )
+        return train_step(stage1, source, labels, stage1.parameters(), s)
+    stage2 = KALMStage(s.backbone, image_size=s.image_size, source_size=s.source_size)
+    stage2 = prepared(stage2, s)
+    if name == "stage2_train":
+        model = lambda x: stage2(x).local_logits  # noqa: E731 - the loss of KALMStage.training_step
+        return train_step(model, source, labels, stage2.parameters(), s)
+    if name == "kalm_infer":
+        stage2.eval()
+        return infer_step(lambda x: stage2.score(x)[KALM], source, s)
+    with torch.no_grad(), autocast(s):
+        features = stage2.net.global_cnn.forward_features(F.interpolate(source, size=s.image_size))
+    features.requires_grad_(True)
+
+    def localize_crop() -> None:  # the part of the stage-2 step that is KALM's own
+        with autocast(s):
+            boxes = stage2.net.localizer(features, stage2.net.class_weights())
+            patches = crop(source, boxes, s.image_size)
         patches.float().sum().backward()
 
-    step, kalm = timed(train_step, device, repeats), timed(kalm_step, device, repeats)
+    return localize_crop
+
+
+CONTENDERS = (
+    "plain_train@input",
+    "plain_train@source",
+    "stage1_train",
+    "stage2_train",
+    "plain_infer@input",
+    "plain_infer@source",
+    "kalm_infer",
+    "localize_crop",
+)
+
+
+def sync(s: Settings) -> None:
+    if s.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_contenders(s: Settings) -> dict[str, float]:
+    """Median seconds per step of every contender, over rounds that alternate them."""
+    steps = {name: build(s, name) for name in CONTENDERS}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(s.warmup + s.rounds):
+        for name, step in steps.items():
+            sync(s)
+            start = time.perf_counter()
+            step()
+            sync(s)
+            if round_ >= s.warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory_mb(s: Settings, name: str) -> float:
+    """This process's peak memory for one contender's steps, over what it held before the model."""
+    cuda = s.device.startswith("cuda")
+    before = torch.cuda.memory_allocated() if cuda else resident_bytes()
+    step = build(s, name)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step()
+    sync(s)
+    if cuda:
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return (peak_resident_bytes() - before) / 2**20
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory since it started (VmHWM; unlike getrusage's
+    ru_maxrss, it does not carry over the parent's peak through fork and exec)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def memory_in_subprocesses(s: Settings) -> dict[str, float]:
+    """Each training contender's peak memory, measured in a fresh process of its own."""
+    found = {}
+    for name in TRAINING:
+        args = [
+            f"--{'' if v else 'no-'}{k.replace('_', '-')}"
+            if isinstance(v, bool)
+            else f"--{k.replace('_', '-')}={v}"
+            for k, v in asdict(s).items()
+        ]
+        done = subprocess.run(
+            [sys.executable, "-m", "kalm_lightning.bench", *args, f"--memory-of={name}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        found[name] = float(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def decode_against_cache(s: Settings, root: Path) -> dict[str, float]:
+    """Milliseconds per image to decode and resize a PNG, against reading it from the cache."""
+    paths = read_mura_index(root, "train")["path"].tolist()[: s.decode_images]
+    cache = ImageCache(root / "decode_cache", paths, s.source_size, "stretch")
+    cache.build()
+
+    def decode() -> None:
+        for path in paths:
+            resize_square(load_grayscale(path), s.source_size)
+
+    def cached() -> None:
+        for i in range(len(paths)):
+            cache.get(i)
+
+    rounds = {"decode": [], "cached": []}
+    for round_ in range(3):
+        for name, step in (("decode", decode), ("cached", cached)):
+            start = time.perf_counter()
+            step()
+            if round_:
+                rounds[name].append(time.perf_counter() - start)
+    decode_s, cached_s = (statistics.median(rounds[k]) / len(paths) for k in ("decode", "cached"))
+    return {"decode_ms": 1e3 * decode_s, "cache_ms": 1e3 * cached_s, "speedup": decode_s / cached_s}
+
+
+def loader_throughput(s: Settings, root: Path) -> dict[str, float]:
+    """Images per second out of the DataModule's train loader: cache at the source size, uint8
+    pixels, its workers; the first epoch (workers starting) is not counted."""
+    datamodule = MURADataModule(
+        str(root),
+        image_size=s.image_size,
+        source_size=s.source_size,
+        batch_size=s.loader_batch,
+        num_workers=s.workers,
+        pin_memory=s.device.startswith("cuda"),
+        cache=True,
+        cache_dir=str(root / "cache"),
+        augment={"hflip": 0.5, "rotate_degrees": 10},
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    images, seconds = 0, 0.0
+    for epoch in range(s.loader_epochs + 1):
+        loader.sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        count = 0
+        for batch in loader:
+            count += len(batch["label"])
+        if epoch:
+            images, seconds = images + count, seconds + time.perf_counter() - start
+    del loader  # its persistent workers stop here, not during the timings that follow
+    batch = {k: v.to(s.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    times = []
+    for _ in range(4):  # the first call warms up
+        sync(s)
+        start = time.perf_counter()
+        model_input(batch, datamodule.mean, datamodule.std)
+        sync(s)
+        times.append(time.perf_counter() - start)
     return {
-        "backbone": backbone,
-        "batch": batch,
-        "image_size": image,
-        "source_size": source,
-        "device": str(device),
-        "bf16": bf16,
-        "channels_last": channels_last,
-        "stage2_step_s": step,
-        "localizer_crop_s": kalm,
-        "share": kalm / step,
+        "loader_images_per_s": images / seconds,
+        "device_transforms_ms_per_image": 1e3 * statistics.median(times[1:]) / len(batch["label"]),
+        "images": len(datamodule.dataset("train")),
     }
 
 
-def cache_speedup(images: int, size: int) -> dict:
-    """Seconds per image to decode and resize a PNG, against reading it from the cache."""
+def run(s: Settings) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        studies = max(4, images // 2)
+        root = Path(folder)
         generate_synthetic_mura(
-            folder, SyntheticSettings(train_studies=studies, valid_studies=1, seed=0), workers=2
+            root,
+            SyntheticSettings(train_studies=s.loader_studies, valid_studies=2, seed=0),
+            workers=max(1, s.workers),
         )
-        paths = read_mura_index(folder, "train")["path"].tolist()[:images]
-        cache = ImageCache(Path(folder) / "cache", paths, size, "stretch")
-        cache.build()
-        decode = timed(
-            lambda: [resize_square(load_grayscale(p), size) for p in paths],
-            torch.device("cpu"),
-            3,
-            1,
-        )
-        cached = timed(lambda: [cache.get(i) for i in range(len(paths))], torch.device("cpu"), 3, 1)
-    n = len(paths)
-    return {
-        "images": n,
-        "size": size,
-        "decode_ms_per_image": 1e3 * decode / n,
-        "cache_ms_per_image": 1e3 * cached / n,
-        "speedup": decode / cached,
+        loading = {**decode_against_cache(s, root), **loader_throughput(s, root)}
+    seconds = time_contenders(s)
+    memory = memory_in_subprocesses(s)
+    step_images_per_s = s.batch / seconds["stage1_train"]
+    ratios = {
+        "stage2_over_plain_train": seconds["stage2_train"] / seconds["plain_train@input"],
+        "kalm_over_plain_infer": seconds["kalm_infer"] / seconds["plain_infer@input"],
+        "localize_crop_share": seconds["localize_crop"] / seconds["stage2_train"],
+        "cache_speedup": loading["speedup"],
+        "stage2_over_plain_memory": memory["stage2_train"] / memory["plain_train@input"],
+        "loader_over_step_throughput": loading["loader_images_per_s"] / step_images_per_s,
     }
+    return {
+        "settings": asdict(s),
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name() if s.device.startswith("cuda") else "cpu",
+        "step_s": seconds,
+        "peak_memory_mb": memory,
+        "loading": {**loading, "stage1_step_images_per_s": step_images_per_s},
+        **ratios,
+    }
+
+
+def print_table(result: dict) -> None:
+    s = result["settings"]
+    print(
+        f"{s['backbone']}, batch {s['batch']}, {s['image_size']} / {s['source_size']} px, "
+        f"{s['device']} ({result['device_name']}), {s['precision']}"
+        f"{', channels_last' if s['channels_last'] else ''}{', compiled' if s['compile'] else ''}; "
+        f"medians of {s['rounds']} alternating rounds"
+    )
+    print(f"{'contender':<22}{'ms / step':>12}{'images / s':>12}{'peak MB':>10}")
+    for name, seconds in result["step_s"].items():
+        memory = result["peak_memory_mb"].get(name)
+        print(
+            f"{name:<22}{seconds * 1e3:>12.1f}{s['batch'] / seconds:>12.1f}"
+            f"{'' if memory is None else f'{memory:.0f}':>10}"
+        )
+    loading = result["loading"]
+    print(
+        f"loading at {s['source_size']} px: decode {loading['decode_ms']:.2f} ms / image, cache "
+        f"{loading['cache_ms']:.3f} ms / image; train loader {loading['loader_images_per_s']:.0f} "
+        f"images / s (batch {s['loader_batch']}, {s['workers']} workers, {loading['images']} "
+        f"images) against {loading['stage1_step_images_per_s']:.1f} consumed by the stage-1 step"
+    )
+    for name in RATIOS:
+        print(f"{name:<30}{result[name]:>10.3f}")
+
+
+def settings_from(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for field, default in asdict(Settings()).items():
+        flag = f"--{field.replace('_', '-')}"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument("--memory-of", choices=TRAINING, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    fields = {k: getattr(args, k) for k in asdict(Settings())}
+    return Settings(**fields), args
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--source-size", type=int, default=448)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cache-images", type=int, default=64)
-    parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    results = {
-        "kalm_share": localizer_crop_share(
-            args.backbone,
-            args.batch,
-            args.image_size,
-            args.source_size,
-            torch.device(args.device),
-            args.bf16,
-            args.channels_last,
-            args.repeats,
-        ),
-        "cache": cache_speedup(args.cache_images, args.source_size),
-    }
-    share, cache = results["kalm_share"], results["cache"]
-    print(
-        f"stage-2 step ({share['backbone']}, batch {share['batch']}, {share['image_size']}/{share['source_size']}, "
-        f"{share['device']}): {share['stage2_step_s'] * 1e3:.1f} ms; localizer + crop "
-        f"{share['localizer_crop_s'] * 1e3:.2f} ms = {share['share']:.2%} of the step"
-    )
-    print(
-        f"image loading at {cache['size']} px: decode {cache['decode_ms_per_image']:.2f} ms/image, cache "
-        f"{cache['cache_ms_per_image']:.3f} ms/image ({cache['speedup']:.0f}x faster)"
-    )
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    s, args = settings_from(argv)
+    torch.manual_seed(0)
+    if args.memory_of:  # one contender in this fresh process: print its peak memory
+        print(peak_memory_mb(s, args.memory_of))
+        return
+    result = run(s)
+    print_table(result)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

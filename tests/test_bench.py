@@ -1,0 +1,41 @@
+"""The benchmark at tiny sizes: every figure it promises lands in bench.json, finite.
+
+Timings themselves belong to `make bench`, never to a test: this only checks that each contender
+runs through the real modules and that the report is complete."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from conftest import check, run_cli
+
+from kalm_lightning.bench import CONTENDERS, RATIOS, TRAINING
+
+TINY_BENCH = [
+    "--batch=2",
+    "--image-size=32",
+    "--source-size=64",
+    "--device=cpu",
+    "--rounds=1",
+    "--warmup=0",
+    "--loader-studies=4",
+    "--loader-batch=4",
+    "--workers=0",
+    "--loader-epochs=1",
+    "--decode-images=4",
+]
+
+
+def test_bench_writes_every_figure_finite(tmp_path: Path) -> None:
+    result = check(run_cli("bench", TINY_BENCH, tmp_path))
+    report = json.loads((tmp_path / "bench.json").read_text())
+    for name in RATIOS:
+        assert math.isfinite(report[name]) and report[name] > 0, name
+        assert name in result.stdout
+    assert set(report["step_s"]) == set(CONTENDERS)
+    assert set(report["peak_memory_mb"]) == set(TRAINING)
+    figures = [*report["step_s"].values(), *report["peak_memory_mb"].values()]
+    figures += [v for v in report["loading"].values() if isinstance(v, float)]
+    assert all(math.isfinite(v) and v > 0 for v in figures)
