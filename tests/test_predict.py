@@ -110,9 +110,11 @@ def test_folder_tree_with_bad_files_gets_a_row_per_file_and_a_nonzero_exit(
     assert "5 of 7 files scored" in result.stdout.replace("\n", " ")
     rows = pd.read_csv(out / "predictions_images.csv")
     assert len(rows) == 7
-    bad = rows[rows["path"].str.endswith(("corrupt.png", "empty.png"))]
-    assert bad["prob"].isna().all() and bad["error"].str.contains("cannot decode").all()
-    good = rows.drop(bad.index)
+    bad = rows.set_index(rows["path"].map(lambda p: Path(p).name)).loc[["corrupt.png", "empty.png"]]
+    assert bad["prob"].isna().all()
+    assert "cannot decode" in bad.loc["corrupt.png", "error"]
+    assert bad.loc["empty.png", "error"].endswith("empty.png: the file is empty (0 bytes)")
+    good = rows[~rows["path"].str.endswith(("corrupt.png", "empty.png"))]
     assert good["error"].isna().all() and good["prob"].between(0, 1).all()
     assert (good["box_x1"] > good["box_x0"]).all()
     studies = pd.read_csv(out / "predictions_studies.csv")
