@@ -212,22 +212,29 @@ def peak_resident_bytes() -> int:
 
 
 def memory_in_subprocesses(s: Settings) -> dict[str, float]:
-    """Each training contender's peak memory, measured in a fresh process of its own."""
-    found = {}
-    for name in TRAINING:
-        args = [
-            f"--{'' if v else 'no-'}{k.replace('_', '-')}"
-            if isinstance(v, bool)
-            else f"--{k.replace('_', '-')}={v}"
-            for k, v in asdict(s).items()
-        ]
-        done = subprocess.run(
+    """Each training contender's peak memory, measured in a fresh process of its own (the
+    processes run side by side: what each holds is its own, whatever the other does)."""
+    args = [
+        f"--{'' if v else 'no-'}{k.replace('_', '-')}"
+        if isinstance(v, bool)
+        else f"--{k.replace('_', '-')}={v}"
+        for k, v in asdict(s).items()
+    ]
+    children = {
+        name: subprocess.Popen(
             [sys.executable, "-m", "kalm_lightning.bench", *args, f"--memory-of={name}"],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            check=True,
         )
-        found[name] = float(done.stdout.strip().splitlines()[-1])
+        for name in TRAINING
+    }
+    found = {}
+    for name, child in children.items():
+        out, err = child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"measuring the memory of {name} failed: {err.strip()[-2000:]}")
+        found[name] = float(out.strip().splitlines()[-1])
     return found
 
 
