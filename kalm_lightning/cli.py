@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 from hydra.errors import InstantiationException
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
@@ -36,7 +37,8 @@ def one_line_errors(program: str) -> Callable:
             except MissingMandatoryValue as error:
                 message = f"setting {error.full_key} is required: pass {error.full_key}=..."
             except Preempted as stop:  # not an error: the state is saved, the run continues later
-                print(f"{program}: {stop}", file=sys.stderr)
+                if rank_zero_only.rank == 0:  # every DDP rank stops; one says so
+                    print(f"{program}: {stop}", file=sys.stderr)
                 raise SystemExit(stop.exit_code) from None
             print(f"{program}: {message}", file=sys.stderr)
             raise SystemExit(2)

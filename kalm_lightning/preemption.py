@@ -111,7 +111,7 @@ class Preemption(pl.Callback):
         if batch_idx + 1 >= trainer.num_training_batches:
             return  # the epoch's end is next: its checkpoints are written there (on_train_epoch_end)
         path = self._last_checkpoint(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # with optimiser and loop state
         self._stop(
             trainer,
             f"in epoch {trainer.current_epoch} after batch {batch_idx + 1} of "
