@@ -38,7 +38,7 @@ from kalm_lightning.data.index import read_mura_index
 from kalm_lightning.data.mura import MURADataModule
 from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura
 from kalm_lightning.data.transfer import model_input
-from kalm_lightning.models.kalm import crop
+from kalm_lightning.models.kalm import crop, resize_view
 from kalm_lightning.stages.global_stage import GlobalStage
 from kalm_lightning.stages.kalm_stage import KALMStage
 from kalm_lightning.studies import KALM
@@ -82,7 +82,9 @@ def prepared(module: torch.nn.Module, s: Settings) -> torch.nn.Module:
     module = module.to(s.device)
     if s.channels_last:
         module = module.to(memory_format=torch.channels_last)
-    return torch.compile(module) if s.compile else module
+    if s.compile:
+        module.compile()  # in place, as model.compile=true does in training
+    return module
 
 
 def inputs(s: Settings, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +141,7 @@ def build(s: Settings, name: str) -> Callable[[], None]:
         stage2.eval()
         return infer_step(lambda x: stage2.score(x)[KALM], source, s)
     with torch.no_grad(), autocast(s):
-        features = stage2.net.global_cnn.forward_features(F.interpolate(source, size=s.image_size))
+        features = stage2.net.global_cnn.forward_features(resize_view(source, s.image_size))
     features.requires_grad_(True)
 
     def localize_crop() -> None:  # the part of the stage-2 step that is KALM's own

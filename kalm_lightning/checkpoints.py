@@ -22,6 +22,11 @@ from kalm_lightning.errors import UserError
 WEIGHTS_ONLY = True  # what every checkpoint load in the project passes to torch.load / Lightning
 
 
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint `ckpt_path=last` continues from: every epoch's end, or a preempted batch."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 def read_checkpoint(path: str, mmap: bool = False) -> dict:
     """A Lightning checkpoint as a dict; a missing, unreadable or unsafe file gets one clear line.
 

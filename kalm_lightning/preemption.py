@@ -31,6 +31,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from kalm_lightning.checkpoints import last_checkpoint
+
 log = logging.getLogger(__name__)
 
 SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -132,7 +134,7 @@ class Preemption(pl.Callback):
             )
 
     def _last_checkpoint(self, trainer: pl.Trainer) -> Path:
-        return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        return last_checkpoint(trainer.default_root_dir)  # default_root_dir is the run directory
 
     def _stop(self, trainer: pl.Trainer, where: str) -> None:
         signum = self.received or signal.SIGTERM  # another rank's signal: stop as for SIGTERM

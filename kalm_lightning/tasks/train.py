@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kalm_lightning.checkpoints import WEIGHTS_ONLY, read_checkpoint
+from kalm_lightning.checkpoints import WEIGHTS_ONLY, last_checkpoint, read_checkpoint
 from kalm_lightning.config import (
     compose_config,
     pin_job_for_other_ranks,
@@ -72,7 +72,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     """ckpt_path: null, last (this run directory's last.ckpt, also what a requeued SLURM job
     continues from), or a path; checked safe to load."""
     if resumes_last(cfg.ckpt_path):
-        last = run_dir / "checkpoints" / "last.ckpt"
+        last = last_checkpoint(run_dir)
         if last.is_file():
             log.info("Resuming from %s", last)
             read_checkpoint(str(last), mmap=True)
@@ -142,7 +142,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
         weights_only=WEIGHTS_ONLY,
     )
     callback = trainer.checkpoint_callback
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(run_dir)
     result = {
         "stage": int(cfg.stage.number),
         "backbone": cfg.backbone.name,
