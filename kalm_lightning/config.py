@@ -54,7 +54,8 @@ def check_group_overrides(argv: list[str]) -> str | None:
             continue
         group, values = match.groups()
         choices = group_choices(group)
-        for value in (v.strip("'\"") for v in values.split(",")):
+        # a sweep (a,b) or several options of one group ([csv,wandb]): each must exist
+        for value in (v.strip("'\" []") for v in values.split(",")):
             if value not in choices and value not in ("null", ""):
                 hint = (
                     " (or any timm model through backbone.name=...)" if group == "backbone" else ""

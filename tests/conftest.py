@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+
+# Before anything imports huggingface_hub (timm does, through kalm_lightning.data), which reads
+# HF_HUB_OFFLINE once at import: set later, a hub call would still retry for 45-100 s here.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +19,6 @@ import pytest
 from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
 
 from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura
-
-os.environ["HF_HUB_OFFLINE"] = "1"  # a hub call would otherwise hang for 45-100 s here
-os.environ["WANDB_MODE"] = "offline"
-os.environ["WANDB_SILENT"] = "true"
 
 TINY = SyntheticSettings(train_studies=24, valid_studies=9, seed=3, max_size=96)
 # Small enough for a CPU: ResNet18 at 64 px on 128-px sources, a few batches.
@@ -76,10 +79,12 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Stage 1, then stage 2 with stage.global_ckpt=auto, through the real command line."""
+    """Stage 1, then stage 2 with stage.global_ckpt=auto, through the real command line; each
+    logs to CSV and to one more logger (W&B offline, TensorBoard) that tests read back."""
     work = tmp_path_factory.mktemp("train")
-    check(run_cli("train", ["stage=1", *TINY_RUN], work))
-    check(run_cli("train", ["stage=2", *TINY_RUN, "trainer.limit_train_batches=4"], work))
+    check(run_cli("train", ["stage=1", "logger=[csv,wandb]", *TINY_RUN], work))
+    stage2 = ["stage=2", "logger=[csv,tensorboard]", *TINY_RUN, "trainer.limit_train_batches=4"]
+    check(run_cli("train", stage2, work))
     stage1 = next((work / "outputs/synthetic/resnet18/stage1").iterdir())
     stage2 = next((work / "outputs/synthetic/resnet18/stage2").iterdir())
     return {"work": work, "stage1": stage1, "stage2": stage2}

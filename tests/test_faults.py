@@ -3,6 +3,7 @@ runs that are stopped (a signal, SIGKILL, a SLURM requeue) go on to the same end
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -163,10 +164,22 @@ def test_sigterm_mid_epoch_saves_and_resume_ends_as_the_uninterrupted_run(
 def test_sigkill_mid_epoch_then_resume_ends_as_the_uninterrupted_run(
     tmp_path: Path, uninterrupted: tuple[dict, pd.Series]
 ) -> None:
-    """No warning at all: the run resumes from the last epoch's end and still ends the same."""
+    """No warning at all: the run resumes from the last epoch's end, in the same directory, and
+    still ends the same; what was logged before the kill stays beside what is logged after."""
     interrupt_in_epoch_1(tmp_path, signal.SIGKILL)
     check(run_cli("train", [*RESUMABLE, "ckpt_path=last"], tmp_path))
     assert_same_run(final_state(tmp_path), uninterrupted)
+    (run,) = (tmp_path / "outputs/synthetic/resnet18/stage1").iterdir()
+    assert json.loads((run / "result.json").read_text())["epochs"] == 2
+    validated = [
+        set(
+            pd.read_csv(run / f"csv/version_{v}/metrics.csv").dropna(subset=["val/image_acc"])[
+                "epoch"
+            ]
+        )
+        for v in (0, 1)
+    ]
+    assert validated == [{0}, {1}]
 
 
 def test_slurm_requeues_on_sigusr1_and_the_requeued_job_continues_the_run(

@@ -206,50 +206,56 @@ def write_dicom(
     ds.save_as(path, enforce_file_format=True)
 
 
-@pytest.mark.parametrize(
-    ("monochrome1", "bits", "windowed"),
-    [(False, 8, False), (True, 8, False), (False, 16, True), (True, 16, True)],
-)
-def test_dicom_and_the_png_exported_from_it_agree(
-    trained: dict[str, Path],
-    new_images: Path,
-    tmp_path: Path,
-    monochrome1: bool,
-    bits: int,
-    windowed: bool,
-) -> None:
+DICOM_KINDS = [(False, 8, False), (True, 8, False), (False, 16, True), (True, 16, True)]
+
+
+def dicom_name(monochrome1: bool, bits: int, windowed: bool) -> str:
+    return f"{'mono1' if monochrome1 else 'mono2'}-{bits}bit{'-windowed' if windowed else ''}"
+
+
+@pytest.fixture(scope="module")
+def dicom_predictions(
+    trained: dict[str, Path], new_images: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[int, pd.DataFrame]:
+    """One predict run over a folder of DICOMs: each kind beside the PNG exported from it, and
+    one DICOM without pixel data. Returns the exit code and the rows by file name."""
     png = new_images / "patient0" / "study1" / "view0.png"
     pixels = np.asarray(Image.open(png).convert("L")).copy()
     pixels[0, 0], pixels[0, 1] = 0, 255  # the full range: an unwindowed DICOM is shown min to max
-    folder = tmp_path / "pair"
+    work = tmp_path_factory.mktemp("dicoms")
+    folder = work / "in"
     folder.mkdir()
-    Image.fromarray(pixels).save(folder / "exported.png")
-    write_dicom(folder / "original.dcm", pixels, monochrome1, bits, windowed)
-    assert (load_grayscale(folder / "original.dcm") == pixels).all()
+    for kind in DICOM_KINDS:
+        Image.fromarray(pixels).save(folder / f"{dicom_name(*kind)}.png")
+        write_dicom(folder / f"{dicom_name(*kind)}.dcm", pixels, *kind)
+        assert (load_grayscale(folder / f"{dicom_name(*kind)}.dcm") == pixels).all()
+    write_dicom(folder / "nopixels.dcm", pixels, False, 8, False)
+    ds = pydicom.dcmread(folder / "nopixels.dcm")
+    del ds.PixelData
+    ds.save_as(folder / "nopixels.dcm")
     best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
-    check(predict(best, folder, tmp_path / "out"))
-    rows = pd.read_csv(tmp_path / "out" / "predictions_images.csv").set_index("path")
-    probs = {Path(p).name: v for p, v in rows["prob"].items()}
-    assert abs(probs["original.dcm"] - probs["exported.png"]) < 1e-4
+    result = predict(best, folder, work / "out")
+    rows = pd.read_csv(work / "out" / "predictions_images.csv")
+    return result.returncode, rows.set_index(rows["path"].map(lambda p: Path(p).name))
+
+
+@pytest.mark.parametrize(("monochrome1", "bits", "windowed"), DICOM_KINDS)
+def test_dicom_and_the_png_exported_from_it_agree(
+    dicom_predictions: tuple[int, pd.DataFrame], monochrome1: bool, bits: int, windowed: bool
+) -> None:
+    _, rows = dicom_predictions
+    name = dicom_name(monochrome1, bits, windowed)
+    assert pd.isna(rows.loc[f"{name}.dcm", "error"])
+    assert abs(rows.loc[f"{name}.dcm", "prob"] - rows.loc[f"{name}.png", "prob"]) < 1e-4
 
 
 def test_dicom_without_pixel_data_gets_its_own_error(
-    trained: dict[str, Path], tmp_path: Path
+    dicom_predictions: tuple[int, pd.DataFrame],
 ) -> None:
-    folder = tmp_path / "dicoms"
-    folder.mkdir()
-    write_dicom(
-        folder / "ok.dcm", np.arange(64 * 64, dtype=np.uint8).reshape(64, 64), False, 8, False
-    )
-    ds = pydicom.dcmread(folder / "ok.dcm")
-    del ds.PixelData
-    ds.save_as(folder / "nopixels.dcm")
-    best = json.loads((trained["stage1"] / "result.json").read_text())["best_ckpt"]
-    result = predict(best, folder, tmp_path / "out")
-    assert result.returncode == 2
-    rows = pd.read_csv(tmp_path / "out" / "predictions_images.csv").set_index("path")
-    errors = {Path(p).name: e for p, e in rows["error"].items()}
-    assert pd.isna(errors["ok.dcm"]) and "no pixel data" in errors["nopixels.dcm"]
+    code, rows = dicom_predictions
+    assert code == 2
+    assert "no pixel data" in rows.loc["nopixels.dcm", "error"]
+    assert rows["error"].notna().sum() == 1  # every other DICOM and PNG was scored
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

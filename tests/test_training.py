@@ -73,6 +73,9 @@ def test_run_directory_holds_config_checkpoints_logs_metrics(trained: dict[str, 
         "csv/version_0/metrics.csv",
     ):
         assert (run / name).is_file(), name
+    # One epoch: its best is also the last, and last.ckpt is the same file, not a second copy.
+    best = Path(json.loads((run / "result.json").read_text())["best_ckpt"])
+    assert best.name == "best-epoch00.ckpt" and best.samefile(run / "checkpoints/last.ckpt")
     metrics = pd.read_csv(run / "csv/version_0/metrics.csv")
     for column in (
         "train/loss",
@@ -170,9 +173,8 @@ def test_ddp_cpu_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert "resnet18_KALM" in result.stdout and "boxes.png" in result.stdout
 
 
-def test_wandb_offline_leaves_a_run_file(tmp_path: Path) -> None:
-    check(run_cli("train", ["logger=wandb", *TINY_RUN, "trainer.limit_train_batches=2"], tmp_path))
-    run = next((tmp_path / "outputs/synthetic/resnet18/stage1").iterdir())
+def test_wandb_offline_leaves_a_run_file(trained: dict[str, Path]) -> None:
+    run = trained["stage1"]  # logged to CSV and W&B (offline) at once
     files = list(run.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1
     # The record file that `wandb sync` uploads: protobuf keeps the config and metric keys verbatim.
@@ -186,31 +188,6 @@ def test_wandb_offline_leaves_a_run_file(tmp_path: Path) -> None:
         b"lr-Adam",
     ):
         assert key in records, key
-
-
-def test_resume_with_ckpt_path_last_continues_in_the_same_directory(tmp_path: Path) -> None:
-    check(run_cli("train", [*TINY_RUN, "trainer.limit_train_batches=2"], tmp_path))
-    runs = list((tmp_path / "outputs/synthetic/resnet18/stage1").iterdir())
-    assert len(runs) == 1 and json.loads((runs[0] / "result.json").read_text())["epochs"] == 1
-    first_last = torch.load(runs[0] / "checkpoints/last.ckpt", weights_only=False)
-    assert first_last["epoch"] == 0
-    check(
-        run_cli(
-            "train",
-            [*TINY_RUN, "trainer.limit_train_batches=2", "trainer.max_epochs=2", "ckpt_path=last"],
-            tmp_path,
-        )
-    )
-    assert list((tmp_path / "outputs/synthetic/resnet18/stage1").iterdir()) == runs
-    resumed = torch.load(runs[0] / "checkpoints/last.ckpt", weights_only=False)
-    assert (
-        resumed["epoch"] > first_last["epoch"]
-        and resumed["global_step"] == 2 * first_last["global_step"]
-    )
-    assert json.loads((runs[0] / "result.json").read_text())["epochs"] == 2
-    # Nothing logged before the interruption is lost: the resumed run logs beside it.
-    first, second = (pd.read_csv(runs[0] / f"csv/version_{v}/metrics.csv") for v in (0, 1))
-    assert set(first["epoch"].dropna()) == {0} and set(second["epoch"].dropna()) == {1}
 
 
 def test_submitit_launcher_runs_a_job(tmp_path: Path) -> None:
@@ -236,21 +213,7 @@ def test_submitit_launcher_runs_a_job(tmp_path: Path) -> None:
 def test_stage2_logs_a_box_grid_to_tensorboard(trained: dict[str, Path]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    check(
-        run_cli(
-            "train",
-            [
-                "stage=2",
-                "logger=tensorboard",
-                "paths.output_root=outputs_tb",
-                f"stage.global_ckpt={trained['stage1']}/checkpoints/last.ckpt",
-                *TINY_RUN,
-                "trainer.limit_train_batches=1",
-            ],
-            trained["work"],
-        )
-    )
-    events = next((trained["work"] / "outputs_tb").rglob("events.out.tfevents.*"))
+    events = next(trained["stage2"].rglob("events.out.tfevents.*"))
     accumulator = EventAccumulator(str(events.parent), size_guidance={"images": 0}).Reload()
     assert "val/kalm_boxes" in accumulator.Tags()["images"]
     image = accumulator.Images("val/kalm_boxes")[0]
