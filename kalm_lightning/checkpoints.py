@@ -13,9 +13,12 @@ import pickle
 import re
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kalm_lightning.errors import UserError
 
@@ -50,14 +53,69 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made atomic: each file is written to a temporary name
-    beside it and renamed over the old one, so whatever kills the process (SIGKILL, a full disk)
-    leaves either the previous checkpoint or the new one, never half a file."""
+    """Lightning's checkpoint writer, made atomic and streamed: each file is written by
+    `torch.save` straight to a temporary name beside it, then renamed over the old one. Whatever
+    kills the process (SIGKILL, a full disk) leaves the previous checkpoint or the new one, never
+    half a file; and no in-memory copy of the whole file is made first (Lightning's own writer
+    serialises to a buffer, then writes it: twice the time, and a checkpoint's size in memory)."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
+        torch.save(checkpoint, partial)
         os.replace(partial, path)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """The checkpoint `ckpt_path=last` continues from, written at every epoch's end (a
+    ModelCheckpoint with no monitor and filename `last`).
+
+    When another checkpoint callback has just written this same step (the epoch's new best, the
+    usual case early in training), last.ckpt becomes a hard link to that file instead of a second
+    copy of the same weights and optimizer state. Only the callbacks' own bookkeeping differs
+    between the two, and nothing a resumed run computes reads it. The link is made under a
+    temporary name and renamed, like every write here; deleting the old best later leaves it
+    intact. Where the file system has no hard links, the checkpoint is written out as usual."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        twin = next(
+            (
+                callback._last_checkpoint_saved
+                for callback in trainer.checkpoint_callbacks
+                if callback is not self
+                and isinstance(callback, ModelCheckpoint)
+                and callback.save_weights_only == self.save_weights_only
+                and callback._last_global_step_saved == trainer.global_step
+                and callback._last_checkpoint_saved
+            ),
+            None,
+        )
+        linked = twin is not None and trainer.strategy.broadcast(
+            trainer.is_global_zero and _link(Path(twin), Path(filepath))
+        )
+        if not linked:
+            super()._save_checkpoint(trainer, filepath)
+            return
+        trainer.strategy.barrier()
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+def _link(source: Path, target: Path) -> bool:
+    """Hard-link source as target, atomically; False where the file system refuses."""
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        partial.unlink(missing_ok=True)
+        os.link(source, partial)
+    except OSError:
+        return False
+    os.replace(partial, target)
+    return True
