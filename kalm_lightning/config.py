@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -16,8 +17,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from rich.console import Console
 from rich.syntax import Syntax
-
-from kalm_lightning.preemption import resumes_last
 
 GROUPS = (
     "backbone",
@@ -62,6 +61,16 @@ def check_group_overrides(argv: list[str]) -> str | None:
                 )
                 return f"unknown {group} '{value}': choose one of {', '.join(choices)}{hint}"
     return None
+
+
+def requeued() -> bool:
+    """True in a SLURM job that was requeued: it continues its run as if ckpt_path=last."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def resumes_last(ckpt_path: str | None) -> bool:
+    """Whether a run continues the newest run directory's last.ckpt."""
+    return ckpt_path == "last" or (ckpt_path in (None, "") and requeued())
 
 
 def newest_run_dir(parent: Path, ckpt_path: str | None) -> Path:

@@ -24,6 +24,23 @@ class UserError(Exception):
         super().__init__(message)
 
 
+def required(setting: str) -> UserError:
+    """The error for a setting left at `???` (a required value)."""
+    return UserError(f"setting {setting} is required: pass {setting}=...")
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving its state; the message says how to continue.
+
+    Not an error: the command exits with 128 + the signal's number, which schedulers read as
+    "terminated, not finished". report: whether this process prints the line (one DDP rank does)."""
+
+    def __init__(self, message: str, signum: int, report: bool = True) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.report = report
+
+
 def check_choice(setting: str, value: object, choices: Iterable[object]) -> None:
     """Refuse a setting whose value is not one of its choices, naming them."""
     choices = tuple(choices)

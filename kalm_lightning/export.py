@@ -1,9 +1,8 @@
 """`python -m kalm_lightning.export ckpt_path=CKPT format=onnx|torchscript [output=FILE]` (also kalm-export)."""
 
 from kalm_lightning.cli import hydra_entry
-from kalm_lightning.tasks.export import run_export
 
-main = hydra_entry("export", "kalm-export", run_export)
+main = hydra_entry("export", "kalm-export", "kalm_lightning.tasks.export:run_export")
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,8 @@
 """`python -m kalm_lightning.predict ckpt_path=CKPT images=PNG|FOLDER|MURA_ROOT` (also kalm-predict)."""
 
 from kalm_lightning.cli import hydra_entry
-from kalm_lightning.tasks.predict import run_prediction
 
-main = hydra_entry("predict", "kalm-predict", run_prediction)
+main = hydra_entry("predict", "kalm-predict", "kalm_lightning.tasks.predict:run_prediction")
 
 if __name__ == "__main__":
     main()

@@ -32,28 +32,11 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from kalm_lightning.checkpoints import last_checkpoint
+from kalm_lightning.errors import Preempted
 
 log = logging.getLogger(__name__)
 
 SIGNALS = ("SIGTERM", "SIGUSR1")
-
-
-class Preempted(Exception):
-    """Training stopped on a signal after saving its state; the message says how to continue."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-def requeued() -> bool:
-    """True in a SLURM job that was requeued: it continues its run as if ckpt_path=last."""
-    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-
-
-def resumes_last(ckpt_path: str | None) -> bool:
-    """Whether a run continues the newest run directory's last.ckpt."""
-    return ckpt_path == "last" or (ckpt_path in (None, "") and requeued())
 
 
 def requeue_slurm_job() -> str:
@@ -76,7 +59,7 @@ class Preemption(pl.Callback):
     """Turn SIGTERM / SIGUSR1 into a saved checkpoint and a clean stop at a batch boundary.
 
     requeue: on SIGUSR1 inside a SLURM batch job, ask SLURM to requeue the job (the requeued job
-    continues this run: `requeued()`)."""
+    continues this run: `config.requeued()`)."""
 
     def __init__(self, signals: tuple[str, ...] = SIGNALS, requeue: bool = True) -> None:
         self.signals = tuple(signal.Signals[name] for name in signals)
@@ -152,4 +135,5 @@ class Preemption(pl.Callback):
             f"stopped by {signal.Signals(signum).name} {where}{requeue}; continue with "
             "ckpt_path=last",
             int(signum),
+            report=trainer.is_global_zero,
         )

@@ -1,9 +1,8 @@
 """`python -m kalm_lightning.train [backbone=vgg16] [stage=2] [experiment=demo] ...` (also kalm-train)."""
 
 from kalm_lightning.cli import hydra_entry
-from kalm_lightning.tasks.train import run_training
 
-main = hydra_entry("train", "kalm-train", run_training)
+main = hydra_entry("train", "kalm-train", "kalm_lightning.tasks.train:run_training")
 
 if __name__ == "__main__":
     main()

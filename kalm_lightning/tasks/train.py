@@ -24,12 +24,12 @@ from kalm_lightning.config import (
     compose_config,
     pin_job_for_other_ranks,
     print_config,
+    resumes_last,
     task_overrides,
 )
 from kalm_lightning.errors import UserError, check_number
 from kalm_lightning.loggers import finish_wandb
 from kalm_lightning.models.backbone import backbone_normalization
-from kalm_lightning.preemption import resumes_last
 from kalm_lightning.summary import RESULT_FILE
 from kalm_lightning.tasks.evaluate import run_evaluation
 
