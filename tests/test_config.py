@@ -107,6 +107,27 @@ def test_console_script_prints_composed_config(tmp_path: Path) -> None:
     assert_prints_stage2_config([str(script)], tmp_path)
 
 
+@pytest.mark.parametrize("args", [["--cfg", "job"], ["data=mura"], ["backbone=nope"]])
+def test_answers_that_run_no_task_import_neither_torch_nor_lightning(
+    tmp_path: Path, args: list[str]
+) -> None:
+    """A printed config, a missing required setting, an unknown option: no task runs, so the
+    seconds of loading torch, Lightning and timm are not spent."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "kalm_lightning.train", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert {"hydra", "omegaconf", "kalm_lightning.cli"} <= imported
+    assert not imported & {"torch", "lightning", "timm"}
+
+
 def test_bad_backbone_exits_with_one_line(tmp_path: Path) -> None:
     result = run_cli("train", ["backbone=nope"], tmp_path)
     assert result.returncode != 0
