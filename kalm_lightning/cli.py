@@ -21,6 +21,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from kalm_lightning.config import config_dir, prepare_argv, register_resolvers
 from kalm_lightning.errors import Preempted, UserError, required
+from kalm_lightning.settings import check_config
 
 
 def one_line_errors(program: str) -> Callable:
@@ -68,6 +69,7 @@ def hydra_entry(config_name: str, program: str, task: str) -> Callable[[], None]
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:  # before the task's imports: a forgotten data.root answers at once
             raise required(missing[0])
+        check_config(cfg)  # likewise a value out of range
         return load_task(task)(cfg)
 
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(

@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from rich.console import Console
 from rich.syntax import Syntax
 
+from kalm_lightning.settings import check_config
+
 GROUPS = (
     "backbone",
     "stage",
@@ -205,13 +207,17 @@ def task_overrides() -> list[str]:
 
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """conf/<name>.yaml composed by Hydra with overrides, inside a running Hydra app or outside one."""
+    """conf/<name>.yaml composed by Hydra with overrides, inside a running Hydra app or outside
+    one, and its settings checked (settings.py)."""
     register_resolvers()
     overrides = quote_numeric_choices(list(overrides))
     if GlobalHydra.instance().is_initialized():
-        return compose(name, overrides=overrides)
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose(name, overrides=overrides)
+        cfg = compose(name, overrides=overrides)
+    else:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            cfg = compose(name, overrides=overrides)
+    check_config(cfg)
+    return cfg
 
 
 def print_config(cfg: DictConfig) -> None:

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-RESIZE_MODES = ("stretch", "pad")
 PIXEL_BOX = ["box_x0", "box_y0", "box_x1", "box_y1"]
 LESION_BOX = ["x0", "y0", "x1", "y1"]
 

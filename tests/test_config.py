@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_cli
 
@@ -18,6 +19,9 @@ from kalm_lightning.config import (
     name_jobs_by_swept_overrides,
     quote_numeric_choices,
 )
+from kalm_lightning.data import MURADataModule
+from kalm_lightning.data.images import resize_square
+from kalm_lightning.errors import UserError
 
 GROUPS = {name: group_choices(name) for name in ("backbone", "stage", "hardware", "data", "logger")}
 PRINT_CONFIG = ["--cfg", "job", "backbone=vgg16", "stage=2", "hardware=ddp"]
@@ -107,12 +111,14 @@ def test_console_script_prints_composed_config(tmp_path: Path) -> None:
     assert_prints_stage2_config([str(script)], tmp_path)
 
 
-@pytest.mark.parametrize("args", [["--cfg", "job"], ["data=mura"], ["backbone=nope"]])
+@pytest.mark.parametrize(
+    "args", [["--cfg", "job"], ["data=mura"], ["backbone=nope"], ["data.batch_size=0"]]
+)
 def test_answers_that_run_no_task_import_neither_torch_nor_lightning(
     tmp_path: Path, args: list[str]
 ) -> None:
-    """A printed config, a missing required setting, an unknown option: no task runs, so the
-    seconds of loading torch, Lightning and timm are not spent."""
+    """A printed config, a missing required setting, an unknown option, a value out of range: no
+    task runs, so the seconds of loading torch, Lightning and timm are not spent."""
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "kalm_lightning.train", *args],
         cwd=tmp_path,
@@ -169,11 +175,23 @@ def test_missing_mura_root_exits_with_one_line(tmp_path: Path) -> None:
 def test_bad_settings_give_one_line_on_the_main_process(
     tmp_path: Path, overrides: list[str], line: str
 ) -> None:
-    """Checked where the DataModule and the stage are built: one line, exit 2, no worker traceback."""
+    """One line, exit 2, no traceback: at composition (settings.py) for the numbers and choices,
+    where the model and the Trainer are built for the backbone's minimum size and the precision."""
     result = run_cli("train", [*overrides, "data.synthetic.train_studies=4"], tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"kalm-train: {line}")
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_one_rule_refuses_at_composition_and_in_the_python_classes() -> None:
+    """settings.py owns each rule; the composed config and the classes built from Python use it."""
+    with pytest.raises(UserError, match=r"^data\.batch_size=0 must be >= 1$"):
+        compose_config("train", ["data.batch_size=0"])
+    with pytest.raises(UserError, match=r"^data\.batch_size=0 must be >= 1$"):
+        MURADataModule(root="unused", batch_size=0)
+    with pytest.raises(UserError, match=r"^data\.resize='weird' is not one of stretch, pad$"):
+        resize_square(np.zeros((4, 4), np.uint8), 2, "weird")
+    compose_config("train", ["trainer.max_epochs=null"])  # null: Lightning's default
 
 
 def test_wheel_runs_outside_the_repository(tmp_path: Path) -> None:

@@ -19,9 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from kalm_lightning.data.cache import ImageCache
 from kalm_lightning.data.images import BadImageError, image_size, load_grayscale, resize_square
-from kalm_lightning.data.index import ON_PROBLEM
-from kalm_lightning.errors import check_choice
-from kalm_lightning.geometry import RESIZE_MODES
+from kalm_lightning.settings import check
 
 log = logging.getLogger(__name__)
 AUGMENTATIONS = ("hflip", "rotate_degrees")  # data.augment: probability, maximum angle
@@ -63,8 +61,8 @@ class MURADataset(Dataset):
         seed: int = 0,
         pixels: bool = False,
     ) -> None:
-        check_choice("data.on_bad_image", on_bad_image, ON_PROBLEM)
-        check_choice("data.resize", resize, RESIZE_MODES)
+        check("data.on_bad_image", on_bad_image)
+        check("data.resize", resize)
         self.index = index.reset_index(drop=True)
         self.paths = self.index["path"].tolist()
         self.labels = self.index["label"].to_numpy()

@@ -8,8 +8,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from kalm_lightning.data.dicom import dicom_size, is_dicom, read_dicom
-from kalm_lightning.errors import UserError, check_choice
-from kalm_lightning.geometry import RESIZE_MODES, fit_geometry
+from kalm_lightning.errors import UserError
+from kalm_lightning.geometry import fit_geometry
+from kalm_lightning.settings import check
 
 
 class BadImageError(UserError):
@@ -80,7 +81,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 def resize_square(pixels: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
     """Resize uint8 [H, W] to [size, size]: stretched, or padded with black to keep the aspect."""
-    check_choice("data.resize", mode, RESIZE_MODES)
+    check("data.resize", mode)
     image = Image.fromarray(pixels)
     if mode == "stretch":
         return np.array(image.resize((size, size), Image.BILINEAR))

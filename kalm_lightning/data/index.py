@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 
 from kalm_lightning.errors import UserError, check_choice
+from kalm_lightning.settings import check
 
 log = logging.getLogger(__name__)
 
 MURA_DIR = "MURA-v1.1"
 SPLITS = ("train", "valid")
-ON_PROBLEM = ("error", "skip")  # data.on_missing, data.on_bad_image
 BODY_PARTS = (
     "XR_ELBOW",
     "XR_FINGER",
@@ -62,7 +62,7 @@ def _first_bad(csv_path: Path, frame: pd.DataFrame, bad: pd.Series, why: str) ->
 def read_mura_index(root: str | Path, split: str, on_missing: str = "error") -> pd.DataFrame:
     """One row per image of a split: absolute path, study key, patient, body part, label (1 = abnormal)."""
     check_choice("split", split, SPLITS)
-    check_choice("data.on_missing", on_missing, ON_PROBLEM)
+    check("data.on_missing", on_missing)
     base = mura_base(root)
     images_csv = base / MURA_DIR / f"{split}_image_paths.csv"
     studies_csv = base / MURA_DIR / f"{split}_labeled_studies.csv"

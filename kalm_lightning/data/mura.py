@@ -25,7 +25,6 @@ from kalm_lightning.data.dataset import (
 from kalm_lightning.data.index import (
     BODY_PARTS,
     MURA_DIR,
-    ON_PROBLEM,
     patient_holdout,
     read_lesion_boxes,
     read_mura_index,
@@ -33,7 +32,7 @@ from kalm_lightning.data.index import (
 from kalm_lightning.data.synthetic import ensure_synthetic_mura
 from kalm_lightning.data.transfer import model_input
 from kalm_lightning.errors import UserError, check_choice, check_number
-from kalm_lightning.geometry import RESIZE_MODES
+from kalm_lightning.settings import check
 
 __all__ = [
     "BODY_PARTS",
@@ -76,13 +75,16 @@ class MURADataModule(pl.LightningDataModule):
         device_transforms: bool = True,
     ) -> None:
         super().__init__()
-        check_choice("data.resize", resize, RESIZE_MODES)
-        check_choice("data.on_missing", on_missing, ON_PROBLEM)
-        check_choice("data.on_bad_image", on_bad_image, ON_PROBLEM)
-        check_number("data.image_size", image_size, 1, integer=True)
-        check_number("data.source_size", source_size, 1, integer=True)
-        check_number("data.batch_size", batch_size, 1, integer=True)
-        check_number("data.num_workers", num_workers, 0, integer=True)
+        for setting, value in (
+            ("data.resize", resize),
+            ("data.on_missing", on_missing),
+            ("data.on_bad_image", on_bad_image),
+            ("data.image_size", image_size),
+            ("data.source_size", source_size),
+            ("data.batch_size", batch_size),
+            ("data.num_workers", num_workers),
+        ):
+            check(setting, value)
         for key, value in (augment or {}).items():
             check_choice("data.augment key", key, AUGMENTATIONS)
             upper = 1 if key == "hflip" else 180

@@ -9,8 +9,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from kalm_lightning.errors import UserError, check_choice, check_number
+from kalm_lightning.errors import UserError, check_choice
 from kalm_lightning.metrics import NAMES, StudyMetrics
+from kalm_lightning.settings import check
 from kalm_lightning.studies import GLOBAL
 
 SELECTION_METRICS = tuple(f"{level}_{name}" for level in ("image", "study") for name in NAMES)
@@ -21,10 +22,9 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 def check_optimizer(optimizer: OptimizerFactory | None) -> None:
     """Refuse a learning rate or weight decay that cannot train, when the module is built."""
     keywords = getattr(optimizer, "keywords", {})
-    if "lr" in keywords:
-        check_number("model.optimizer.lr", keywords["lr"], 0, exclusive_minimum=True)
-    if "weight_decay" in keywords:
-        check_number("model.optimizer.weight_decay", keywords["weight_decay"], 0)
+    for name in ("lr", "weight_decay"):
+        if name in keywords:
+            check(f"model.optimizer.{name}", keywords[name])
 
 
 class StageModule(pl.LightningModule):

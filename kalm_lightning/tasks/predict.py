@@ -23,9 +23,10 @@ from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.data.index import BODY_PARTS, MURA_DIR, read_mura_index
 from kalm_lightning.errors import UserError, check_choice, check_number
 from kalm_lightning.figures import overlay_image
-from kalm_lightning.geometry import PIXEL_BOX, RESIZE_MODES
+from kalm_lightning.geometry import PIXEL_BOX
 from kalm_lightning.inference import score_dataset
 from kalm_lightning.models.backbone import backbone_normalization
+from kalm_lightning.settings import RESIZE_MODES
 from kalm_lightning.stages import load_stage
 from kalm_lightning.studies import SCORES, abnormal, prob_column, study_table, write_submission
 

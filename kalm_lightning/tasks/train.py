@@ -27,7 +27,7 @@ from kalm_lightning.config import (
     resumes_last,
     task_overrides,
 )
-from kalm_lightning.errors import UserError, check_number
+from kalm_lightning.errors import UserError
 from kalm_lightning.loggers import finish_wandb
 from kalm_lightning.models.backbone import backbone_normalization
 from kalm_lightning.summary import RESULT_FILE
@@ -87,23 +87,9 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(cfg.ckpt_path)
 
 
-# Trainer settings Lightning checks late (a ZeroDivisionError mid-fit) or not at all: minimum values.
-TRAINER_MINIMUMS = {
-    "max_epochs": -1,  # -1: no limit
-    "accumulate_grad_batches": 1,
-    "log_every_n_steps": 1,
-    "check_val_every_n_epoch": 1,
-    "num_nodes": 1,
-}
-
-
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
-    """The Trainer from cfg.trainer; a setting it refuses ends the run with one line."""
-    for key, minimum in TRAINER_MINIMUMS.items():
-        if cfg.trainer.get(key) is not None:
-            check_number(f"trainer.{key}", cfg.trainer[key], minimum, integer=True)
-    if cfg.trainer.get("gradient_clip_val") is not None:
-        check_number("trainer.gradient_clip_val", cfg.trainer.gradient_clip_val, 0)
+    """The Trainer from cfg.trainer (its numbers were checked when cfg was composed: settings.py);
+    a setting Lightning refuses ends the run with one line."""
     try:
         return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     except InstantiationException as error:
