@@ -3,6 +3,7 @@ runs that are stopped (a signal, SIGKILL, a SLURM requeue) go on to the same end
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -117,22 +118,30 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, pd.Se
     return final_state(work)
 
 
-def interrupt_in_epoch_1(work: Path, signum: int, env: dict | None = None) -> str:
-    """Start the run, send signum as soon as epoch 0's checkpoint exists (early in epoch 1)."""
+def interrupt_in_epoch_1(
+    work: Path, signum: int, env: dict | None = None, extra: tuple[str, ...] = ()
+) -> str:
+    """Start the run, send signum as soon as epoch 0's checkpoint exists (early in epoch 1).
+    The run gets a session of its own: if it does not stop, it and its DDP ranks are killed."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "kalm_lightning.train", *RESUMABLE],
+        [sys.executable, "-m", "kalm_lightning.train", *RESUMABLE, *extra],
         cwd=work,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+        start_new_session=True,
     )
-    deadline = time.monotonic() + 300
-    while not list(work.glob("outputs/*/*/stage1/*/checkpoints/last.ckpt")):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.01)
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=300)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(work.glob("outputs/*/*/stage1/*/checkpoints/last.ckpt")):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.01)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)  # one batch and a checkpoint, at most
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == (-signum if signum == signal.SIGKILL else 128 + signum), stderr
     return stderr.strip().splitlines()[-1] if stderr.strip() else ""
 
@@ -180,6 +189,30 @@ def test_sigkill_mid_epoch_then_resume_ends_as_the_uninterrupted_run(
         for v in (0, 1)
     ]
     assert validated == [{0}, {1}]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_at_the_same_batch_on_sigterm_and_the_run_resumes(tmp_path: Path) -> None:
+    """SIGTERM to rank 0 of two DDP processes (gloo): the stop is reduced across ranks, so both
+    save and stop at the same batch (a rank left training would wait forever in its next
+    all-reduce), one line, exit 143, no rank left running; ckpt_path=last finishes the run."""
+    line = interrupt_in_epoch_1(tmp_path, signal.SIGTERM, extra=("hardware=ddp_cpu",))
+    assert re.fullmatch(
+        r"kalm-train: stopped by SIGTERM in epoch 1 after batch (\d+) of (\d+); saved \S+/"
+        r"checkpoints/last\.ckpt; continue with ckpt_path=last",
+        line,
+    ), line
+    stopped_at, per_epoch = map(int, re.findall(r"batch (\d+) of (\d+)", line)[0])
+    left = subprocess.run(
+        ["pgrep", "-f", f"kalm_lightning.train.*{tmp_path}"], capture_output=True, text=True
+    )
+    assert left.stdout.strip() == ""
+    (run,) = (tmp_path / "outputs/synthetic/resnet18/stage1").iterdir()
+    saved = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert saved["global_step"] == per_epoch + stopped_at  # every rank's step, not one rank's
+    check(run_cli("train", [*RESUMABLE, "hardware=ddp_cpu", "ckpt_path=last"], tmp_path))
+    finished = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert finished["epoch"] == 1 and finished["global_step"] == 2 * per_epoch
 
 
 def test_slurm_requeues_on_sigusr1_and_the_requeued_job_continues_the_run(
