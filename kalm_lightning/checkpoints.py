@@ -90,8 +90,9 @@ class LastCheckpoint(ModelCheckpoint):
                 if callback is not self
                 and isinstance(callback, ModelCheckpoint)
                 and callback.save_weights_only == self.save_weights_only
-                and callback._last_global_step_saved == trainer.global_step
-                and callback._last_checkpoint_saved
+                # Lightning's own bookkeeping (2.1+): should a release rename it, no link is made
+                and getattr(callback, "_last_global_step_saved", None) == trainer.global_step
+                and getattr(callback, "_last_checkpoint_saved", "")
             ),
             None,
         )
