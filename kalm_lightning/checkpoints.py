@@ -30,6 +30,12 @@ def last_checkpoint(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
+def partial_path(path: Path) -> Path:
+    """The temporary name a file is written under beside path, then renamed to it: a reader (or
+    a kill) never sees half a file."""
+    return path.with_name(f".{path.name}.partial")
+
+
 def read_checkpoint(path: str, mmap: bool = False) -> dict:
     """A Lightning checkpoint as a dict; a missing, unreadable or unsafe file gets one clear line.
 
@@ -66,7 +72,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
+        partial = partial_path(path)
         torch.save(checkpoint, partial)
         os.replace(partial, path)
 
@@ -112,7 +118,7 @@ class LastCheckpoint(ModelCheckpoint):
 
 def _link(source: Path, target: Path) -> bool:
     """Hard-link source as target, atomically; False where the file system refuses."""
-    partial = target.with_name(f".{target.name}.partial")
+    partial = partial_path(target)
     try:
         partial.unlink(missing_ok=True)
         os.link(source, partial)

@@ -19,7 +19,12 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kalm_lightning.checkpoints import WEIGHTS_ONLY, last_checkpoint, read_checkpoint
+from kalm_lightning.checkpoints import (
+    WEIGHTS_ONLY,
+    last_checkpoint,
+    partial_path,
+    read_checkpoint,
+)
 from kalm_lightning.config import (
     compose_config,
     pin_job_for_other_ranks,
@@ -148,7 +153,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
     }
     if trainer.is_global_zero and not trainer.interrupted:
         # Written to a temporary name, then renamed: `auto` never reads half a file.
-        partial = run_dir / f".{RESULT_FILE}.partial"
+        partial = partial_path(run_dir / RESULT_FILE)
         partial.write_text(json.dumps(result, indent=2) + "\n")
         partial.replace(run_dir / RESULT_FILE)
     finish_wandb(loggers)
