@@ -72,6 +72,14 @@ def run_cli(
     )
 
 
+def running_trainings(work: Path) -> str:
+    """Training processes still alive whose command line names work (a DDP rank left behind)."""
+    found = subprocess.run(
+        ["pgrep", "-f", f"kalm_lightning.train.*{work}"], capture_output=True, text=True
+    )
+    return found.stdout.strip()
+
+
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result

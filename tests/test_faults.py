@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, TINY_RUN, check, run_cli
+from conftest import TINY, TINY_RUN, check, run_cli, running_trainings
 
 from kalm_lightning.config import compose_config, newest_run_dir
 from kalm_lightning.data.synthetic import generate_synthetic_mura
@@ -203,10 +203,7 @@ def test_ddp_ranks_stop_at_the_same_batch_on_sigterm_and_the_run_resumes(tmp_pat
         line,
     ), line
     stopped_at, per_epoch = map(int, re.findall(r"batch (\d+) of (\d+)", line)[0])
-    left = subprocess.run(
-        ["pgrep", "-f", f"kalm_lightning.train.*{tmp_path}"], capture_output=True, text=True
-    )
-    assert left.stdout.strip() == ""
+    assert running_trainings(tmp_path) == ""
     (run,) = (tmp_path / "outputs/synthetic/resnet18/stage1").iterdir()
     saved = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert saved["global_step"] == per_epoch + stopped_at  # every rank's step, not one rank's

@@ -4,14 +4,13 @@ DDP on two CPU processes, W&B offline and resuming."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_RUN, check, run_cli
+from conftest import TINY_RUN, check, run_cli, running_trainings
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -143,10 +142,7 @@ def test_multirun_with_ddp_runs_each_job_once_in_its_own_directory(tmp_path: Pat
         assert Path(result["best_ckpt"]).is_file() and result["run_dir"].endswith(job)
     stray = [p for p in tmp_path.rglob("*.log") if "train_ddp_process" in p.name]
     assert all(p.parent.parent == sweeps[0] for p in stray), stray
-    left = subprocess.run(
-        ["pgrep", "-f", f"kalm_lightning.train.*{tmp_path}"], capture_output=True, text=True
-    )
-    assert left.stdout.strip() == ""  # no rank outlives its job
+    assert running_trainings(tmp_path) == ""  # no rank outlives its job
 
 
 @pytest.mark.slow
