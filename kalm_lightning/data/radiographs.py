@@ -84,16 +84,11 @@ def _smooth_noise(h: int, w: int, cells: int, rng: np.random.Generator) -> np.nd
     return np.asarray(coarse.resize((w, h), Image.BICUBIC))
 
 
-def render_view(
-    part: str,
-    h: int,
-    w: int,
-    lesion: str | None,
-    conspicuity: float,
-    rng: np.random.Generator,
-    layout_jitter: float = 0.0,
-) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
-    """One radiograph as uint8 [h, w] and its lesion box (x0, y0, x1, y1) when it has a lesion.
+def draw_limb(
+    part: str, h: int, w: int, rng: np.random.Generator, layout_jitter: float = 0.0
+) -> tuple[np.ndarray, list[tuple], np.ndarray]:
+    """Background, soft tissue and bones of one view: the image (float, about 0.06-0.8), the bone
+    segments (start, end, radius) and the mask of bone pixels.
 
     layout_jitter > 0 shifts the whole limb by up to that fraction of the height and width, so that
     lesions spread over the image instead of gathering around its centre."""
@@ -112,42 +107,85 @@ def render_view(
         np.maximum(bone, (d < radius) * (0.25 + 0.12 * texture + 0.18 * cortex), out=bone)
     # Overlapping bones take the brighter one, so only lesions stand out as extra-bright spots.
     image += tissue + bone
+    return image, bones, bone > 0
+
+
+def stripes(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """+-1 stripes of period TEXTURE_PERIOD px at a random angle and phase: the texture lesion."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    phase = (xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / TEXTURE_PERIOD)
+    return np.sign(np.sin(phase + rng.uniform(0, 2 * np.pi)))
+
+
+def draw_lesion(
+    image: np.ndarray,
+    lesion: str,
+    centre: tuple[float, float],
+    side: float,
+    bone: tuple,
+    conspicuity: float,
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """Draw one lesion of about side px at centre (y, x) on bone (start, end, radius), in place;
+    returns its box (x0, y0, x1, y1)."""
+    h, w = image.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cy, cx = centre
+    p0, p1, radius = bone
+    if lesion == "implant":
+        r = side / 2
+        mask = np.clip(r - np.hypot(yy - cy, xx - cx), 0, 1)
+        image += conspicuity * 0.55 * mask
+    elif lesion == "texture":
+        r = side / 2
+        mask = np.clip(r - np.hypot(yy - cy, xx - cx), 0, 1)
+        image += conspicuity * 0.25 * mask * stripes(h, w, rng)
+    else:
+        axis = np.asarray(p1, float) - np.asarray(p0, float)
+        normal = np.array([-axis[1], axis[0]]) / max(np.linalg.norm(axis), 1e-9)
+        half = max(radius * 1.3, side / 2)
+        ends = (np.array([cy, cx]) - half * normal, np.array([cy, cx]) + half * normal)
+        d = _segment_distance(yy, xx, ends[0].astype(np.float32), ends[1].astype(np.float32))
+        mask = np.clip(1.5 + 0.004 * side - d, 0, 1)
+        image -= conspicuity * 0.45 * mask * (image > 0.3)
+        r = half
+    y0, y1 = max(0, int(cy - r - 2)), min(h, int(np.ceil(cy + r + 2)))
+    x0, x1 = max(0, int(cx - r - 2)), min(w, int(np.ceil(cx + r + 2)))
+    return (x0, y0, x1, y1)
+
+
+def finish(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Film noise, then 8-bit pixels."""
+    image += rng.normal(0, 0.025, image.shape)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def render_view(
+    part: str,
+    h: int,
+    w: int,
+    lesion: str | None,
+    conspicuity: float,
+    rng: np.random.Generator,
+    layout_jitter: float = 0.0,
+) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+    """One radiograph as uint8 [h, w] and its lesion box (x0, y0, x1, y1) when it has a lesion."""
+    image, bones, _ = draw_limb(part, h, w, rng, layout_jitter)
     box = None
     if lesion is not None:
         for _ in range(20 if layout_jitter > 0 else 1):
-            p0, p1, radius = bones[int(rng.integers(len(bones)))]
+            bone = bones[int(rng.integers(len(bones)))]
             t = rng.uniform(0.1, 0.9) if layout_jitter > 0 else rng.uniform(0.25, 0.75)
-            cy, cx = np.asarray(p0) + t * (np.asarray(p1) - np.asarray(p0))
+            cy, cx = np.asarray(bone[0]) + t * (np.asarray(bone[1]) - np.asarray(bone[0]))
             inside = 0.1 * h <= cy <= 0.9 * h and 0.1 * w <= cx <= 0.9 * w
             central = 0.25 * h <= cy <= 0.75 * h and 0.25 * w <= cx <= 0.75 * w
             # Shifted limbs (the study preset): lesions spread out, the centre no more likely.
             if inside and (not central or rng.random() < 0.4):
                 break
         side = np.sqrt(rng.uniform(0.01, 0.03) * h * w)
-        if lesion == "implant":
-            r = side / 2
-            mask = np.clip(r - np.hypot(yy - cy, xx - cx), 0, 1)
-            image += conspicuity * 0.55 * mask
-        elif lesion == "texture":
-            r = side / 2
-            mask = np.clip(r - np.hypot(yy - cy, xx - cx), 0, 1)
-            angle = rng.uniform(0, np.pi)
-            phase = (xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / TEXTURE_PERIOD)
-            image += conspicuity * 0.25 * mask * np.sign(np.sin(phase + rng.uniform(0, 2 * np.pi)))
-        else:
-            axis = np.asarray(p1, float) - np.asarray(p0, float)
-            normal = np.array([-axis[1], axis[0]]) / max(np.linalg.norm(axis), 1e-9)
-            half = max(radius * 1.3, side / 2)
-            ends = (np.array([cy, cx]) - half * normal, np.array([cy, cx]) + half * normal)
-            d = _segment_distance(yy, xx, ends[0].astype(np.float32), ends[1].astype(np.float32))
-            mask = np.clip(1.5 + 0.004 * side - d, 0, 1)
-            image -= conspicuity * 0.45 * mask * (image > 0.3)
-            r = half
-        y0, y1 = max(0, int(cy - r - 2)), min(h, int(np.ceil(cy + r + 2)))
-        x0, x1 = max(0, int(cx - r - 2)), min(w, int(np.ceil(cx + r + 2)))
-        box = (x0, y0, x1, y1)
-    image += rng.normal(0, 0.025, (h, w))
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), box
+        box = draw_lesion(image, lesion, (cy, cx), side, bone, conspicuity, rng)
+    return finish(image, rng), box
 
 
 def save_png(pixels: np.ndarray, path: Path, mode: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kalm_lightning.data.blobs import Blobs, render_blob_view
 from kalm_lightning.data.index import BODY_PARTS, MURA_DIR
 from kalm_lightning.data.radiographs import (
     DEFAULT_LESIONS,
@@ -28,6 +29,7 @@ from kalm_lightning.data.radiographs import (
     save_png,
 )
 from kalm_lightning.errors import UserError
+from kalm_lightning.settings import blob_regime, check
 
 # MURA v1.1 train studies per body part, for realistic proportions.
 PART_WEIGHTS = np.array([1912, 2110, 1010, 2185, 727, 3015, 3697], dtype=float)
@@ -44,9 +46,25 @@ class SyntheticSettings:
     max_size: int = 512
     abnormal_rate: float = 0.4
     lesions: list[str] = field(default_factory=lambda: list(DEFAULT_LESIONS))
-    layout_jitter: float = (
-        0.0  # > 0: limbs shifted by up to this fraction of the image (study preset)
-    )
+    layout_jitter: float = 0.0  # > 0: limbs shifted by up to this fraction of the image
+    # The localizer study's regimes (data/blobs.py); cue=None: no blobs, the demo's drawing.
+    cue: float | None = None  # contrast of the blob every view carries, in [0, 1]
+    decoys: int = 0  # blobs besides the one that holds the lesion
+    attribute: float = 0.0  # the lesion's blob is (1 + attribute) times as bright as a decoy
+    blob_size: float = 0.3  # blob diameter, as a fraction of the shorter side
+
+    def blobs(self) -> Blobs | None:
+        blob_regime(self.cue, self.decoys, self.attribute)
+        if self.cue is None:
+            return None
+        for setting, value in (
+            ("cue", self.cue),
+            ("decoys", self.decoys),
+            ("attribute", self.attribute),
+            ("blob_size", self.blob_size),
+        ):
+            check(f"data.synthetic.{setting}", value)
+        return Blobs(self.cue, self.decoys, self.attribute, self.blob_size)
 
 
 @dataclass
@@ -105,9 +123,9 @@ def _write_study(args: tuple[Path, Study, SyntheticSettings]) -> list[tuple[str,
         if rng.random() < 0.5:
             h, w = w, h
         kind = str(rng.choice(settings.lesions)) if lesioned[view] else None
-        pixels, box = render_view(
-            study.body_part, h, w, kind, settings.conspicuity, rng, settings.layout_jitter
-        )
+        args = (study.body_part, h, w, kind, settings.conspicuity, rng, settings.layout_jitter)
+        blobs = settings.blobs()
+        pixels, box = render_view(*args) if blobs is None else render_blob_view(*args, blobs)
         mode = PNG_MODES[int(rng.choice(len(PNG_MODES), p=MODE_WEIGHTS))]
         name = f"{study.folder}image{view + 1}.png"
         save_png(pixels, base / name, mode)
@@ -122,6 +140,7 @@ def generate_synthetic_mura(
     for kind in settings.lesions:
         if kind not in LESION_KINDS:
             raise UserError(f"synthetic lesion {kind!r} is not one of {', '.join(LESION_KINDS)}")
+    settings.blobs()  # refuse bad regime settings before any file is written
     base = Path(out)
     (base / MURA_DIR).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(settings.seed)
@@ -190,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-size", type=int, default=512, help="longest image side in pixels")
     parser.add_argument("--lesions", nargs="+", default=list(DEFAULT_LESIONS), choices=LESION_KINDS)
     parser.add_argument("--layout-jitter", type=float, default=0.0, help="limb shift, 0.25 spreads")
+    parser.add_argument("--cue", type=float, help="contrast of a blob in every view (0-1)")
+    parser.add_argument("--decoys", type=int, default=0, help="decoy blobs per view (with --cue)")
+    parser.add_argument("--attribute", type=float, default=0.0, help="lesion blob's extra contrast")
+    parser.add_argument("--blob-size", type=float, default=0.3, help="blob diameter / short side")
     args = parser.parse_args(argv)
     if (Path(args.out) / MURA_DIR).exists():
         parser.exit(2, f"{Path(args.out) / MURA_DIR} exists already: choose another --out\n")
@@ -201,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.max_size,
         lesions=args.lesions,
         layout_jitter=args.layout_jitter,
+        cue=args.cue,
+        decoys=args.decoys,
+        attribute=args.attribute,
+        blob_size=args.blob_size,
     )
     print(json.dumps(generate_synthetic_mura(args.out, settings), indent=2))
 
