@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 MURA_ROOT ?= /data/MURA
 HARDWARE ?= gpu
 TABLE1_DIR ?= outputs/mura/table1
-# The study's best combination (experiments/synthetic/RESULTS.md) as overrides; ++ adds the
-# stage-2 keys to stage 1's config too, where they do nothing.
-BEST_VARIANT ?= ++stage.centre=cell
+# Table 1's extra row: a localizer beyond the paper's, as overrides (the localizer group is part
+# of every stage's config; stage 1 ignores it). experiments/localizers/RESULTS.md says which.
+BEST_VARIANT ?= localizer.centre=cell
 # make bench BENCH_ARGS='--device cuda --precision bf16 --channels-last --batch 64'
 BENCH_ARGS ?=
 STUDY_ARGS ?=
@@ -45,8 +45,8 @@ sweep: $(STAMP)  ## the paper's three backbones on MURA in one multirun (MURA_RO
 	$(BIN)/python -m kalm_lightning.train -m experiment=paper data.root=$(MURA_ROOT) \
 		backbone=resnet18,vgg16,inception_v4
 
-study: $(STAMP)  ## the localizer study on synthetic data, resumable (experiments/synthetic/RESULTS.md)
-	$(BIN)/python experiments/synthetic/study.py $(STUDY_ARGS)
+study: $(STAMP)  ## the localizer study on synthetic data, resumable (experiments/localizers/RESULTS.md)
+	$(BIN)/python experiments/localizers/study.py $(STUDY_ARGS)
 
 table1: $(STAMP)  ## the paper's Table 1 on MURA: 3 backbones + the best variant, then RESULTS.md (MURA_ROOT=/path)
 	$(BIN)/python -m kalm_lightning.train -m experiment=paper hardware=$(HARDWARE) data.root=$(MURA_ROOT) \
@@ -56,7 +56,7 @@ table1: $(STAMP)  ## the paper's Table 1 on MURA: 3 backbones + the best variant
 	$(BIN)/python experiments/table1/aggregate.py $(TABLE1_DIR) --out experiments/table1/RESULTS.md
 
 bench: $(STAMP)  ## KALM against a plain timm classifier, loader against step: table + bench.json
-	$(BIN)/python -m kalm_lightning.bench $(BENCH_ARGS)
+	$(BIN)/python experiments/bench/bench.py $(BENCH_ARGS)
 
 clean:  ## remove .venv, outputs, generated data and caches
 	rm -rf $(VENV) outputs multirun data build dist *.egg-info .pytest_cache .ruff_cache

@@ -19,8 +19,10 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from kalm_lightning.config import config_dir, prepare_argv, register_resolvers
+from kalm_lightning.argv import prepare_argv
+from kalm_lightning.config import config_dir
 from kalm_lightning.errors import Preempted, UserError, required
+from kalm_lightning.resolvers import register_resolvers
 from kalm_lightning.settings import check_config
 
 

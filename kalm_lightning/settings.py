@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from kalm_lightning.errors import check_choice, check_number
+from kalm_lightning.errors import UserError, check_choice, check_number
 
 RESIZE_MODES = ("stretch", "pad")  # how a radiograph becomes a square (geometry.fit_geometry)
 ON_PROBLEM = ("error", "skip")  # data.on_missing, data.on_bad_image
@@ -50,6 +50,10 @@ RULES = {
     "data.resize": Choice(RESIZE_MODES),
     "data.on_missing": Choice(ON_PROBLEM),
     "data.on_bad_image": Choice(ON_PROBLEM),
+    "data.synthetic.cue": Number(0, 1),
+    "data.synthetic.decoys": Number(0, integer=True),
+    "data.synthetic.attribute": Number(0),
+    "data.synthetic.blob_size": Number(0.05, 0.6),
     "model.optimizer.lr": Number(0, exclusive_minimum=True),
     "model.optimizer.weight_decay": Number(0),
     # Trainer settings Lightning checks late (a ZeroDivisionError mid-fit) or not at all.
@@ -62,14 +66,36 @@ RULES = {
 }
 
 
+def blob_regime(cue: float | None, decoys: int, attribute: float) -> None:
+    """Decoys and the attribute are blobs' properties: they need a blob contrast (data/blobs.py)."""
+    if cue is None and (decoys or attribute):
+        raise UserError(
+            f"data.synthetic.decoys={decoys} and data.synthetic.attribute={attribute} need "
+            "data.synthetic.cue=c (the blobs' contrast, 0 to 1)"
+        )
+
+
 def check(setting: str, value: object) -> None:
     """Refuse a value that setting does not accept, with one line naming both."""
     RULES[setting](setting, value)
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Check every setting of the table that cfg holds; null means the library's default."""
+    """Check every setting of the table that cfg holds (null means the library's default), and
+    that a hyper-parameter search runs on the stage whose settings it searches."""
     for setting, rule in RULES.items():
         value = OmegaConf.select(cfg, setting, default=None)
         if value is not None:
             rule(setting, value)
+    synthetic = OmegaConf.select(cfg, "data.synthetic", default=None)
+    if synthetic is not None:
+        blob_regime(synthetic.get("cue"), synthetic.get("decoys", 0), synthetic.get("attribute", 0))
+    searched = OmegaConf.select(cfg, "hparams_search.stage", default=None)
+    stage = OmegaConf.select(cfg, "stage.number", default=None)
+    if searched is not None and stage is not None and searched != stage:
+        name = OmegaConf.select(cfg, "hparams_search.name", default="the search")
+        raise UserError(
+            f"hparams_search={name} searches stage {searched} (the localizer and CNN_l on a "
+            f"trained stage 1), not stage={stage}: leave stage out, or give your own "
+            "hydra.sweeper.params for stage 1 without hparams_search"
+        )

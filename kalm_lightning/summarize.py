@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from kalm_lightning.errors import UserError
-from kalm_lightning.summary import log_to_wandb, summarize
+from kalm_lightning.evaluation.summary import log_to_wandb, summarize
 
 
 def main(argv: list[str] | None = None) -> None:

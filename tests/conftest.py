@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,32 @@ def run_cli(
     )
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(
+    script: str, args: list[str], cwd: Path, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts (`experiments/...`) as `make` does."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def load_script(script: str):
+    """A repository script imported as a module (its constants), without running its main."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def running_trainings(work: Path) -> str:
     """Training processes still alive whose command line names work (a DDP rank left behind)."""
     found = subprocess.run(
@@ -96,3 +123,27 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     stage1 = next((work / "outputs/synthetic/resnet18/stage1").iterdir())
     stage2 = next((work / "outputs/synthetic/resnet18/stage2").iterdir())
     return {"work": work, "stage1": stage1, "stage2": stage2}
+
+
+@pytest.fixture(scope="session")
+def navigator_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`experiment=paper` with `localizer=navigator` as a multirun through the real command line,
+    as `make table1` adds a row (tiny sizes, no weights to fetch): the sweep directory."""
+    work = tmp_path_factory.mktemp("table1")
+    sweep = work / "table1" / "variant"
+    args = [
+        "-m",
+        "experiment=paper",
+        "data=synthetic",
+        "backbone=resnet18",
+        "backbone.pretrained=false",
+        "localizer=navigator",
+        "localizer.grid=3",
+        "localizer.warmup_epochs=0",  # one epoch: the teacher teaches from the first step
+        *TINY_RUN,
+        "evaluate.bootstrap=5",
+        f"hydra.sweep.dir={sweep}",
+        "paths.data_root=generated",
+    ]
+    check(run_cli("train", args, work))
+    return sweep

@@ -9,9 +9,12 @@ import json
 import math
 from pathlib import Path
 
-from conftest import check, run_cli
+from conftest import check, load_script, run_script
 
-from kalm_lightning.bench import CONTENDERS, RATIOS, TRAINING
+BENCH = "experiments/bench/bench.py"
+CONTENDERS, RATIOS, TRAINING = (
+    getattr(load_script(BENCH), name) for name in ("CONTENDERS", "RATIOS", "TRAINING")
+)
 
 TINY_BENCH = [
     "--batch=2",
@@ -29,7 +32,7 @@ TINY_BENCH = [
 
 
 def test_bench_writes_every_figure_finite(tmp_path: Path) -> None:
-    result = check(run_cli("bench", TINY_BENCH, tmp_path))
+    result = check(run_script(BENCH, TINY_BENCH, tmp_path))
     report = json.loads((tmp_path / "bench.json").read_text())
     for name in RATIOS:
         assert math.isfinite(report[name]) and report[name] > 0, name

@@ -11,19 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_cli
+from omegaconf import OmegaConf
 
+from kalm_lightning.argv import check_group_overrides, name_jobs_by_swept_overrides
 from kalm_lightning.config import (
-    check_group_overrides,
     compose_config,
+    config_dir,
     group_choices,
-    name_jobs_by_swept_overrides,
     quote_numeric_choices,
 )
 from kalm_lightning.data import MURADataModule
 from kalm_lightning.data.images import resize_square
 from kalm_lightning.errors import UserError
 
-GROUPS = {name: group_choices(name) for name in ("backbone", "stage", "hardware", "data", "logger")}
+GROUPS = {
+    name: group_choices(name)
+    for name in ("backbone", "stage", "localizer", "scheduler", "hardware", "data", "logger")
+}
 PRINT_CONFIG = ["--cfg", "job", "backbone=vgg16", "stage=2", "hardware=ddp"]
 
 
@@ -41,27 +45,43 @@ def test_groups_hold_the_documented_choices() -> None:
     assert GROUPS == {
         "backbone": ["inception_v4", "resnet18", "vgg16"],
         "stage": ["1", "2"],
+        "localizer": ["fixed", "full", "kalm", "navigator", "random"],
+        "scheduler": ["multistep", "none", "plateau"],
         "hardware": ["cpu", "ddp", "ddp_cpu", "gpu"],
         "data": ["mura", "synthetic"],
         "logger": ["csv", "none", "tensorboard", "wandb"],
     }
 
 
-def test_every_combination_composes() -> None:
-    """Every choice of every group with every choice of every other group (the backbone cycles
-    through the product of the others: each pair of choices composes at least once)."""
+def covering_pairs(groups: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Choices, one per group, such that every pair of choices of two groups appears together at
+    least once (greedy: each next combination covers the most pairs not yet covered)."""
+    names = list(groups)
+    pairs = lambda combo: {  # noqa: E731
+        (a, combo[a], b, combo[b]) for a, b in itertools.combinations(names, 2)
+    }
+    every = [dict(zip(names, c, strict=True)) for c in itertools.product(*groups.values())]
+    uncovered = set().union(*(pairs(c) for c in every))
+    chosen = []
+    while uncovered:
+        best = max(every, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
+def test_every_pair_of_choices_composes() -> None:
+    """Every choice of every group composes with every choice of every other group."""
     accelerators = {"cpu": "cpu", "ddp_cpu": "cpu", "gpu": "gpu", "ddp": "gpu"}
     targets = {"1": "GlobalStage", "2": "KALMStage"}
-    others = [name for name in GROUPS if name != "backbone"]
-    backbones = GROUPS["backbone"]
-    combos = list(itertools.product(*(GROUPS[name] for name in others)))
-    for i, combo in enumerate(combos):
-        choice = dict(zip(others, combo, strict=True))
-        # each backbone meets every choice of each other group: cycle with a stride coprime to it
-        choice["backbone"] = backbones[(i + i // len(backbones)) % len(backbones)]
+    for choice in covering_pairs(GROUPS):
         cfg = compose_config("train", [f"{k}={v}" for k, v in choice.items()])
         assert cfg.backbone.name == choice["backbone"]
         assert cfg.model._target_.endswith(targets[choice["stage"]])
+        assert (
+            cfg.localizer._target_
+            == OmegaConf.load(config_dir() / "localizer" / f"{choice['localizer']}.yaml")._target_
+        )
         assert cfg.trainer.accelerator == accelerators[choice["hardware"]]
         assert cfg.data.name == choice["data"]
         assert set(cfg.logger or {}) == ({choice["logger"]} - {"none"})
@@ -169,6 +189,12 @@ def test_missing_mura_root_exits_with_one_line(tmp_path: Path) -> None:
         (
             ["trainer.precision=bogus"],
             "Lightning refused the trainer settings: Precision 'bogus' is invalid",
+        ),
+        (["-m", "hparams_search=optuna", "stage=1"], "hparams_search=optuna searches stage 2"),
+        (["data.synthetic.cue=1.5"], "data.synthetic.cue=1.5 must be >= 0 and <= 1"),
+        (
+            ["data.synthetic.decoys=3"],
+            "data.synthetic.decoys=3 and data.synthetic.attribute=0.0 need",
         ),
     ],
 )

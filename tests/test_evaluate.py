@@ -167,29 +167,15 @@ def test_evaluate_logs_table_and_figures_to_wandb(mura_root: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_table1_aggregation_of_a_paper_pipeline_run(tmp_path: Path) -> None:
-    """`make table1`'s code path at tiny sizes: experiment=paper as a multirun, then aggregate.py."""
-    sweep = tmp_path / "table1"
-    check(
-        run_cli(
-            "train",
-            [
-                "-m",
-                "experiment=paper",
-                "data=synthetic",
-                "backbone=resnet18",
-                "backbone.pretrained=false",
-                "++stage.centre=cell",
-                *TINY_RUN,
-                "evaluate.bootstrap=5",
-                f"hydra.sweep.dir={sweep}/variant",
-                "paths.data_root=generated",
-            ],
-            tmp_path,
-        )
-    )
+def test_table1_aggregation_of_a_paper_pipeline_run(
+    navigator_pipeline: Path, tmp_path: Path
+) -> None:
+    """`make table1`'s code path at tiny sizes: experiment=paper as a multirun with a navigator
+    (a localizer beyond the paper's, as make table1's variant row), then aggregate.py."""
+    sweep = navigator_pipeline
     # Evaluation after training read the run's own data, not conf/evaluate.yaml's default root.
-    assert (tmp_path / "generated").is_dir() and not (tmp_path / "data").exists()
+    work = sweep.parent
+    assert (work / "generated").is_dir() and not (work / "data").exists()
     script = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "aggregate.py"
     out = tmp_path / "RESULTS.md"
     result = subprocess.run(
@@ -198,7 +184,7 @@ def test_table1_aggregation_of_a_paper_pipeline_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     for score in ("g", "l", "KALM"):
-        assert f"| resnet18_{score} (centre=cell) |" in text  # a variant: no paper figure beside it
+        assert f"| resnet18_{score} (localizer=navigator) |" in text  # no paper figure beside it
     metrics = json.loads(next(sweep.rglob("evaluate/metrics.json")).read_text())
     auroc = metrics["kalm"]["study"]["auroc"]
     low, high = metrics["kalm"]["intervals"]["auroc"]

@@ -21,9 +21,10 @@ import pytest
 import torch
 from conftest import TINY, TINY_RUN, check, run_cli, running_trainings
 
-from kalm_lightning.config import compose_config, newest_run_dir
+from kalm_lightning.config import compose_config
 from kalm_lightning.data.synthetic import generate_synthetic_mura
 from kalm_lightning.errors import UserError
+from kalm_lightning.runs import run_dir
 from kalm_lightning.tasks.train import find_stage1_checkpoint
 
 
@@ -78,8 +79,8 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_the_images(tmp_pat
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path) -> None:
-    first = newest_run_dir(tmp_path, None)
-    second = newest_run_dir(tmp_path, None)
+    first = run_dir(tmp_path, None)
+    second = run_dir(tmp_path, None)
     assert first != second and first.is_dir() and second.is_dir()
     assert second.name.startswith(first.name)
 

@@ -9,9 +9,19 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from kalm_lightning.config import config_dir
 from kalm_lightning.models import Backbone, KALMNet, KeyAreaLocalizer, crop
+
+
+def node(name: str, **options) -> dict:
+    """conf/localizer/<name>.yaml as the config node KALMNet is built from, with options."""
+    return {
+        **OmegaConf.to_container(OmegaConf.load(config_dir() / "localizer" / f"{name}.yaml")),
+        **options,
+    }
 
 
 def reference_boxes(fmap: np.ndarray, fc_w, fc_h, centre: str) -> np.ndarray:
@@ -177,8 +187,9 @@ def test_channels_last_gives_the_same_scores() -> None:
     from kalm_lightning.stages import KALMStage
 
     torch.manual_seed(0)
-    plain = KALMStage("resnet18", image_size=64, source_size=128).eval()
-    fast = KALMStage("resnet18", image_size=64, source_size=128, channels_last=True).eval()
+    net, sizes = {"backbone": "resnet18"}, {"image_size": 64, "source_size": 128}
+    plain = KALMStage(net, sizes).eval()
+    fast = KALMStage(net, sizes, channels_last=True).eval()
     fast.load_state_dict(plain.state_dict())
     fast.configure_model()
     images = torch.randn(2, 3, 128, 128)
@@ -219,9 +230,9 @@ def test_box_init_and_the_controls_give_the_documented_boxes() -> None:
     boxes = KeyAreaLocalizer(4, 4, box_init=0.3)(fmap)
     torch.testing.assert_close(boxes[:, 2:], torch.full((3, 2), 0.3))
     images = torch.randn(3, 3, 128, 128)
-    full = KALMNet("resnet18", image_size=64, source_size=128, crop="full").eval()
+    full = KALMNet("resnet18", image_size=64, source_size=128, localizer=node("full")).eval()
     assert full(images).boxes.tolist() == [[0.0, 0.0, 1.0, 1.0]] * 3
-    fixed = KALMNet("resnet18", image_size=64, source_size=128, crop="fixed", fixed_box=0.25)
+    fixed = KALMNet("resnet18", image_size=64, source_size=128, localizer=node("fixed", half=0.25))
     assert fixed.eval()(images).boxes.tolist() == [[0.0, 0.0, 0.25, 0.25]] * 3
 
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from conftest import sklearn_scores
 
 from kalm_lightning.data.mura import BODY_PARTS
-from kalm_lightning.metrics import StudyMetrics, bootstrap_intervals
+from kalm_lightning.evaluation.metrics import StudyMetrics, bootstrap_intervals
 
 
 def random_studies(seed: int, studies: int = 60) -> pd.DataFrame:

@@ -258,9 +258,18 @@ def test_dicom_without_pixel_data_gets_its_own_error(
     assert rows["error"].notna().sum() == 1  # every other DICOM and PNG was scored
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_matches_eager_pytorch(trained: dict[str, Path], tmp_path: Path, fmt: str) -> None:
-    best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
+@pytest.mark.parametrize(
+    ("fmt", "model"), [("onnx", "kalm"), ("torchscript", "kalm"), ("onnx", "navigator")]
+)
+def test_export_matches_eager_pytorch(
+    request: pytest.FixtureRequest, tmp_path: Path, fmt: str, model: str
+) -> None:
+    if model == "kalm":
+        stage2 = request.getfixturevalue("trained")["stage2"]
+        best = json.loads((stage2 / "result.json").read_text())["best_ckpt"]
+    else:  # a navigator trained in experiment=paper (the Table 1 fixture)
+        sweep = request.getfixturevalue("navigator_pipeline")
+        best = json.loads(next(sweep.rglob("stage2/result.json")).read_text())["best_ckpt"]
     target = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt")
     check(run_cli("export", [f"ckpt_path={best}", f"format={fmt}", f"output={target}"], tmp_path))
     meta = json.loads(target.with_suffix(target.suffix + ".json").read_text())

@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-STUDY = REPO / "experiments" / "synthetic" / "study.py"
+STUDY = "experiments/localizers/study.py"
 
 
-def run_study(out: Path, work: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(STUDY),
-            "--quick",
-            "--seeds",
-            "0",
-            "--out",
-            str(out),
-            "--work",
-            str(work),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=work.parent,
-    )
+def run_study(out: Path, work: Path):
+    return run_script(STUDY, ["--quick", "--out", str(out), "--work", str(work)], work.parent)
 
 
 @pytest.mark.slow
@@ -39,29 +21,43 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     first = run_study(out, work)
     assert first.returncode == 0, first.stderr[-4000:]
-    assert "12 runs trained" in first.stdout  # 3 stage-1 runs, 9 stage-2 runs shared across rows
+    # the main regime: 3 stage-1 and 9 stage-2 runs (MIL re-scores the view navigator's run);
+    # the sweep's c = 1: 5 reduced rows; c = 0.5 is read back from the main regime
+    assert "17 runs trained; done" in first.stdout
 
     summary = json.loads((out / "summary.json").read_text())
-    rows = [s["row"] for s in summary]
+    main = {s["row"]: s for s in summary["c0.5"]}
     text = (out / "RESULTS.md").read_text()
-    for name in rows:
-        assert f"| {name} |" in text
-    assert len(rows) == 13 and rows[-1].startswith("best combination")
-    kalm_rows = [s for s in summary if s["score"] != "global"]
-    assert all(0 <= s["hit_rate"] <= 1 and 0 <= s["mean_iou"] <= 1 for s in kalm_rows)
-    full = next(s for s in summary if s["row"] == "control: whole image to CNN_l")
-    assert full["hit_rate"] == 1.0  # the whole image holds every lesion centre
-    costs = {s["row"]: s["cost"] for s in summary}
-    assert costs["global CNN @ input size"] == 1.0
-    assert costs["global CNN @ source size"] == pytest.approx(4.0, rel=0.05)
-    assert 1.5 < costs["KALM (paper)"] < 2.5
-    for name in ("auroc.png", "auroc_cost.png", "boxes.png"):
+    assert len(main) == 13 and all(f"| {name} | 1 |" in text for name in main)
+    assert {s["row"] for s in summary["sweep-c1"]} == {
+        "global CNN @ input (80 px)",
+        "global CNN @ source (160 px)",
+        "KALM (paper)",
+        "control: fixed centred box",
+        next(s["row"] for s in summary["sweep-c1"] if s["kind"] == "learned"),
+    }
+    boxed = [s for s in main.values() if s["score"] == "kalm"]
+    assert all(0 <= s["hit_rate"] <= 1 and 0 <= s["mean_iou"] <= 1 for s in boxed)
+    assert main["control: whole image"]["hit_rate"] == 1.0  # the whole image holds every centre
+    assert main["control: whole image"]["mean_area"] == pytest.approx(1.0)
+    assert main["control: fixed centred box"]["mean_area"] == pytest.approx(0.25)
+    assert main["global CNN @ input (80 px)"]["inference_cost"] == 1.0
+    assert main["global CNN @ source (160 px)"]["inference_cost"] == pytest.approx(4.0, rel=0.05)
+    assert 1.5 < main["KALM (paper)"]["inference_cost"] < 2.5
+    # one crop at inference for the navigators, every anchor (25) for the MIL ceiling
+    assert main["navigator on CNN_g's map"]["inference_cost"] < 2.2
+    assert main["MIL ceiling: every anchor, max (view run)"]["inference_cost"] > 20
+    assert (
+        main["navigator, scout on the view"]["training_cost"]
+        > main["KALM (paper)"]["training_cost"]
+    )
+    for name in ("boxes.png", "cost-c0.5.png", "sweep.png"):
         with Image.open(out / name) as image:
             assert image.width > 100
 
-    records = sorted((out / "results").glob("*.json"))
+    records = sorted((out / "results").rglob("*.json"))
     before = {p.name: p.read_text() for p in records}
     second = run_study(out, work)  # resumable: finished runs are read back, not trained again
     assert second.returncode == 0, second.stderr[-4000:]
-    assert "0 runs trained" in second.stdout
-    assert {p.name: p.read_text() for p in sorted((out / "results").glob("*.json"))} == before
+    assert "0 runs trained; done" in second.stdout
+    assert {p.name: p.read_text() for p in sorted((out / "results").rglob("*.json"))} == before

@@ -236,9 +236,13 @@ def test_optuna_search_runs_three_trials_and_the_summary_sorts_them(
         )
     )
     best = OmegaConf.load(sweep / "optimization_results.yaml")
-    assert set(best.best_params) >= {"model.optimizer.lr", "stage.aggregation", "stage.centre"}
+    assert set(best.best_params) >= {
+        "model.optimizer.lr",
+        "localizer.aggregation",
+        "localizer.centre",
+    }
     check(run_cli("summarize", [str(sweep)], tmp_path))
     summary = pd.read_csv(sweep / "summary.csv")
     assert len(summary) == 3 and summary["best_val"].is_monotonic_decreasing
     assert summary["best_val"].iloc[0] == pytest.approx(best.best_value)
-    assert summary["overrides"].str.contains("stage.centre=").all()
+    assert summary["overrides"].str.contains("localizer.centre=").all()

@@ -1,6 +1,6 @@
-"""kalm-bench: KALM against a plain timm classifier, side by side, and the loader against the step.
+"""The benchmark: KALM against a plain timm classifier, side by side, and the loader against the step.
 
-`python -m kalm_lightning.bench` (or `make bench`) times, after warm-up and alternating the
+`python experiments/bench/bench.py` (or `make bench`) times, after warm-up and alternating the
 contenders round by round so that machine noise hits them alike (medians over the rounds):
 
 - a plain timm classifier's training step and forward, at the CNN input size and at the source size;
@@ -38,10 +38,10 @@ from kalm_lightning.data.index import read_mura_index
 from kalm_lightning.data.mura import MURADataModule
 from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura
 from kalm_lightning.data.transfer import model_input
+from kalm_lightning.evaluation.studies import KALM
 from kalm_lightning.models.kalm import crop, resize_view
 from kalm_lightning.stages.global_stage import GlobalStage
 from kalm_lightning.stages.kalm_stage import KALMStage
-from kalm_lightning.studies import KALM
 
 RATIOS = (
     "stage2_over_plain_train",
@@ -224,7 +224,7 @@ def memory_in_subprocesses(s: Settings) -> dict[str, float]:
     ]
     children = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "kalm_lightning.bench", *args, f"--memory-of={name}"],
+            [sys.executable, __file__, *args, f"--memory-of={name}"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

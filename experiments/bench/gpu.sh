@@ -22,7 +22,7 @@ for backbone in $BACKBONES; do
   for precision in bf16 fp32; do
     layout=$([ "$precision" = bf16 ] && echo --channels-last || echo --no-channels-last)
     echo "== $backbone $precision ($(date +%T))"
-    "$PYTHON" -m kalm_lightning.bench --device "$DEVICE" --backbone "$backbone" --batch "$BATCH" \
+    "$PYTHON" experiments/bench/bench.py --device "$DEVICE" --backbone "$backbone" --batch "$BATCH" \
       --image-size "$IMAGE" --source-size "$SOURCE" --precision "$precision" $layout \
       --rounds "$ROUNDS" --loader-batch 64 --workers 8 $EXTRA --out "$OUT/$backbone-$precision.json"
   done

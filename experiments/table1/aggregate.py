@@ -12,8 +12,9 @@ import argparse
 import math
 from pathlib import Path
 
-from kalm_lightning.studies import SCORE_LABELS, SCORES
-from kalm_lightning.summary import find_jobs
+from kalm_lightning.config import variant
+from kalm_lightning.evaluation.studies import SCORE_LABELS, SCORES
+from kalm_lightning.runs import sweep_jobs
 
 PAPER = {  # Table 1 of Huang et al. (ICASSP 2020): study-level accuracy, AUROC, kappa
     ("resnet18", "global"): (0.821, 0.875, 0.633),
@@ -27,35 +28,19 @@ PAPER = {  # Table 1 of Huang et al. (ICASSP 2020): study-level accuracy, AUROC,
     ("vgg16", "kalm"): (0.842, 0.901, 0.678),
 }
 FIGURES = ("accuracy", "auroc", "kappa")
-# The paper's localizer settings; a run that changes any of them is a beyond-paper variant.
-PAPER_STAGE = {
-    "centre": "paper",
-    "aggregation": "sum",
-    "local_init": "backbone",
-    "crop": "kalm",
-    "box_init": None,
-    "box_lr": None,
-}
 
 
 def find_runs(folder: Path) -> list[dict]:
     """Each finished pipeline job (the same jobs `kalm-summarize` lists): backbone, variant, metrics."""
     runs = []
-    for job in find_jobs(folder):
+    for job in sweep_jobs(folder):
         if job["metrics"] is None:
             continue
         cfg = job["config"]
-        changed = [
-            f"{key}={cfg.stage.get(key)}"
-            for key, default in PAPER_STAGE.items()
-            if cfg.stage.get(key, default) != default
-        ]
-        if cfg.backbone.get("output_stride"):
-            changed.append(f"output_stride={cfg.backbone.output_stride}")
         runs.append(
             {
                 "backbone": cfg.backbone.name,
-                "variant": " ".join(changed),
+                "variant": variant(cfg),
                 "metrics": job["metrics"],
                 "path": job["dir"],
             }

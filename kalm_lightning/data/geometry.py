@@ -1,5 +1,5 @@
 """Box geometry, one home: KALM's [-1, 1] boxes, pixels of the square source image, pixels of the
-original radiograph, and how well a box finds a lesion.
+original radiograph, and the overlap of two boxes.
 
 A KALM box is (x, y, w, h) in `affine_grid` units: the image spans [-1, 1] on both axes, (x, y) is
 the crop's centre and (w, h) its half-extent (eq. 8-9), so the box covers [x - w, x + w] x
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 PIXEL_BOX = ["box_x0", "box_y0", "box_x1", "box_y1"]
@@ -63,25 +62,6 @@ def to_source_pixels(
     scale_x, scale_y, left, top = fit_geometry(height, width, size, mode)
     x0, y0, x1, y1 = box
     return [x0 * scale_x + left, y0 * scale_y + top, x1 * scale_x + left, y1 * scale_y + top]
-
-
-def localization_scores(frame: pd.DataFrame, lesions: pd.DataFrame) -> dict[str, float]:
-    """Hit rate (lesion centre inside the KALM box) and mean IoU over the images with a lesion box.
-
-    frame: one row per image with `path` and the KALM box in original pixels (PIXEL_BOX);
-    lesions: `path` and the true box (LESION_BOX) in the same pixels."""
-    merged = frame.merge(lesions[["path", *LESION_BOX]], on="path")
-    if merged.empty:
-        return {"hit_rate": float("nan"), "mean_iou": float("nan"), "n": 0}
-    pred = merged[PIXEL_BOX].to_numpy(float)
-    true = merged[LESION_BOX].to_numpy(float)
-    cx, cy = (true[:, 0] + true[:, 2]) / 2, (true[:, 1] + true[:, 3]) / 2
-    hit = (cx >= pred[:, 0]) & (cx <= pred[:, 2]) & (cy >= pred[:, 1]) & (cy <= pred[:, 3])
-    return {
-        "hit_rate": float(hit.mean()),
-        "mean_iou": float(box_iou(pred, true).mean()),
-        "n": len(merged),
-    }
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

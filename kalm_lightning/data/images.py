@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from kalm_lightning.data.dicom import dicom_size, is_dicom, read_dicom
+from kalm_lightning.data.geometry import fit_geometry
 from kalm_lightning.errors import UserError
-from kalm_lightning.geometry import fit_geometry
 from kalm_lightning.settings import check
 
 

@@ -17,9 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
-from kalm_lightning.geometry import LESION_BOX, PIXEL_BOX, box_to_pixels, to_source_pixels
-from kalm_lightning.loggers import log_image
-from kalm_lightning.studies import SCORE_LABELS
+from kalm_lightning.data.geometry import LESION_BOX, PIXEL_BOX, to_source_pixels
+from kalm_lightning.evaluation.studies import SCORE_LABELS
 
 PRED_COLOUR, TRUE_COLOUR = (255, 64, 64), (64, 255, 64)
 
@@ -94,16 +93,6 @@ def overlay_image(
         draw.rectangle([v * scale for v in box], outline=PRED_COLOUR, width=3)
     draw.text((6, 6), caption, fill=(255, 255, 0))
     return image
-
-
-def log_box_grid(loggers: Sequence, batch: Mapping[str, torch.Tensor], step: int) -> None:
-    """Send a validation box grid to the loggers that take images (TensorBoard, W&B)."""
-    images = to_uint8(batch["images"])
-    boxes = box_to_pixels(batch["boxes"], images.shape[-1]).tolist()
-    captions = [
-        f"y={int(y)} p={float(p):.2f}" for y, p in zip(batch["label"], batch["prob"], strict=True)
-    ]
-    log_image(loggers, "val/kalm_boxes", np.asarray(box_grid(images, boxes, captions)), step)
 
 
 def roc_figure(

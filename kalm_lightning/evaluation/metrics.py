@@ -20,7 +20,7 @@ from torchmetrics.functional.classification import (
 )
 
 from kalm_lightning.data.index import BODY_PARTS
-from kalm_lightning.studies import abnormal, study_means
+from kalm_lightning.evaluation.studies import abnormal, study_means
 
 NAMES = ("accuracy", "auroc", "kappa")
 

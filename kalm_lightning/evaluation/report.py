@@ -13,14 +13,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kalm_lightning.figures import boxes_figure, roc_figure
-from kalm_lightning.studies import (
+from kalm_lightning.evaluation.figures import boxes_figure, roc_figure
+from kalm_lightning.evaluation.studies import (
     PREDICTIONS,
     SCORE_LABELS,
     prob_column,
     study_table,
     write_submission,
 )
+from kalm_lightning.runs import METRICS_FILE
 
 TABLE_COLUMNS = ("model", "accuracy", "AUROC", "kappa", "studies")
 
@@ -87,7 +88,7 @@ def write_reports(
     boxes: the keyword arguments of `boxes_figure` besides the frame (dataset, source_size, lesions,
     count), for an image table that holds KALM boxes."""
     out.mkdir(parents=True, exist_ok=True)
-    write_json(metrics, out / "metrics.json")
+    write_json(metrics, out / METRICS_FILE)
     (out / "table.md").write_text(table_markdown(metrics, model))
     frame.drop(columns=["image"]).to_csv(out / "predictions_images.csv", index=False)
     studies = study_table(frame)
@@ -118,6 +119,7 @@ def print_summary(metrics: dict, model: str, out: Path) -> None:
         loc = metrics["localization"]
         console.print(
             f"localization: lesion centre inside the KALM box {loc['hit_rate']:.1%}, "
-            f"mean IoU {loc['mean_iou']:.3f} over {loc['n']} images"
+            f"mean IoU {loc['mean_iou']:.3f}, mean box area {loc['mean_area']:.1%} of the image, "
+            f"over {loc['n']} images"
         )
     console.print(f"reports in {out}")

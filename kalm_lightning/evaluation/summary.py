@@ -1,53 +1,22 @@
 """Every job of a sweep in one table: its overrides and its figures, sorted by the selection figure.
 
 `python -m kalm_lightning.summarize SWEEP_DIR` writes summary.md and summary.csv into SWEEP_DIR;
-`experiments/table1/aggregate.py` reads the same jobs through `find_jobs`.
+`experiments/table1/aggregate.py` reads the same jobs (`runs.sweep_jobs`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 import pandas as pd
 import wandb
-from omegaconf import OmegaConf
 
 from kalm_lightning.errors import UserError
-from kalm_lightning.metrics import NAMES
-from kalm_lightning.studies import SCORE_LABELS, SCORES
-
-RESULT_FILE = "result.json"  # what a finished training stage leaves in its run directory
-
-
-def find_jobs(folder: Path) -> list[dict]:
-    """Each finished job under folder: its directory, overrides, config, result and metrics.
-
-    A job is a run directory with result.json (one stage) or stage2/result.json (a pipeline,
-    whose evaluate/metrics.json holds the study-level figures)."""
-    jobs = []
-    for result_file in sorted(folder.rglob(RESULT_FILE)):
-        run = result_file.parent
-        job = run.parent if run.name in ("stage1", "stage2") else run
-        if run.name == "stage1" and (job / "stage2").is_dir():
-            continue  # a pipeline: its stage 2 stands for it
-        overrides_file = job / ".hydra" / "overrides.yaml"
-        metrics_file = job / "evaluate" / "metrics.json"
-        jobs.append(
-            {
-                "dir": job,
-                "name": str(job.relative_to(folder)),
-                "overrides": list(OmegaConf.load(overrides_file))
-                if overrides_file.is_file()
-                else [],
-                "config": OmegaConf.load(run / "config.yaml"),
-                "result": json.loads(result_file.read_text()),
-                "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
-            }
-        )
-    return jobs
+from kalm_lightning.evaluation.metrics import NAMES
+from kalm_lightning.evaluation.studies import SCORE_LABELS, SCORES
+from kalm_lightning.runs import RESULT_FILE, sweep_jobs
 
 
 def summary_table(jobs: list[dict]) -> pd.DataFrame:
@@ -85,7 +54,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def summarize(folder: Path) -> pd.DataFrame:
     """Write summary.md and summary.csv into folder; return the table."""
-    jobs = find_jobs(folder)
+    jobs = sweep_jobs(folder)
     if not jobs:
         raise UserError(f"{folder} holds no finished job (no {RESULT_FILE} below it)")
     table = summary_table(jobs)

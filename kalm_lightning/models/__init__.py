@@ -1,6 +1,24 @@
-"""The paper's CNNs (timm backbones with a 2-class head) and KALM: localizer, crop, KALMNet."""
+"""The paper's CNNs (timm backbones with a 2-class head), KALM (localizer, crop, KALMNet), the
+localizer interface and the localizers beyond the paper, and the preprocessing a model carries."""
 
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.kalm import KALMNet, KALMOutput, KeyAreaLocalizer, crop
+from kalm_lightning.models.localizer import Localizer, LocalizerInputs, TrainingCrops
+from kalm_lightning.models.localizers import FixedBox, FullImage, Navigator, RandomAnchor
+from kalm_lightning.models.preprocessing import Preprocessing
 
-__all__ = ["Backbone", "KALMNet", "KALMOutput", "KeyAreaLocalizer", "crop"]
+__all__ = [
+    "Backbone",
+    "FixedBox",
+    "FullImage",
+    "KALMNet",
+    "KALMOutput",
+    "KeyAreaLocalizer",
+    "Localizer",
+    "LocalizerInputs",
+    "Navigator",
+    "Preprocessing",
+    "RandomAnchor",
+    "TrainingCrops",
+    "crop",
+]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -17,17 +19,6 @@ from kalm_lightning.errors import UserError, check_choice
 
 HUB_HOST = ("huggingface.co", 443)
 OUTPUT_STRIDES = (8, 16, 32)
-
-
-def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean and std a timm model's weights expect (ImageNet's for ResNet/VGG, 0.5 for Inception)."""
-    try:
-        cfg = timm.get_pretrained_cfg(name)
-    except RuntimeError:
-        cfg = None
-    if cfg is None:
-        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    return tuple(cfg.mean), tuple(cfg.std)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -112,6 +103,15 @@ def _drop_unused_children(model: nn.Module, probe_size: int = 96) -> None:
             setattr(model, name, nn.Identity())
 
 
+def backbone_node(backbone: str | Mapping[str, Any], **given: Any) -> dict[str, Any]:
+    """The backbone's settings (name, pretrained, checkpoint_path, output_stride) from its config
+    node or its name, with the keyword arguments that are set taking precedence."""
+    node = {"name": backbone} if isinstance(backbone, str) else dict(backbone)
+    node = {k: v for k, v in node.items() if not k.startswith("_")}
+    node.update({k: v for k, v in given.items() if v is not None})
+    return node
+
+
 class Backbone(nn.Module):
     """CNN_g or CNN_l: conv (timm's forward_features) -> GAP -> Linear(C, 2), as eq. (1)-(3)."""
 
@@ -128,6 +128,15 @@ class Backbone(nn.Module):
         _drop_unused_children(self.conv)
         self.num_features = self.conv.num_features
         self.fc = nn.Linear(self.num_features, 2)
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The mean and std the timm model's weights expect, from its `pretrained_cfg`
+        (ImageNet's for ResNet and VGG, 0.5 for Inception)."""
+        cfg = getattr(self.conv, "pretrained_cfg", None) or {}
+        mean = cfg.get("mean", IMAGENET_DEFAULT_MEAN)
+        std = cfg.get("std", IMAGENET_DEFAULT_STD)
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
     def feature_size(self, image_size: int) -> tuple[int, int]:
         """(H, W) of the feature map at an input of image_size, refusing a size too small for it."""

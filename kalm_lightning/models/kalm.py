@@ -1,26 +1,37 @@
 """KALM (section 3.2-3.4): key area localizer, differentiable crop, and the two-CNN network.
 
-The paper's behaviour is the default everywhere. Options beyond the paper (for the localizer study,
-`experiments/synthetic/`) are named in config and each one's formula is in its docstring:
-`aggregation` (sum | cam | learned), `centre` (paper | cell | soft), `box_init`, and, in KALMNet,
-`crop` (kalm | full | fixed: the study's controls)."""
+The paper's behaviour is the default everywhere. `KeyAreaLocalizer` is `localizer=kalm`; its
+options beyond the paper (`aggregation`, `centre`, `temperature`, `box_init`, for the localizer
+study in `experiments/localizers/`) are named in config and each one's formula is in its docstring.
+Other localizers (the controls and the navigators in `models/localizers/`) share its interface
+(`models/localizer.py`) and plug into `KALMNet` through their own `conf/localizer/*.yaml`."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kalm_lightning.errors import check_choice, check_number
-from kalm_lightning.models.backbone import Backbone
+from kalm_lightning.models.backbone import Backbone, backbone_node
+from kalm_lightning.models.localizer import (
+    Localizer,
+    LocalizerInputs,
+    Scorer,
+    TrainingCrops,
+    box_pooling,
+    build_localizer,
+    node_of,
+)
 
 CENTRES = ("paper", "cell", "soft")
 AGGREGATIONS = ("sum", "cam", "learned")
 LOCAL_INITS = ("backbone", "global")
-CROPS = ("kalm", "full", "fixed")
 
 
 def _minmax(vector: torch.Tensor) -> torch.Tensor:
@@ -30,7 +41,7 @@ def _minmax(vector: torch.Tensor) -> torch.Tensor:
     return (vector - low) / span.clamp_min(torch.finfo(vector.dtype).tiny)
 
 
-class KeyAreaLocalizer(nn.Module):
+class KeyAreaLocalizer(Localizer):
     """Eq. (4)-(7): a box (x, y, w, h) from a feature map; x, y by argmax, w, h learned.
 
     Beyond the paper (defaults keep it exact):
@@ -42,6 +53,7 @@ class KeyAreaLocalizer(nn.Module):
       soft-argmax through which x and y get a gradient (the paper's argmax gets none).
     - box_init=s: fc_w and fc_h start with zero weights and bias logit(s), so every box starts with
       half-extent s (PyTorch's default start gives about sigmoid(0) = 0.5 with noise).
+    - lr: the localizer's own learning rate (fc_w, fc_h and learned channel weights).
     """
 
     def __init__(
@@ -53,21 +65,22 @@ class KeyAreaLocalizer(nn.Module):
         channels: int | None = None,
         temperature: float = 10.0,
         box_init: float | None = None,
+        lr: float | None = None,
     ) -> None:
-        super().__init__()
-        check_choice("stage.centre", centre, CENTRES)
-        check_choice("stage.aggregation", aggregation, AGGREGATIONS)
-        check_number("stage.temperature", temperature, 0, exclusive_minimum=True)
-        self.height, self.width, self.centre = height, width, centre
+        super().__init__(height, width, channels or 0, lr)
+        check_choice("localizer.centre", centre, CENTRES)
+        check_choice("localizer.aggregation", aggregation, AGGREGATIONS)
+        check_number("localizer.temperature", temperature, 0, exclusive_minimum=True)
+        self.centre = centre
         self.aggregation, self.temperature = aggregation, float(temperature)
         self.fc_w = nn.Linear(width, 1)
         self.fc_h = nn.Linear(height, 1)
         if aggregation == "learned":
-            if channels is None:
+            if not channels:
                 raise ValueError("aggregation='learned' needs the number of channels")
             self.channel_weights = nn.Parameter(torch.ones(channels))
         if box_init is not None:
-            check_number("stage.box_init", box_init, 0.001, 0.999)
+            check_number("localizer.box_init", box_init, 0.001, 0.999)
             for fc in (self.fc_w, self.fc_h):
                 nn.init.zeros_(fc.weight)
                 nn.init.constant_(fc.bias, math.log(box_init / (1 - box_init)))
@@ -107,6 +120,10 @@ class KeyAreaLocalizer(nn.Module):
         h = torch.sigmoid(self.fc_h(v_h.to(self.fc_h.weight.dtype))).squeeze(1).float()
         return torch.stack([x, y, w, h], dim=1)
 
+    def locate(self, inputs: LocalizerInputs) -> torch.Tensor:
+        """The Localizer interface: eq. (4)-(7) on CNN_g's map (its class weights for a CAM)."""
+        return self(inputs.features, inputs.class_weights)
+
 
 def crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Eq. (8)-(9): bilinear sampling of each box of images to size x size, differentiable in w, h."""
@@ -144,44 +161,50 @@ class KALMOutput:
         return self.local_logits.float().softmax(dim=1)[:, 1]
 
 
-class KALMNet(nn.Module):
-    """Fig. 1: CNN_g on the image at image_size, KALM on its features, CNN_l on the box from source_size.
+LocalizerSpec = Mapping[str, Any] | Callable[..., Localizer] | None
 
-    Beyond the paper: the localizer's options (see KeyAreaLocalizer), `output_stride` for CNN_g
-    (a finer feature map for the localizer, where timm's backbone has it), and two controls for the
-    study: crop="full" feeds the whole image to CNN_l (the box (0, 0, 1, 1)), crop="fixed" a centred
-    box of half-extent `fixed_box`; neither uses the localizer's box."""
+
+class KALMNet(nn.Module):
+    """Fig. 1: CNN_g on the image at image_size, a localizer on its features, CNN_l on the box
+    cropped from source_size, and the two softmax scores averaged.
+
+    backbone: a timm name, or the backbone's config node (name, pretrained, checkpoint_path,
+    output_stride: a finer feature map for the localizer, where timm's backbone has it).
+    localizer: its config node (`conf/localizer/*.yaml`: `_target_` and options), a factory called
+    with the feature map's height, width and channels, or None for the paper's KeyAreaLocalizer.
+    local_init: CNN_l from the backbone's weights, or a copy of CNN_g ("global").
+    global_cnn: a built CNN_g to use (stage 2 passes the one it loads from stage 1)."""
 
     def __init__(
         self,
-        backbone: str,
-        pretrained: bool = False,
-        checkpoint_path: str | None = None,
+        backbone: str | Mapping[str, Any],
         image_size: int = 224,
         source_size: int = 448,
-        centre: str = "paper",
+        localizer: LocalizerSpec = None,
         local_init: str = "backbone",
-        aggregation: str = "sum",
-        temperature: float = 10.0,
-        box_init: float | None = None,
-        crop: str = "kalm",
-        fixed_box: float = 0.5,
+        global_cnn: Backbone | None = None,
+        pretrained: bool | None = None,
+        checkpoint_path: str | None = None,
         output_stride: int | None = None,
     ) -> None:
         super().__init__()
         check_choice("stage.local_init", local_init, LOCAL_INITS)
-        check_choice("stage.crop", crop, CROPS)
-        check_number("stage.fixed_box", fixed_box, 0, 1, exclusive_minimum=True)
-        self.image_size, self.source_size = image_size, source_size
-        self.crop_mode, self.fixed_box = crop, float(fixed_box)
-        self.global_cnn = Backbone(backbone, pretrained, checkpoint_path, output_stride)
-        height, width = self.global_cnn.feature_size(image_size)
-        self.localizer = KeyAreaLocalizer(
-            height, width, centre, aggregation, self.global_cnn.num_features, temperature, box_init
+        settings = backbone_node(
+            backbone,
+            pretrained=pretrained,
+            checkpoint_path=checkpoint_path,
+            output_stride=output_stride,
         )
+        name = settings["name"]
+        weights = settings.get("pretrained", False), settings.get("checkpoint_path")
+        self.image_size, self.source_size = image_size, source_size
+        self.global_cnn = global_cnn or Backbone(name, *weights, settings.get("output_stride"))
+        height, width = self.global_cnn.feature_size(image_size)
+        node = localizer if localizer is not None else node_of(KeyAreaLocalizer)
+        self.localizer = build_localizer(node, height, width, self.global_cnn.num_features)
         local_weights = local_init == "backbone"
         self.local_cnn = Backbone(
-            backbone, pretrained and local_weights, checkpoint_path if local_weights else None
+            name, bool(weights[0]) and local_weights, weights[1] if local_weights else None
         )
         if not local_weights:
             self.copy_global_to_local()
@@ -195,18 +218,78 @@ class KALMNet(nn.Module):
         weight = self.global_cnn.fc.weight
         return weight[1] - weight[0]
 
-    def boxes(self, features: torch.Tensor) -> torch.Tensor:
-        """The crop boxes: the localizer's (eq. 4-7), or a control's fixed box."""
-        if self.crop_mode == "kalm":
-            return self.localizer(features, self.class_weights())
-        half = 1.0 if self.crop_mode == "full" else self.fixed_box
-        box = features.new_tensor([0.0, 0.0, half, half], dtype=torch.float32)
-        return box.expand(features.shape[0], 4)
+    def inputs(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> LocalizerInputs:
+        """CNN_g's view of a batch: what the localizer reads."""
+        view = resize_view(images, self.image_size)
+        features = self.global_cnn.forward_features(view)
+        return LocalizerInputs(features, self.class_weights(), view, images, generator)
+
+    def local_logits(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """S_l [B, M, 2] of M boxes per image [B, M, 4]: eq. (8)-(9), then CNN_l."""
+        batch, many = boxes.shape[:2]
+        if many == 1:
+            return self.local_cnn(crop(images, boxes[:, 0], self.image_size))[:, None]
+        crops = crop(images.repeat_interleave(many, 0), boxes.flatten(0, 1), self.image_size)
+        return self.local_cnn(crops).view(batch, many, -1)
+
+    def crop_scores(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """p_l(abnormal) [B, K] of each box's crop, CNN_l in eval mode (its BatchNorm statistics
+        are left alone)."""
+        with _evaluating(self.local_cnn):
+            return self.local_logits(images, boxes).float().softmax(-1)[..., 1]
+
+    def pooled_scores(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """p_l(abnormal) [B, K] from one pass of CNN_l over the whole source image, its feature
+        map averaged inside each box (`box_pooling`) before its classifier: K boxes at the cost of
+        one image at the source size. It matches the crops best where a box's crop keeps the
+        source's resolution (half-extent = image_size / source_size)."""
+        with _evaluating(self.local_cnn):
+            features = self.local_cnn.forward_features(images).float()
+            batch, _, height, width = features.shape
+            pooling = box_pooling(boxes.flatten(0, 1), height, width).to(features.device)
+            pooled = torch.einsum(
+                "bkn,bcn->bkc", pooling.view(batch, -1, height * width), features.flatten(2)
+            )
+            return (
+                self.local_cnn.fc(pooled.to(self.local_cnn.fc.weight.dtype))
+                .float()
+                .softmax(-1)[..., 1]
+            )
 
     def forward(self, images: torch.Tensor) -> KALMOutput:
-        features = self.global_cnn.forward_features(resize_view(images, self.image_size))
-        global_logits = self.global_cnn.forward_head(features)
-        boxes = self.boxes(features)
-        local_logits = self.local_cnn(crop(images, boxes, self.image_size))
+        inputs = self.inputs(images)
+        global_logits = self.global_cnn.forward_head(inputs.features)
+        boxes = self.localizer.locate(inputs)
+        if boxes.dim() == 2:
+            local_logits = self.local_logits(images, boxes[:, None])[:, 0]
+        else:  # candidates: CNN_l scores each, the most abnormal one stands for the image (MIL)
+            every = self.local_logits(images, boxes)
+            best = every.float().softmax(-1)[..., 1].argmax(dim=1)
+            rows = torch.arange(len(images), device=images.device)
+            local_logits, boxes = every[rows, best], boxes[rows, best]
         prob = (global_logits.float().softmax(1)[:, 1] + local_logits.float().softmax(1)[:, 1]) / 2
         return KALMOutput(global_logits, local_logits, boxes, prob)
+
+    def training_outputs(
+        self, images: torch.Tensor, epoch: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, TrainingCrops]:
+        """A training step's S_l [B, M, 2] on the boxes the localizer trains CNN_l on."""
+        inputs = self.inputs(images, generator)
+        scorer = Scorer(self.crop_scores, self.pooled_scores, images)
+        crops = self.localizer.training_crops(inputs, scorer, epoch)
+        return self.local_logits(images, crops.boxes), crops
+
+
+class _evaluating:
+    """Run a module in eval mode for a block, then restore its mode."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.was = module, module.training
+
+    def __enter__(self) -> None:
+        self.module.eval()
+
+    def __exit__(self, *_: object) -> None:
+        self.module.train(self.was)

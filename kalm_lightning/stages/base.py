@@ -1,22 +1,57 @@
-"""What both training stages share: optimiser from config, study-level validation, checkpoint loading."""
+"""What both training stages share: the network built from its config node, the preprocessing it
+carries into every checkpoint, the optimiser and schedule from config, study-level validation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import hydra
 import lightning.pytorch as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kalm_lightning.errors import UserError, check_choice
-from kalm_lightning.metrics import NAMES, StudyMetrics
+from kalm_lightning.evaluation.metrics import NAMES, StudyMetrics
+from kalm_lightning.evaluation.studies import GLOBAL
+from kalm_lightning.models.backbone import Backbone
+from kalm_lightning.models.preprocessing import Preprocessing
 from kalm_lightning.settings import check
-from kalm_lightning.studies import GLOBAL
+from kalm_lightning.training.checkpoints import CHECKPOINT_FORMAT
 
 SELECTION_METRICS = tuple(f"{level}_{name}" for level in ("image", "study") for name in NAMES)
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+PREPROCESSING = {"image_size": 224, "source_size": 448, "resize": "stretch"}  # the paper's
+LR_SCHEDULE = {"interval": "epoch", "frequency": 1, "monitor": "val/selection"}
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain dicts and lists (what a checkpoint can hold)."""
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node) if isinstance(node, Mapping) else node
+
+
+def factory(node: Any) -> Any:
+    """An optimiser or scheduler: a `_partial_: true` config node is instantiated into the
+    partial (the model node is instantiated without recursion, so its `net` stays a node)."""
+    if isinstance(node, (DictConfig, Mapping)):
+        return hydra.utils.instantiate(node)
+    return node
+
+
+def check_target(node: Mapping[str, Any], expected: type, setting: str) -> dict[str, Any]:
+    """The node's options, refusing a `_target_` other than the class the stage builds."""
+    target = node.get("_target_")
+    names = {
+        f"{expected.__module__}.{expected.__qualname__}",
+        f"kalm_lightning.models.{expected.__name__}",
+    }
+    if target is not None and target not in names:
+        raise UserError(f"{setting}._target_={target}: this stage builds {sorted(names)[0]}")
+    return {k: v for k, v in node.items() if not k.startswith("_")}
 
 
 def check_optimizer(optimizer: OptimizerFactory | None) -> None:
@@ -30,24 +65,45 @@ def check_optimizer(optimizer: OptimizerFactory | None) -> None:
 class StageModule(pl.LightningModule):
     """A stage names its scores (e.g. global, local, kalm) and which one selects checkpoints."""
 
+    stage: int = 0
     scores: tuple[str, ...] = (GLOBAL,)
     selection_score: str = GLOBAL
 
     def __init__(
         self,
         channels_last: bool = False,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
+        optimizer: OptimizerFactory | Mapping | None = None,
+        scheduler: SchedulerFactory | Mapping | None = None,
+        lr_schedule: Mapping[str, Any] | None = None,
         selection_metric: str = "image_accuracy",
         compile: bool = False,
     ) -> None:
         super().__init__()
+        optimizer, scheduler = factory(optimizer), factory(scheduler)
         check_optimizer(optimizer)
         check_choice("model.selection_metric", selection_metric, SELECTION_METRICS)
         self.selection_metric = selection_metric
         self.channels_last, self.compile_net = channels_last, compile
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.lr_schedule = {**LR_SCHEDULE, **plain(lr_schedule or {})}
         self.val_metrics = nn.ModuleDict({name: StudyMetrics() for name in self.scores})
+
+    def carry(self, preprocessing: Mapping[str, Any], backbone: Backbone) -> None:
+        """Record the preprocessing (sizes and resize as configured, normalisation from the
+        backbone's pretrained_cfg unless given) and the format in the hyper-parameters, so that
+        every checkpoint carries them."""
+        given = plain(preprocessing)
+        mean, std = backbone.normalization
+        self.preprocessing = Preprocessing.from_dict(
+            {**PREPROCESSING, "mean": mean, "std": std, "in_chans": 3, **given}
+        )
+        self.hparams["preprocessing"] = self.preprocessing.to_dict()
+        self.hparams["stage"] = self.stage
+        self.hparams["format"] = CHECKPOINT_FORMAT
+
+    @property
+    def backbone_name(self) -> str:
+        raise NotImplementedError
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         return (
@@ -134,7 +190,8 @@ class StageModule(pl.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
+        # lr_schedule: Lightning's scheduler settings; `monitor` is what ReduceLROnPlateau reads
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), **self.lr_schedule},
         }

@@ -2,42 +2,57 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
+from kalm_lightning.evaluation.studies import GLOBAL
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.kalm import resize_view
-from kalm_lightning.stages.base import OptimizerFactory, SchedulerFactory, StageModule
-from kalm_lightning.studies import GLOBAL
+from kalm_lightning.stages.base import StageModule, check_target, plain
 
 
 class GlobalStage(StageModule):
+    """net: the backbone's config node (`conf/backbone/*.yaml`: name, pretrained,
+    checkpoint_path, output_stride); preprocessing: image_size, source_size, resize (`data.*`)."""
+
+    stage = 1
     scores = (GLOBAL,)
     selection_score = GLOBAL
 
     def __init__(
         self,
-        backbone: str,
-        pretrained: bool = False,
-        backbone_weights: str | None = None,
-        image_size: int = 224,
-        source_size: int = 448,
+        net: Mapping[str, Any],
+        preprocessing: Mapping[str, Any],
         channels_last: bool = False,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        lr_schedule: Mapping[str, Any] | None = None,
         selection_metric: str = "image_accuracy",
         compile: bool = False,
-        output_stride: int | None = None,
     ) -> None:
-        super().__init__(channels_last, optimizer, scheduler, selection_metric, compile)
+        super().__init__(
+            channels_last, optimizer, scheduler, lr_schedule, selection_metric, compile
+        )
+        net, preprocessing, lr_schedule = plain(net), plain(preprocessing), plain(lr_schedule)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "compile"], logger=False)
-        self.hparams["stage"] = 1
-        self.image_size = image_size
-        self.net = Backbone(backbone, pretrained, backbone_weights, output_stride)
-        self.net.feature_size(image_size)  # refuse an input too small for the backbone, now
+        self.net = Backbone(**check_target(net, Backbone, "model.net"))
+        self.carry(preprocessing, self.net)
+        self.net.feature_size(self.preprocessing.image_size)  # refuse an input too small, now
+
+    @property
+    def backbone_name(self) -> str:
+        return self.net.name
+
+    @staticmethod
+    def offline(net: Mapping[str, Any]) -> dict[str, Any]:
+        """The net node without weights to fetch: a checkpoint holds them."""
+        return {**net, "pretrained": False, "checkpoint_path": None}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(resize_view(images, self.image_size))
+        return self.net(resize_view(images, self.preprocessing.image_size))
 
     def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {GLOBAL: self(images).float().softmax(dim=1)[:, 1]}

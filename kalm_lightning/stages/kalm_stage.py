@@ -1,19 +1,22 @@
-"""Stage 2: CNN_g frozen from stage 1 (BatchNorm too); fc_w, fc_h and CNN_l trained on S_l."""
+"""Stage 2: CNN_g frozen from stage 1 (BatchNorm too); the localizer and CNN_l trained on S_l."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from kalm_lightning.checkpoints import read_checkpoint
-from kalm_lightning.errors import UserError, check_number
-from kalm_lightning.figures import log_box_grid
-from kalm_lightning.models.backbone import Backbone
+from kalm_lightning.errors import UserError
+from kalm_lightning.evaluation.studies import GLOBAL, KALM, LOCAL, SCORES
+from kalm_lightning.models.backbone import Backbone, backbone_node
 from kalm_lightning.models.kalm import KALMNet
-from kalm_lightning.stages.base import OptimizerFactory, SchedulerFactory, StageModule
-from kalm_lightning.studies import GLOBAL, KALM, LOCAL, SCORES
+from kalm_lightning.models.preprocessing import GIVEN, Preprocessing
+from kalm_lightning.stages.base import StageModule, check_target, plain
+from kalm_lightning.training.checkpoints import read_trained
+from kalm_lightning.training.loggers import log_box_grid
 
 BOXES_LOGGED = 16
 # CNN_g is in eval mode at the start of stage 2 on purpose (frozen BatchNorm statistics).
@@ -23,93 +26,98 @@ warnings.filterwarnings(
 
 
 class KALMStage(StageModule):
+    """net: KALMNet's config node (`backbone`: the backbone's node, `localizer`: the localizer's
+    node from `conf/localizer/`, `local_init`); preprocessing as in stage 1; global_ckpt: the
+    stage-1 checkpoint CNN_g comes from (None when a stage-2 checkpoint is loaded: it holds CNN_g)."""
+
+    stage = 2
     scores = SCORES
     selection_score = KALM
 
     def __init__(
         self,
-        backbone: str,
-        pretrained: bool = False,
-        backbone_weights: str | None = None,
-        image_size: int = 224,
-        source_size: int = 448,
-        centre: str = "paper",
-        local_init: str = "backbone",
+        net: Mapping[str, Any],
+        preprocessing: Mapping[str, Any],
         global_ckpt: str | None = None,
         channels_last: bool = False,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        lr_schedule: Mapping[str, Any] | None = None,
         selection_metric: str = "image_accuracy",
         compile: bool = False,
-        aggregation: str = "sum",
-        temperature: float = 10.0,
-        box_init: float | None = None,
-        box_lr: float | None = None,
-        crop: str = "kalm",
-        fixed_box: float = 0.5,
-        output_stride: int | None = None,
     ) -> None:
-        super().__init__(channels_last, optimizer, scheduler, selection_metric, compile)
+        super().__init__(
+            channels_last, optimizer, scheduler, lr_schedule, selection_metric, compile
+        )
+        net, preprocessing, lr_schedule = plain(net), plain(preprocessing), plain(lr_schedule)
         self.save_hyperparameters(
             ignore=["optimizer", "scheduler", "global_ckpt", "compile"], logger=False
         )
-        self.hparams["stage"] = 2
-        if box_lr is not None:
-            check_number("stage.box_lr", box_lr, 0, exclusive_minimum=True)
-        # CNN_g's weights come from stage 1 and CNN_l's from the backbone config: no hub call for CNN_g.
-        self.net = KALMNet(
-            backbone,
-            False,
-            None,
-            image_size,
-            source_size,
-            centre,
-            "backbone",
-            aggregation,
-            temperature,
-            box_init,
-            crop,
-            fixed_box,
-            output_stride,
-        )
-        if local_init == "backbone" and (pretrained or backbone_weights):
-            self.net.local_cnn = Backbone(backbone, pretrained, backbone_weights)
+        options = check_target(net, KALMNet, "model.net")
+        backbone = backbone_node(options["backbone"])
+        # CNN_g's weights come from stage 1 (no hub call for it), CNN_l's as the backbone says.
+        global_cnn = Backbone(backbone["name"], False, None, backbone.get("output_stride"))
+        self.carry(preprocessing, global_cnn)
         if global_ckpt is not None:
-            self.load_global(global_ckpt, backbone, output_stride)
-            if local_init == "global":
-                self.net.copy_global_to_local()
+            self.load_global(global_ckpt, global_cnn, backbone)
+        size = self.preprocessing
+        self.net = KALMNet(
+            **options,
+            image_size=size.image_size,
+            source_size=size.source_size,
+            global_cnn=global_cnn,
+        )
         # Frozen, BatchNorm statistics included. Lightning restores each submodule's recorded mode
         # rather than calling train() on this module, so eval mode must hold from the start.
         self.net.global_cnn.requires_grad_(False).eval()
+        self.run_seed = torch.initial_seed()
         self._boxes_to_draw: dict[str, torch.Tensor] = {}
 
-    def load_global(self, path: str, backbone: str, output_stride: int | None) -> None:
-        """CNN_g from a stage-1 checkpoint, refusing one trained with another backbone or stride."""
-        checkpoint = read_checkpoint(path)
-        hparams = checkpoint.get("hyper_parameters", {})
+    @property
+    def backbone_name(self) -> str:
+        return self.net.global_cnn.name
+
+    @staticmethod
+    def offline(net: Mapping[str, Any]) -> dict[str, Any]:
+        """The net node without weights to fetch: a checkpoint holds them."""
+        backbone = {**backbone_node(net["backbone"]), "pretrained": False, "checkpoint_path": None}
+        return {**net, "backbone": backbone}
+
+    def load_global(self, path: str, global_cnn: Backbone, backbone: Mapping[str, Any]) -> None:
+        """CNN_g from a stage-1 checkpoint, refusing one trained with another backbone, stride or
+        preprocessing."""
+        checkpoint = read_trained(path, "stage.global_ckpt")
+        hparams = checkpoint["hyper_parameters"]
         if hparams.get("stage") != 1:
             raise UserError(f"stage.global_ckpt={path} is not a stage-1 checkpoint")
-        if hparams.get("backbone") != backbone:
-            raise UserError(
-                f"stage.global_ckpt={path} was trained with backbone "
-                f"{hparams.get('backbone')}, not {backbone}"
-            )
-        if hparams.get("output_stride") != output_stride:
-            raise UserError(
-                f"stage.global_ckpt={path} was trained with backbone.output_stride="
-                f"{hparams.get('output_stride')}, not {output_stride}"
-            )
+        trained = backbone_node(hparams["net"])
+        for key in ("name", "output_stride"):
+            if trained.get(key) != backbone.get(key):
+                setting = "backbone" if key == "name" else f"backbone.{key}"
+                raise UserError(
+                    f"stage.global_ckpt={path} was trained with {setting}="
+                    f"{trained.get(key)}, not {backbone.get(key)}"
+                )
+        stage1 = Preprocessing.from_dict(hparams["preprocessing"])
+        for key in GIVEN:
+            if getattr(stage1, key) != getattr(self.preprocessing, key):
+                raise UserError(
+                    f"stage.global_ckpt={path} was trained with data.{key}="
+                    f"{getattr(stage1, key)}, not {getattr(self.preprocessing, key)}: CNN_g sees "
+                    "the view it was trained on"
+                )
         weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()}
-        self.net.global_cnn.load_state_dict(weights)
+        global_cnn.load_state_dict(weights)
 
     def parameter_groups(self) -> list[dict]:
-        """stage.box_lr: the localizer's own learning rate (fc_w, fc_h and learned channel weights)."""
-        if self.hparams.box_lr is None:
+        """localizer.lr: the localizer's own learning rate (its parameters in a group of their own)."""
+        lr = self.net.localizer.lr
+        if lr is None:
             return super().parameter_groups()
         box = [p for p in self.net.localizer.parameters() if p.requires_grad]
         ids = {id(p) for p in box}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": rest}, {"params": box, "lr": self.hparams.box_lr}]
+        return [{"params": rest}, {"params": box, "lr": lr}]
 
     def train(self, mode: bool = True) -> KALMStage:
         super().train(mode)
@@ -128,16 +136,30 @@ class KALMStage(StageModule):
             "boxes": out.boxes,
         }
 
+    def step_generator(self) -> torch.Generator:
+        """What a localizer draws from in this step (random anchors): seeded by the run's seed
+        and the step, so a resumed run draws as the uninterrupted one did."""
+        seed = (self.run_seed * 1_000_003 + self.global_step) % (2**63)
+        return torch.Generator(self.device).manual_seed(seed)
+
     def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
         if batch is None:
             return None
-        out = self(self.prepare_images(batch["image"]))
-        loss = F.cross_entropy(out.local_logits.float(), batch["label"])
+        images = self.prepare_images(batch["image"])
+        logits, crops = self.net.training_outputs(images, self.current_epoch, self.step_generator())
+        labels = batch["label"].repeat_interleave(logits.shape[1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels)
+        if crops.loss is not None:
+            loss = loss + crops.loss
         size = len(batch["label"])
         self.check_finite(loss, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log_dict(
-            {"train/box_w": out.boxes[:, 2].mean(), "train/box_h": out.boxes[:, 3].mean()},
+            {
+                "train/box_w": crops.boxes[..., 2].mean(),
+                "train/box_h": crops.boxes[..., 3].mean(),
+                **crops.logs,
+            },
             batch_size=size,
         )
         return loss

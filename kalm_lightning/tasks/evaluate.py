@@ -11,17 +11,18 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from kalm_lightning.data.geometry import PIXEL_BOX
 from kalm_lightning.data.index import BODY_PARTS, read_lesion_boxes, read_mura_index
 from kalm_lightning.data.mura import MURADataModule
 from kalm_lightning.errors import UserError
-from kalm_lightning.geometry import PIXEL_BOX, localization_scores
-from kalm_lightning.inference import score_dataset
-from kalm_lightning.loggers import finish_wandb, wandb_loggers
-from kalm_lightning.metrics import bootstrap_intervals, score_images
-from kalm_lightning.models.backbone import backbone_normalization
-from kalm_lightning.report import TABLE_COLUMNS, print_summary, table_rows, write_reports
+from kalm_lightning.evaluation.localization import localization_scores
+from kalm_lightning.evaluation.metrics import bootstrap_intervals, score_images
+from kalm_lightning.evaluation.report import TABLE_COLUMNS, print_summary, table_rows, write_reports
+from kalm_lightning.evaluation.studies import PREDICTIONS, prob_column
+from kalm_lightning.models.preprocessing import GIVEN
 from kalm_lightning.stages import load_stage
-from kalm_lightning.studies import PREDICTIONS, prob_column
+from kalm_lightning.tasks.inference import score_dataset
+from kalm_lightning.training.loggers import finish_wandb, wandb_loggers
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,12 @@ def score_table(
 
 def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dict, str]:
     """Run a stage-1 or stage-2 checkpoint over the split and write every report."""
-    module = load_stage(ckpt_path)
-    hp = module.hparams
-    mean, std = backbone_normalization(hp.backbone)
-    data_cfg = {**cfg.data, "image_size": hp.image_size, "source_size": hp.source_size}
+    module = load_stage(ckpt_path, inference=cfg.get("inference"))
+    carried = module.preprocessing
+    carried.refuse_contradictions(cfg.data, ckpt_path)
+    data_cfg = {**cfg.data, **{key: getattr(carried, key) for key in GIVEN}}
     datamodule: MURADataModule = hydra.utils.instantiate(
-        data_cfg, mean=mean, std=std, run_dir=str(out)
+        data_cfg, mean=carried.mean, std=carried.std, run_dir=str(out)
     )
     datamodule.prepare_data()
     part = "test" if cfg.split == "valid" else "train"
@@ -68,12 +69,12 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dic
             metrics["localization"] = localization_scores(frame, lesions)
         boxes = {
             "dataset": dataset,
-            "source_size": hp.source_size,
+            "source_size": carried.source_size,
             "lesions": lesions,
             "count": cfg.box_grid,
         }
-    write_reports(frame, metrics, out, hp.backbone, scores, boxes)
-    return metrics, hp.backbone
+    write_reports(frame, metrics, out, module.backbone_name, scores, boxes)
+    return metrics, module.backbone_name
 
 
 def evaluate_predictions(cfg: DictConfig, csv_path: str, out: Path) -> dict:
@@ -111,13 +112,17 @@ def evaluate_predictions(cfg: DictConfig, csv_path: str, out: Path) -> dict:
 def log_to_loggers(cfg: DictConfig, out: Path, metrics: dict, model: str) -> None:
     """With logger=wandb: the table and the figures in the run as well."""
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    for logger in wandb_loggers(loggers):
-        logger.log_table(
-            "study_table", columns=list(TABLE_COLUMNS), data=table_rows(metrics, model)
-        )
-        images = [str(out / name) for name in ("roc.png", "boxes.png") if (out / name).exists()]
-        logger.log_image("reports", images)
-    finish_wandb(loggers)
+    exit_code = 1
+    try:
+        for logger in wandb_loggers(loggers):
+            logger.log_table(
+                "study_table", columns=list(TABLE_COLUMNS), data=table_rows(metrics, model)
+            )
+            images = [str(out / n) for n in ("roc.png", "boxes.png") if (out / n).exists()]
+            logger.log_image("reports", images)
+        exit_code = 0
+    finally:
+        finish_wandb(loggers, exit_code)
 
 
 def run_evaluation(cfg: DictConfig, out: Path | None = None) -> dict:

@@ -2,7 +2,7 @@
 
 The graph takes the normalised source image [N, 3, S, S] (N free) and returns, for a stage-2
 checkpoint, `prob` (KALM's fused probability), `prob_global`, `prob_local` and `boxes` (x, y, w, h
-in [-1, 1] units, see `kalm_lightning.geometry`); for a stage-1 checkpoint `prob` and `prob_global`.
+in [-1, 1] units, see `kalm_lightning.data.geometry`); for a stage-1 checkpoint `prob` and `prob_global`.
 `<file>.json` beside it says how to make the input from a radiograph.
 """
 
@@ -18,11 +18,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kalm_lightning.errors import UserError, check_choice
-from kalm_lightning.models.backbone import backbone_normalization
+from kalm_lightning.evaluation.studies import THRESHOLD
 from kalm_lightning.models.kalm import KALMNet, resize_view
 from kalm_lightning.stages import load_stage
 from kalm_lightning.stages.base import StageModule
-from kalm_lightning.studies import THRESHOLD
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 
@@ -33,7 +32,7 @@ class ExportedModel(nn.Module):
     def __init__(self, stage: StageModule) -> None:
         super().__init__()
         self.net = stage.net.eval()
-        self.image_size = stage.hparams.image_size
+        self.image_size = stage.preprocessing.image_size
         self.two_stage = isinstance(self.net, KALMNet)
         self.outputs = (
             ["prob", "prob_global", "prob_local", "boxes"]
@@ -51,27 +50,18 @@ class ExportedModel(nn.Module):
 
 
 def preprocessing(stage: StageModule, outputs: list[str]) -> dict:
-    """What a deployer needs to reproduce the input and read the outputs."""
-    hp = stage.hparams
-    mean, std = backbone_normalization(hp.backbone)
+    """What a deployer needs to reproduce the input and read the outputs: the checkpoint's own
+    preprocessing, in words and in numbers."""
+    carried = stage.preprocessing
     return {
         "input": "images",
-        "shape": ["N", 3, hp.source_size, hp.source_size],
-        "steps": [
-            "decode to 8-bit greyscale (DICOM: modality LUT, VOI LUT or window, MONOCHROME1 inverted)",
-            f"resize to {hp.source_size}x{hp.source_size} (bilinear, stretched)",
-            "scale to [0, 1] (divide by 255)",
-            "repeat the grey channel 3 times",
-            "subtract mean and divide by std per channel",
-        ],
-        "source_size": hp.source_size,
-        "image_size": hp.image_size,
-        "mean": list(mean),
-        "std": list(std),
+        "shape": ["N", carried.in_chans, carried.source_size, carried.source_size],
+        "steps": carried.steps(),
+        **carried.to_dict(),
         "outputs": outputs,
         "threshold": THRESHOLD,
-        "backbone": hp.backbone,
-        "stage": hp.stage,
+        "backbone": stage.backbone_name,
+        "stage": stage.stage,
     }
 
 
@@ -110,7 +100,7 @@ def run_export(cfg: DictConfig) -> Path:
         Path(cfg.output) if cfg.output else Path(cfg.paths.run_dir) / f"model{FORMATS[cfg.format]}"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = stage.hparams.source_size
+    size = stage.preprocessing.source_size
     example = torch.zeros(2, 3, size, size)
     with torch.no_grad():
         if cfg.format == "onnx":

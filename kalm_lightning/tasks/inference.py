@@ -10,11 +10,11 @@ from rich.progress import track
 from torch.utils.data import DataLoader
 
 from kalm_lightning.data.dataset import MURADataset, collate_skipping_bad
+from kalm_lightning.data.geometry import PIXEL_BOX, box_to_pixels, to_original_pixels
 from kalm_lightning.data.transfer import model_input
 from kalm_lightning.errors import UserError
-from kalm_lightning.geometry import PIXEL_BOX, box_to_pixels, to_original_pixels
+from kalm_lightning.evaluation.studies import GLOBAL, KALM, SCORES, prob_column
 from kalm_lightning.stages.base import StageModule
-from kalm_lightning.studies import GLOBAL, KALM, SCORES, prob_column
 
 INDEX_COLUMNS = ["path", "image", "study", "body_part", "label"]
 
@@ -71,6 +71,8 @@ def image_table(dataset: MURADataset, outputs: dict, source_size: int) -> pd.Dat
             for box, i in zip(pixels, ids, strict=True)
         ]
         frame[PIXEL_BOX] = np.round(np.array(original), 1)
+        # the box's share of the image (w * h of a box in [-1, 1] units), as large as it is drawn
+        frame["box_area"] = (outputs["boxes"][:, 2] * outputs["boxes"][:, 3]).numpy()
     return frame
 
 
@@ -88,4 +90,4 @@ def score_dataset(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_bad
     )
     outputs = predict_images(module, loader, pick_device(device), precision, progress)
-    return image_table(dataset, outputs, module.hparams.source_size)
+    return image_table(dataset, outputs, module.preprocessing.source_size)

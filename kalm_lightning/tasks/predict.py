@@ -19,16 +19,20 @@ from rich.console import Console
 
 from kalm_lightning.data.dataset import MURADataset
 from kalm_lightning.data.dicom import DICOM_SUFFIXES
+from kalm_lightning.data.geometry import PIXEL_BOX
 from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.data.index import BODY_PARTS, MURA_DIR, read_mura_index
-from kalm_lightning.errors import UserError, check_choice, check_number
-from kalm_lightning.figures import overlay_image
-from kalm_lightning.geometry import PIXEL_BOX
-from kalm_lightning.inference import score_dataset
-from kalm_lightning.models.backbone import backbone_normalization
-from kalm_lightning.settings import RESIZE_MODES
+from kalm_lightning.errors import UserError, check_number
+from kalm_lightning.evaluation.figures import overlay_image
+from kalm_lightning.evaluation.studies import (
+    SCORES,
+    abnormal,
+    prob_column,
+    study_table,
+    write_submission,
+)
 from kalm_lightning.stages import load_stage
-from kalm_lightning.studies import SCORES, abnormal, prob_column, study_table, write_submission
+from kalm_lightning.tasks.inference import score_dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)  # what a header-less CSV lists
 OUTPUTS = (
@@ -141,23 +145,22 @@ def write_overlays(frame: pd.DataFrame, out: Path, threshold: float) -> None:
 def run_prediction(cfg: DictConfig) -> pd.DataFrame:
     """Score every file; write the CSVs (and overlays); exit non-zero when any file failed."""
     check_number("threshold", cfg.threshold, 0, 1)
-    check_choice("resize", cfg.resize, RESIZE_MODES)
     check_number("batch_size", cfg.batch_size, 1, integer=True)
     out = Path(cfg.paths.run_dir)
     module = load_stage(cfg.ckpt_path)
-    hp = module.hparams
+    carried = module.preprocessing
+    carried.refuse_contradictions(cfg.data, cfg.ckpt_path)
     index = collect_images(cfg.images, cfg.split)
     prepare_output(out, cfg.overwrite)
 
     exists = index["path"].map(lambda p: Path(p).is_file())
     skipped_log = out / "skipped_images.csv"
-    mean, std = backbone_normalization(hp.backbone)
     dataset = MURADataset(
         index[exists],
-        hp.source_size,
-        resize=cfg.resize,
-        mean=mean,
-        std=std,
+        carried.source_size,
+        resize=carried.resize,
+        mean=carried.mean,
+        std=carried.std,
         on_bad_image="skip",
         skipped_log=skipped_log,
     )
@@ -207,7 +210,8 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
     failed = int(frame["error"].notna().sum())
     called = int((studies["label"] == 1).sum())
     Console().print(
-        f"{len(frame) - failed} of {len(frame)} files scored by {hp.backbone} (stage {hp.stage}), "
+        f"{len(frame) - failed} of {len(frame)} files scored by {module.backbone_name} (stage "
+        f"{module.stage}), "
         f"{failed} failed; {len(studies)} studies, {called} abnormal at threshold {cfg.threshold}. "
         f"Predictions in {out}"
     )

@@ -21,19 +21,12 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kalm_lightning.errors import UserError
+from kalm_lightning.runs import partial_path
 
 WEIGHTS_ONLY = True  # what every checkpoint load in the project passes to torch.load / Lightning
-
-
-def last_checkpoint(run_dir: str | Path) -> Path:
-    """The checkpoint `ckpt_path=last` continues from: every epoch's end, or a preempted batch."""
-    return Path(run_dir) / "checkpoints" / "last.ckpt"
-
-
-def partial_path(path: Path) -> Path:
-    """The temporary name a file is written under beside path, then renamed to it: a reader (or
-    a kill) never sees half a file."""
-    return path.with_name(f".{path.name}.partial")
+# The layout of a stage's hyper-parameters: 2 = the network as config nodes (`net`, with its
+# localizer's) and the preprocessing recorded (`preprocessing`). Earlier files are refused.
+CHECKPOINT_FORMAT = 2
 
 
 def read_checkpoint(path: str, mmap: bool = False) -> dict:
@@ -55,6 +48,22 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
         raise UserError(f"checkpoint {path} cannot be read ({error})") from error
     if not isinstance(checkpoint, dict):
         raise UserError(f"checkpoint {path} is not a Lightning checkpoint (no dict inside)")
+    return checkpoint
+
+
+def read_trained(path: str, setting: str = "ckpt_path") -> dict:
+    """A checkpoint a stage wrote (its hyper-parameters mapped, tensors not read), refusing in one
+    line a file written before checkpoints carried their network and preprocessing."""
+    checkpoint = read_checkpoint(path, mmap=True)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if hparams.get("stage") not in (1, 2):
+        raise UserError(f"{setting}={path} is not a kalm-lightning stage-1 or stage-2 checkpoint")
+    if hparams.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(
+            f"{setting}={path} was written by an older kalm-lightning (checkpoint format "
+            f"{hparams.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}): it does not record "
+            "its preprocessing or its localizer's config node; train it again with this version"
+        )
     return checkpoint
 
 

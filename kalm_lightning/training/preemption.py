@@ -31,8 +31,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from kalm_lightning.checkpoints import last_checkpoint
 from kalm_lightning.errors import Preempted
+from kalm_lightning.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Preemption(pl.Callback):
     """Turn SIGTERM / SIGUSR1 into a saved checkpoint and a clean stop at a batch boundary.
 
     requeue: on SIGUSR1 inside a SLURM batch job, ask SLURM to requeue the job (the requeued job
-    continues this run: `config.requeued()`)."""
+    continues this run: `runs.requeued()`)."""
 
     def __init__(self, signals: tuple[str, ...] = SIGNALS, requeue: bool = True) -> None:
         self.signals = tuple(signal.Signals[name] for name in signals)
@@ -117,7 +117,7 @@ class Preemption(pl.Callback):
             )
 
     def _last_checkpoint(self, trainer: pl.Trainer) -> Path:
-        return last_checkpoint(trainer.default_root_dir)  # default_root_dir is the run directory
+        return Run(Path(trainer.default_root_dir)).last_checkpoint  # the run directory
 
     def _stop(self, trainer: pl.Trainer, where: str) -> None:
         signum = self.received or signal.SIGTERM  # another rank's signal: stop as for SIGTERM

@@ -1,0 +1,319 @@
+"""The localizer study's report: each row's figures over seeds, the verdicts, the goal, the plots and
+RESULTS.md, all from the runs' records."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from PIL import Image
+from rows import FIXED, GLOBAL_INPUT, GLOBAL_SOURCE, MUST_BEAT, PAPER, Regime, Row
+
+DISCUSSION = "discussion.md"  # beside RESULTS.md: the reading of the results, included in it
+
+
+def mean(values: list[float]) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).mean()) if values else math.nan
+
+
+def spread(values: list[float]) -> float:
+    """Sample standard deviation over seeds (0 for one seed)."""
+    return float(torch.tensor(values, dtype=torch.float64).std()) if len(values) > 1 else 0.0
+
+
+def summarize(regime: Regime, records: dict[str, list[dict]]) -> list[dict]:
+    """Per row of the regime with at least one finished run: mean and spread over seeds."""
+    base = records.get(GLOBAL_INPUT.name) or []
+    base_infer = mean([r["inference_flops"] for r in base])
+    base_train = mean([r["training_flops"] for r in base])
+    summary = []
+    for row in regime.rows:
+        runs = records.get(row.name) or []
+        if not runs:
+            continue
+        figures = {
+            m: [r["study"][row.score][m] for r in runs] for m in ("auroc", "accuracy", "kappa")
+        }
+        located = [r["localization"] for r in runs if r.get("localization") and row.score == "kalm"]
+        summary.append(
+            {
+                "row": row.name,
+                "kind": row.kind,
+                "score": row.score,
+                "seeds": [r["seed"] for r in runs],
+                **{f"{m}_mean": mean(v) for m, v in figures.items()},
+                **{f"{m}_sd": spread(v) for m, v in figures.items()},
+                "auroc_runs": figures["auroc"],
+                "hit_rate": mean([loc["hit_rate"] for loc in located]) if located else None,
+                "hit_rate_sd": spread([loc["hit_rate"] for loc in located]) if located else None,
+                "mean_iou": mean([loc["mean_iou"] for loc in located]) if located else None,
+                "mean_area": mean([loc["mean_area"] for loc in located]) if located else None,
+                "heldout": mean([r["heldout"] for r in runs]),
+                "inference_cost": mean([r["inference_flops"] for r in runs]) / base_infer,
+                "training_cost": mean([r["training_flops"] for r in runs]) / base_train,
+                "minutes": sum(r["seconds"] for r in runs) / 60,
+                "overrides": runs[0]["overrides"],
+            }
+        )
+    return summary
+
+
+def find(summary: list[dict], name: str) -> dict | None:
+    return next((s for s in summary if s["row"] == name), None)
+
+
+def verdict(a: dict, b: dict) -> tuple[str, float]:
+    """'beats', 'loses to' or 'ties with': a difference counts when it exceeds both spreads added."""
+    diff = a["auroc_mean"] - b["auroc_mean"]
+    if len(a["seeds"]) < 2 or len(b["seeds"]) < 2:
+        return "(one seed: no verdict) vs", diff
+    margin = a["auroc_sd"] + b["auroc_sd"]
+    return ("beats" if diff > margin else "loses to" if -diff > margin else "ties with"), diff
+
+
+def goal_lines(regime: Regime, summary: list[dict]) -> list[str]:
+    """The issue's goal for a one-crop localizer, checked row by row (main regime), and the
+    decoy test (D >= 3): hit rate well above 1 / (D + 1)."""
+    lines = []
+    source = find(summary, GLOBAL_SOURCE.name)
+    base = find(summary, GLOBAL_INPUT.name)
+    for s in summary:
+        if s["kind"] != "learned" and s["kind"] != "paper":
+            continue
+        parts = []
+        if s["hit_rate"] is not None:
+            parts.append(f"hit {s['hit_rate']:.1%} {'>=' if s['hit_rate'] >= 0.9 else '<'} 90%")
+            parts.append(f"IoU {s['mean_iou']:.3f} {'>=' if s['mean_iou'] >= 0.3 else '<'} 0.3")
+            parts.append(f"box area {s['mean_area']:.1%}")
+        beaten = []
+        for other in MUST_BEAT:
+            o = find(summary, other.name)
+            if o is not None:
+                word, diff = verdict(s, o)
+                beaten.append((other.name, word, diff))
+        parts += [f"{word} {name} ({diff:+.3f})" for name, word, diff in beaten]
+        if source is not None:
+            gap = source["auroc_mean"] - s["auroc_mean"]
+            parts.append(f"{gap:+.3f} below global @ source ({'<=' if gap <= 0.03 else '>'} 0.03)")
+        if base is not None:
+            parts.append(f"{s['inference_cost']:.2f}x the inference cost of global @ input")
+        met = (
+            s["hit_rate"] is not None
+            and s["hit_rate"] >= 0.9
+            and s["mean_iou"] >= 0.3
+            and len(beaten) == len(MUST_BEAT)
+            and all(word == "beats" for _, word, _ in beaten)
+            and source is not None
+            and source["auroc_mean"] - s["auroc_mean"] <= 0.03
+            and s["inference_cost"] <= 2.2
+        )
+        lines.append(
+            f"- **{s['row']}**: {'MEETS' if met else 'misses'} the goal: " + "; ".join(parts) + "."
+        )
+    if regime.decoys:
+        chance = 1 / (regime.decoys + 1)
+        for s in summary:
+            if s["hit_rate"] is not None and s["kind"] in ("learned", "paper", "ceiling"):
+                lines.append(
+                    f"- {s['row']}: hit rate {s['hit_rate']:.1%} against 1 / (D + 1) = {chance:.0%}."
+                )
+    return lines
+
+
+def fmt(value: float | None, sd: float | None = None, percent: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    text = f"{value:.1%}" if percent else f"{value:.3f}"
+    if sd is not None:
+        text += f" ± {sd:.1%}" if percent else f" ± {sd:.3f}"
+    return text
+
+
+def table(summary: list[dict]) -> list[str]:
+    lines = [
+        "| row | seeds | AUROC | accuracy | kappa | hit rate | IoU | box area | infer cost | train cost | minutes | hold-out |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['row']} | {len(s['seeds'])} | {fmt(s['auroc_mean'], s['auroc_sd'])} | "
+            f"{fmt(s['accuracy_mean'], s['accuracy_sd'], True)} | {fmt(s['kappa_mean'], s['kappa_sd'])} | "
+            f"{fmt(s['hit_rate'], s['hit_rate_sd'], True)} | {fmt(s['mean_iou'])} | "
+            f"{fmt(s['mean_area'], percent=True)} | {s['inference_cost']:.2f}x | "
+            f"{s['training_cost']:.2f}x | {s['minutes']:.1f} | {fmt(s['heldout'])} |"
+        )
+    return lines
+
+
+def plot_cost(summary: list[dict], path: Path, title: str) -> None:
+    figure, axis = plt.subplots(figsize=(7.5, 5), dpi=110)
+    for s in summary:
+        axis.errorbar(s["inference_cost"], s["auroc_mean"], yerr=s["auroc_sd"], fmt="o", capsize=3)
+        axis.annotate(
+            s["row"],
+            (s["inference_cost"], s["auroc_mean"]),
+            fontsize=7,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
+    axis.set_xscale("log")
+    axis.set_xlabel("inference FLOPs per image (global CNN at input size = 1, log scale)")
+    axis.set_ylabel("study AUROC (mean ± sd over seeds)")
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_sweep(sweep: list[tuple[float, list[dict]]], rows: tuple[Row, ...], out: Path) -> None:
+    """AUROC gain over global @ input, and hit rate, against c."""
+    figure, (gain, hits) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for row in rows:
+        if row.name == GLOBAL_INPUT.name:
+            continue
+        points = []
+        for cue, summary in sweep:
+            s, base = find(summary, row.name), find(summary, GLOBAL_INPUT.name)
+            if s is not None and base is not None:
+                points.append(
+                    (cue, s["auroc_mean"] - base["auroc_mean"], s["auroc_sd"], s["hit_rate"])
+                )
+        if not points:
+            continue
+        cues, diffs, sds, rates = zip(*points, strict=True)
+        gain.errorbar(cues, diffs, yerr=sds, marker="o", capsize=3, label=row.name)
+        if rates[0] is not None:
+            hits.plot(cues, rates, marker="o", label=row.name)
+    gain.axhline(0, color="grey", linewidth=1, linestyle=":")
+    gain.set(xlabel="blob contrast c", ylabel="study AUROC minus global @ input")
+    hits.set(xlabel="blob contrast c", ylabel="lesion centre inside the box", ylim=(0, 1.02))
+    gain.legend(fontsize=7)
+    hits.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "sweep.png")
+    plt.close(figure)
+
+
+def side_by_side(paths: list[Path], out: Path) -> bool:
+    """boxes.png of two runs side by side (red: the run's box, green: the true lesion)."""
+    if not all(p.is_file() for p in paths):
+        return False
+    tiles = [Image.open(p).convert("RGB") for p in paths]
+    gap = 16
+    canvas = Image.new(
+        "RGB", (sum(t.width for t in tiles) + gap, max(t.height for t in tiles)), "white"
+    )
+    canvas.paste(tiles[0], (0, 0))
+    canvas.paste(tiles[1], (tiles[0].width + gap, 0))
+    canvas.save(out)
+    return True
+
+
+def write(
+    out: Path,
+    regimes: list[tuple[Regime, list[dict]]],
+    sweep: list[tuple[float, list[dict]]],
+    sweep_rows: tuple[Row, ...],
+    best: Row,
+    setting: list[str],
+    command: str,
+    left: int,
+    boxes: bool,
+) -> str:
+    lines = [
+        "# Where does the localizer find the key area? (synthetic, `experiment=localizer`)",
+        "",
+        "Generated by `experiments/localizers/study.py` from the records in `results/` (one JSON per",
+        "run and seed). Study-level figures on the synthetic valid split; checkpoints and the best",
+        "new localizer were chosen on a patient-disjoint hold-out of train (its study AUROC).",
+        "",
+    ]
+    if left:
+        lines += [
+            f"**Partial: {left} planned run(s) have not run yet.** Rows show the seeds finished.",
+            "",
+        ]
+    lines += [
+        "## Setting",
+        "",
+        *setting,
+        f"- Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}.",
+        "",
+    ]
+    for regime, summary in regimes:
+        fixed = find(summary, FIXED.name)
+        lines += [f"## {regime.label}", ""]
+        if fixed is not None and fixed["hit_rate"] is not None:
+            lines += [
+                f"A fixed centred box of half the sides holds the lesion centre in {fixed['hit_rate']:.1%} of lesioned images.",
+                "",
+            ]
+        lines += [*table(summary), ""]
+        goal = goal_lines(regime, summary)
+        if goal:
+            lines += [
+                "Against the goal (differences count when they exceed both spreads added):",
+                "",
+                *goal,
+                "",
+            ]
+        plot_cost(summary, out / f"cost-{regime.name}.png", regime.label)
+        lines += [f"![AUROC against inference cost, {regime.name}](cost-{regime.name}.png)", ""]
+    if sweep:
+        plot_sweep(sweep, sweep_rows, out)
+        lines += [
+            "## The sweep of c (reduced rows)",
+            "",
+            f"Best new localizer on the main regime's hold-out: **{best.name}**.",
+            "",
+        ]
+        for cue, summary in sweep:
+            lines += [f"### c = {cue:g}", "", *table(summary), ""]
+        lines += ["![AUROC gain and hit rate against c](sweep.png)", ""]
+    if boxes:
+        lines += [
+            f"![Boxes of the paper's KALM (left) and {best.name} (right), main regime, seed 0; red: chosen box, green: lesion](boxes.png)",
+            "",
+        ]
+    if (out / DISCUSSION).is_file():
+        lines += [
+            "## Reading (written after the runs)",
+            "",
+            (out / DISCUSSION).read_text().strip(),
+            "",
+        ]
+    lines += [
+        "Columns: hit rate = lesion centre inside the box; IoU = box against the lesion's box; box area =",
+        "the box's share of the image; costs = FLOPs per image over global @ input's (inference: one",
+        "image, every score; training: forward and backward, averaged over the run's epochs, teacher",
+        "passes included); minutes = wall time of training and evaluation summed over the seeds.",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "Finished runs are read back from `results/`; delete a file there to train that run again.",
+        "",
+    ]
+    text = "\n".join(lines)
+    (out / "RESULTS.md").write_text(text)
+    (out / "summary.json").write_text(
+        json.dumps(
+            {r.name: s for r, s in regimes} | {f"sweep-c{c:g}": s for c, s in sweep}, indent=2
+        )
+        + "\n"
+    )
+    return text
+
+
+__all__ = ["PAPER", "summarize", "write"]

@@ -1,0 +1,164 @@
+"""The localizer study's rows and regimes: what each row trains, and which runs each regime holds.
+
+A row is a stage-1 run (a global CNN) or a stage-2 run on the input-size stage-1 run of the same
+seed, named by its overrides; the same overrides are the same run, shared by the rows that need
+it. A regime is a setting of the synthetic generator (`data.synthetic.cue`, `decoys`,
+`attribute`); each seed draws its own data as well as its own initialisation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+INPUT, SOURCE, MATCHED = 80, 160, 113  # CNN input, source, and the side whose FLOPs match KALM's
+QUICK_INPUT, QUICK_SOURCE, QUICK_MATCHED = 64, 128, 90
+STAGE2_EPOCHS = 5  # stage 1 trains the preset's 4; every stage-2 row (navigator warm-up included) 5
+
+NAVIGATOR = ("localizer=navigator",)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    score: str  # which of the run's scores the row reports: global or kalm
+    stage1: tuple[str, ...] = ()  # overrides of the stage-1 run
+    stage2: tuple[str, ...] | None = None  # overrides of the stage-2 run; None: a stage-1 row
+    inference: str | None = None  # "mil": the stage-2 run's checkpoint scored over every anchor
+    kind: str = "baseline"  # baseline | paper | control | learned (a new localizer) | ceiling
+
+    @property
+    def learned(self) -> bool:
+        return self.kind == "learned"
+
+
+def quick(overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """The same overrides at --quick's sizes."""
+    sizes = {str(INPUT): QUICK_INPUT, str(SOURCE): QUICK_SOURCE, str(MATCHED): QUICK_MATCHED}
+    return tuple(re.sub(r"=(\d+)$", lambda m: f"={sizes.get(m[1], m[1])}", o) for o in overrides)
+
+
+GLOBAL_INPUT = Row(f"global CNN @ input ({INPUT} px)", "global")
+GLOBAL_SOURCE = Row(f"global CNN @ source ({SOURCE} px)", "global", (f"data.image_size={SOURCE}",))
+GLOBAL_MATCHED = Row(
+    f"global CNN, cost-matched ({MATCHED} px)", "global", (f"data.image_size={MATCHED}",)
+)
+PAPER = Row("KALM (paper)", "kalm", (), ("localizer=kalm",), kind="paper")
+CAM = Row("KALM, CAM aggregation", "kalm", (), ("localizer=kalm", "localizer.aggregation=cam"))
+NAV_MAP = Row(
+    "navigator on CNN_g's map", "kalm", (), (*NAVIGATOR, "localizer.reads=map"), kind="learned"
+)
+NAV_VIEW = Row(
+    "navigator, scout on the view", "kalm", (), (*NAVIGATOR, "localizer.reads=view"), kind="learned"
+)
+NAV_SOURCE = Row(
+    "navigator, scout on the source",
+    "kalm",
+    (),
+    (*NAVIGATOR, "localizer.reads=source"),
+    kind="learned",
+)
+REINFORCE = Row(
+    "navigator (view) + REINFORCE",
+    "kalm",
+    (),
+    (*NAVIGATOR, "localizer.reads=view", "localizer.policy=reinforce"),
+    kind="learned",
+)
+MIL = Row(
+    "MIL ceiling: every anchor, max (view run)",
+    "kalm",
+    (),
+    NAV_VIEW.stage2,
+    inference="mil",
+    kind="ceiling",
+)
+FULL = Row("control: whole image", "kalm", (), ("localizer=full",), kind="control")
+FIXED = Row("control: fixed centred box", "kalm", (), ("localizer=fixed",), kind="control")
+RANDOM = Row("control: random anchor", "kalm", (), ("localizer=random",), kind="control")
+
+ROWS = [
+    GLOBAL_INPUT,
+    GLOBAL_SOURCE,
+    GLOBAL_MATCHED,
+    PAPER,
+    CAM,
+    NAV_MAP,
+    NAV_VIEW,
+    NAV_SOURCE,
+    REINFORCE,
+    MIL,
+    FULL,
+    FIXED,
+    RANDOM,
+]
+LEARNED = [row for row in ROWS if row.learned]
+# What a one-crop localizer must beat in the main regime (the issue's goal), by the spreads added.
+MUST_BEAT = [GLOBAL_INPUT, GLOBAL_MATCHED, FULL, FIXED, RANDOM]
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str  # a file-name-safe key
+    label: str
+    cue: float
+    decoys: int = 0
+    attribute: float = 0.0
+    rows: tuple[Row, ...] = tuple(ROWS)
+    # rows a conclusion rests on get more seeds (the goal's comparisons, in the main regime)
+    key_rows: tuple[Row, ...] = ()
+    main: bool = False
+
+    def overrides(self) -> tuple[str, ...]:
+        return (
+            f"data.synthetic.cue={self.cue}",
+            f"data.synthetic.decoys={self.decoys}",
+            f"data.synthetic.attribute={self.attribute}",
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    regimes: list[Regime]
+    sweep: list[Regime] = field(default_factory=list)  # the reduced rows over c
+
+
+KEY = (
+    GLOBAL_INPUT,
+    GLOBAL_SOURCE,
+    GLOBAL_MATCHED,
+    PAPER,
+    NAV_MAP,
+    NAV_VIEW,
+    NAV_SOURCE,
+    *MUST_BEAT[2:],
+)
+REGIMES = [
+    Regime("c0", "c = 0: nothing to find at the input size", 0.0),
+    Regime(
+        "c0.5",
+        "c = 0.5, D = 0: found at the input size, decided at the source",
+        0.5,
+        key_rows=KEY,
+        main=True,
+    ),
+    Regime("c0.5-d3-a0.3", "c = 0.5, D = 3, lesion blob 30% brighter", 0.5, 3, 0.3),
+]
+
+
+def sweep_rows(best: Row) -> tuple[Row, ...]:
+    """The reduced set on the sweep of c: the global CNN at both sizes, the paper's KALM, the best
+    new localizer (chosen on the hold-out of the main regime) and the fixed box."""
+    return (GLOBAL_INPUT, GLOBAL_SOURCE, PAPER, best, FIXED)
+
+
+SWEEP_CUES = (0.0, 0.2, 0.5, 1.0)  # 0 and 0.5 are the full regimes' runs, read back
+
+
+def slug(row: Row) -> str:
+    """A run's file name from its overrides: the same overrides are the same run."""
+    if row.stage2 is None:
+        name = "-".join(["s1", *row.stage1])
+    else:
+        name = "-".join(["s2", *row.stage1, *row.stage2])
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name.replace("=", "-"))

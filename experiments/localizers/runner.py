@@ -1,0 +1,190 @@
+"""The localizer study's runner: trains and evaluates each run through the project's own code
+(Hydra compose, `train_stage`, `run_evaluation`), and keeps one JSON record per finished run.
+
+Resumable: a run whose record exists is read back, never trained again. `max_minutes` stops the
+runner before it starts a run past that time, so that long plans go in parts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rows import GLOBAL_INPUT, STAGE2_EPOCHS, Regime, Row, quick, slug
+from torch.utils.flop_counter import FlopCounterMode
+
+from kalm_lightning.config import compose_config
+from kalm_lightning.runs import Run
+from kalm_lightning.stages import load_stage
+from kalm_lightning.tasks.evaluate import run_evaluation
+from kalm_lightning.tasks.train import evaluation_config, train_stage
+
+QUICK = (
+    "data.image_size=64",
+    "data.source_size=128",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.synthetic.train_studies=24",
+    "data.synthetic.valid_studies=12",
+    "data.synthetic.max_size=96",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "trainer.log_every_n_steps=1",
+)
+
+
+class OutOfTime(Exception):
+    """The runner reached its time limit before this run: a later invocation continues."""
+
+
+class Study:
+    def __init__(self, out: Path, work: Path, quick_sizes: bool, max_minutes: float | None) -> None:
+        self.out, self.work, self.quick = out, work, quick_sizes
+        self.deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
+        self.trained = 0
+        self.base = [
+            "experiment=localizer",
+            "~callbacks.progress_bar",
+            "logger=csv",
+            f"paths.output_root={work / 'outputs'}",
+            f"paths.data_root={work / 'data'}",
+            *(QUICK if quick_sizes else ()),
+        ]
+
+    def config(self, regime: Regime, seed: int, stage: int, overrides: tuple[str, ...]):
+        """The composed config of one run: each seed draws its own data and initialisation."""
+        return compose_config(
+            "train",
+            [
+                *self.base,
+                *regime.overrides(),
+                f"data.synthetic.seed={seed}",
+                f"data.root={self.work / 'data' / f'{regime.name}-seed{seed}'}",
+                f"stage={stage}",
+                f"seed={seed}",
+                *(quick(overrides) if self.quick else overrides),
+            ],
+        )
+
+    def record_path(self, regime: Regime, row: Row, seed: int) -> Path:
+        mil = "-mil" if row.inference else ""
+        return self.out / "results" / regime.name / f"{slug(row)}{mil}-seed{seed}.json"
+
+    def read(self, regime: Regime, row: Row, seed: int) -> dict | None:
+        path = self.record_path(regime, row, seed)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def run(self, regime: Regime, row: Row, seed: int) -> dict:
+        """Train and evaluate one run, or read it back when it is finished already."""
+        record = self.read(regime, row, seed)
+        if record is not None:
+            return record
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OutOfTime
+        if row.inference:
+            trained = self.run(regime, Row(row.name, row.score, row.stage1, row.stage2), seed)
+            return self.evaluate_again(regime, row, seed, trained)
+        start = time.perf_counter()
+        run_dir = self.work / "runs" / regime.name / f"seed{seed}" / slug(row)
+        if row.stage2 is None:
+            cfg = self.config(regime, seed, 1, row.stage1)
+        else:
+            stage1 = self.run(regime, GLOBAL_INPUT, seed)["ckpt"]
+            epochs = () if self.quick else (f"trainer.max_epochs={STAGE2_EPOCHS}",)
+            cfg = self.config(
+                regime, seed, 2, (*row.stage2, *epochs, f"stage.global_ckpt='{stage1}'")
+            )
+        result = train_stage(cfg, run_dir)
+        self.trained += 1
+        evaluation = evaluation_config(cfg, result["best_ckpt"])
+        metrics = run_evaluation(evaluation, Run(run_dir).evaluation)
+        record = {
+            "regime": regime.name,
+            "run": slug(row),
+            "seed": seed,
+            "overrides": [*row.stage1, *(row.stage2 or ())],
+            "stage": result["stage"],
+            "ckpt": result["best_ckpt"],
+            "selection_metric": result["selection_metric"],
+            "heldout": result["best_val_score"],  # on the hold-out of train (what selects)
+            "study": {k: v["study"] for k, v in metrics.items() if "study" in v},
+            "localization": metrics.get("localization"),
+            **costs(result["best_ckpt"], cfg),
+            "seconds": time.perf_counter() - start,
+        }
+        self.write(regime, row, seed, record)
+        return record
+
+    def evaluate_again(self, regime: Regime, row: Row, seed: int, trained: dict) -> dict:
+        """A trained run's checkpoint scored with another inference (the MIL ceiling)."""
+        start = time.perf_counter()
+        cfg = self.config(regime, seed, 2, row.stage2)
+        evaluation = evaluation_config(cfg, trained["ckpt"])
+        evaluation.inference = row.inference
+        out = self.work / "runs" / regime.name / f"seed{seed}" / f"{slug(row)}-{row.inference}"
+        metrics = run_evaluation(evaluation, out)
+        record = {
+            **trained,
+            "run": f"{slug(row)}-{row.inference}",
+            "study": {k: v["study"] for k, v in metrics.items() if "study" in v},
+            "localization": metrics.get("localization"),
+            "inference_flops": inference_flops(trained["ckpt"], cfg, row.inference),
+            "seconds": trained["seconds"] + time.perf_counter() - start,
+        }
+        self.write(regime, row, seed, record)
+        return record
+
+    def write(self, regime: Regime, row: Row, seed: int, record: dict) -> None:
+        path = self.record_path(regime, row, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+
+    def boxes_figure(self, regime: Regime, row: Row, seed: int) -> Path:
+        mil = f"-{row.inference}" if row.inference else ""
+        run = self.work / "runs" / regime.name / f"seed{seed}" / f"{slug(row)}{mil}"
+        return (run if mil else Run(run).evaluation) / "boxes.png"
+
+
+def inference_flops(ckpt: str, cfg, inference: str | None = None) -> float:
+    """Floating-point operations of one image's inference (every score of the run)."""
+    module = load_stage(ckpt, inference=inference)
+    size = cfg.data.source_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module.score(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def training_flops(ckpt: str, cfg) -> float:
+    """Floating-point operations of training on one image (forward and backward), averaged over
+    the run's epochs (a navigator's warm-up costs less than its distillation)."""
+    module = load_stage(ckpt).train()
+    size, epochs = cfg.data.source_size, int(cfg.trainer.max_epochs)
+    images = torch.zeros(2, 3, size, size)  # two: BatchNorm trains on a batch
+    labels = torch.zeros(2, dtype=torch.long)
+    total = 0.0
+    for epoch in range(epochs):
+        with FlopCounterMode(display=False) as counter:
+            if module.stage == 1:
+                loss = F.cross_entropy(module(images), labels)
+            else:
+                generator = torch.Generator().manual_seed(epoch)
+                logits, crops = module.net.training_outputs(images, epoch, generator)
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1])
+                )
+                if crops.loss is not None:
+                    loss = loss + crops.loss
+            loss.backward()
+        module.zero_grad()
+        total += counter.get_total_flops() / len(images)
+    return total / epochs
+
+
+def costs(ckpt: str, cfg) -> dict[str, float]:
+    return {
+        "inference_flops": inference_flops(ckpt, cfg),
+        "training_flops": training_flops(ckpt, cfg),
+    }

@@ -1,0 +1,129 @@
+"""The localizer study: when does a localizer find the key area, and which one learns to?
+
+    python experiments/localizers/study.py [--max-minutes 85]   # or: make study; resumable
+    python experiments/localizers/study.py --quick --out DIR --work DIR   # tiny sizes, for the tests
+
+Every row trains and evaluates through the project's own code on the `experiment=localizer`
+preset (rows.py: rows and regimes; runner.py: training and records; report.py: RESULTS.md). The
+main regime (c = 0.5, D = 0) runs first, 5 seeds for the rows its conclusions rest on and 3 for the
+others, then c = 0 and the decoy regime (3 seeds), then the sweep of c on the reduced rows, with
+the new localizer that scored best on the main regime's hold-out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from report import mean, side_by_side, summarize, write  # noqa: E402
+from rows import LEARNED, PAPER, REGIMES, SWEEP_CUES, Regime, Row, sweep_rows  # noqa: E402
+from runner import OutOfTime, Study  # noqa: E402
+
+
+def seeds_of(regime: Regime, row: Row, quick: bool) -> list[int]:
+    if quick:
+        return [0]
+    return list(range(5)) if row in regime.key_rows else list(range(3))
+
+
+def cues(quick: bool) -> tuple[float, ...]:
+    return (0.5, 1.0) if quick else SWEEP_CUES  # --quick: the main regime and one more c
+
+
+def regimes_of(quick: bool) -> list[Regime]:
+    return [r for r in REGIMES if r.main] if quick else REGIMES
+
+
+def sweep_regime(cue: float, best: Row) -> Regime:
+    known = {r.cue: r for r in REGIMES if not r.decoys and not r.attribute}
+    name = known[cue].name if cue in known else f"c{cue:g}"
+    return Regime(name, f"c = {cue:g}, D = 0", cue, rows=sweep_rows(best))
+
+
+def best_learned(study: Study, main: Regime, quick: bool) -> Row:
+    """The new localizer with the best mean hold-out figure in the main regime (never valid)."""
+    scored = []
+    for row in LEARNED:
+        runs = [study.read(main, row, s) for s in seeds_of(main, row, quick)]
+        runs = [r for r in runs if r is not None]
+        if runs:
+            scored.append((mean([r["heldout"] for r in runs]), row.name, row))
+    return max(scored)[2] if scored else LEARNED[0]
+
+
+def collect(study: Study, regime: Regime, quick: bool) -> dict[str, list[dict]]:
+    records = {}
+    for row in regime.rows:
+        runs = [study.read(regime, row, s) for s in seeds_of(regime, row, quick)]
+        records[row.name] = [r for r in runs if r is not None]
+    return records
+
+
+def planned(regimes: list[Regime], quick: bool) -> list[tuple[Regime, Row, int]]:
+    return [(g, row, s) for g in regimes for row in g.rows for s in seeds_of(g, row, quick)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: for tests, not results")
+    parser.add_argument("--out", type=Path, default=HERE, help="results/, RESULTS.md and plots")
+    parser.add_argument("--work", type=Path, default=Path("outputs/localizers"), help="data, runs")
+    parser.add_argument("--max-minutes", type=float, help="start no run after this many minutes")
+    parser.add_argument("--regimes", nargs="+", help="only these regimes (and no sweep)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    study = Study(args.out.resolve(), args.work.resolve(), args.quick, args.max_minutes)
+    regimes = [r for r in regimes_of(args.quick) if not args.regimes or r.name in args.regimes]
+    main_regime = next(r for r in REGIMES if r.main)
+    stopped = False
+    try:
+        for regime, row, seed in planned(regimes, args.quick):
+            study.run(regime, row, seed)
+        if not args.regimes:
+            best = best_learned(study, main_regime, args.quick)
+            for regime, row, seed in planned(
+                [sweep_regime(c, best) for c in cues(args.quick)], args.quick
+            ):
+                study.run(regime, row, seed)
+    except OutOfTime:
+        stopped = True
+    best = best_learned(study, main_regime, args.quick)
+    sweep = [sweep_regime(c, best) for c in cues(args.quick)]
+    everything = [*regimes_of(args.quick), *sweep]
+    left = sum(study.read(g, row, s) is None for g, row, s in planned(everything, args.quick))
+    summaries = [(g, summarize(g, collect(study, g, args.quick))) for g in regimes_of(args.quick)]
+    sweeps = [(g.cue, summarize(g, collect(study, g, args.quick))) for g in sweep]
+    cfg = study.config(main_regime, 0, 2, ())
+    setting = [
+        f"- Data per seed: {cfg.data.synthetic.train_studies} train / {cfg.data.synthetic.valid_studies} valid studies "
+        f"(abnormal rate {cfg.data.synthetic.abnormal_rate}), lesions `{list(cfg.data.synthetic.lesions)}`: stripes of "
+        f"period 3 px filling a blob of diameter {cfg.data.synthetic.blob_size:.0%} of the shorter side; limbs shifted "
+        f"by up to {cfg.data.synthetic.layout_jitter:.0%}; blob centres uniform over the bones.",
+        f"- ResNet18 from scratch, CNN input {cfg.data.image_size} px, source {cfg.data.source_size} px, batch "
+        f"{cfg.data.batch_size}, {cfg.trainer.max_epochs} epochs per stage, Adam lr {cfg.model.optimizer.lr}, "
+        f"selection by {cfg.model.selection_metric} on a hold-out of {cfg.data.val_from_train:.0%} of train patients.",
+        f"- Navigators: {cfg.localizer.get('grid', 5)}x{cfg.localizer.get('grid', 5)} anchors of half-extent "
+        "0.5 (a quarter of the image), CNN_l warmed up 1 epoch on random anchors, teacher: CNN_l pooled over the source.",
+        "- Seeds: 0-4 for the rows the main regime's conclusions rest on, 0-2 for the others; each seed "
+        "draws its own data (`data.synthetic.seed`) and its own initialisation (`seed`).",
+        f"- This invocation: {(time.perf_counter() - start) / 60:.1f} min wall, {study.trained} runs trained, "
+        "the rest read back.",
+    ]
+    paper = (main_regime, PAPER, 0)
+    boxes = side_by_side(
+        [study.boxes_figure(*paper), study.boxes_figure(main_regime, best, 0)],
+        study.out / "boxes.png",
+    )
+    command = "python experiments/localizers/study.py" + (" --quick" if args.quick else "")
+    write(study.out, summaries, sweeps, sweep[0].rows, best, setting, command, left, boxes)
+    state = f"stopped at the time limit, {left} run(s) left: run it again" if stopped else "done"
+    print(f"{study.trained} runs trained; {state}; results in {study.out / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The OmegaConf resolvers the configs use (`${kalm_run_dir:...}` and the others)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from kalm_lightning import runs
+
+
+def sweep_group(fallback: str) -> str:
+    """The sweep directory's name (multirun/<timestamp>) for a multirun job, else fallback."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"sweep-{Path(HydraConfig.get().sweep.dir).name}"
+    return fallback
+
+
+def register_resolvers() -> None:
+    """Resolvers the configs use; safe to call more than once."""
+    if not OmegaConf.has_resolver("kalm_run_dir"):
+        # A training run's directory: new, or the one ckpt_path=last continues (runs.run_dir).
+        OmegaConf.register_new_resolver(
+            "kalm_run_dir",
+            lambda parent, ckpt=None: str(runs.run_dir(Path(parent), ckpt)),
+            use_cache=True,
+        )
+    if not OmegaConf.has_resolver("kalm_first"):
+        # The first value that is set: predict's output=DIR, else its timestamped default.
+        OmegaConf.register_new_resolver("kalm_first", lambda *values: next(v for v in values if v))
+    if not OmegaConf.has_resolver("kalm_group"):
+        # A W&B group: the sweep's name in a multirun (its jobs side by side), else the fallback.
+        OmegaConf.register_new_resolver("kalm_group", sweep_group)
+    if not OmegaConf.has_resolver("kalm_job_dir"):
+        # A multirun job's directory: its swept overrides, or job<N> when a sweep varies nothing.
+        OmegaConf.register_new_resolver("kalm_job_dir", lambda name, num: name or f"job{num}")

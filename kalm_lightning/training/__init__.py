@@ -1,0 +1,1 @@
+"""Training machinery below the LightningModules: checkpoint files, preemption, loggers, DDP jobs."""

@@ -1,0 +1,58 @@
+"""DDP inside a Hydra multirun: each job's further ranks join that job alone, then leave."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import open_dict, read_write
+
+from kalm_lightning.config import quote_numeric_choices
+
+DDP_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def pin_job_for_other_ranks() -> None:
+    """In a multirun, make DDP's further ranks join this job instead of re-running the sweep.
+
+    Lightning starts each further rank as `python -m kalm_lightning.train <sys.argv[1:]>
+    hydra.run.dir=<HydraConfig run.dir>`. In a multirun that argv is the whole sweep (`-m seed=1,2`),
+    so each rank ran every job again in a sweep directory of its own. The ranks get this job's own
+    overrides and its own directory instead."""
+    if not multirun():
+        return
+    hydra_cfg = HydraConfig.get()
+    sys.argv[1:] = quote_numeric_choices(list(hydra_cfg.overrides.task))
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+@contextmanager
+def one_ddp_job() -> Iterator[None]:
+    """A multirun job's DDP ranks belong to that job alone.
+
+    The further ranks are pointed at this job (`pin_job_for_other_ranks`); afterwards the process
+    group is closed and the variables Lightning's launcher set in this process are removed, so the
+    next job of the sweep starts its own ranks instead of talking to the finished job's."""
+    before = {key: os.environ.get(key) for key in DDP_ENVIRONMENT}
+    pin_job_for_other_ranks()
+    try:
+        yield
+    finally:
+        if multirun():
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

@@ -1,0 +1,171 @@
+"""The localizers beyond the paper's, each against an independent computation: anchors, box
+pooling, the navigator's teacher and policy, the MIL ceiling, the controls, and building one from
+its config node."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from kalm_lightning.config import config_dir
+from kalm_lightning.errors import UserError
+from kalm_lightning.models import KALMNet, Navigator, RandomAnchor
+from kalm_lightning.models.localizer import (
+    LocalizerInputs,
+    anchor_grid,
+    box_pooling,
+    build_localizer,
+)
+
+
+def node(name: str, **options) -> dict:
+    """conf/localizer/<name>.yaml as a config node, with options."""
+    yaml = OmegaConf.load(config_dir() / "localizer" / f"{name}.yaml")
+    return {**OmegaConf.to_container(yaml), **options}
+
+
+def net_with(name: str, **options) -> KALMNet:
+    torch.manual_seed(0)
+    return KALMNet("resnet18", image_size=64, source_size=128, localizer=node(name, **options))
+
+
+def test_anchor_grids_cover_the_image_at_each_size() -> None:
+    anchors = anchor_grid([3, 5], [0.5, 0.3])
+    assert anchors.shape == (9 + 25, 4)
+    assert anchors[:9, 2:].eq(0.5).all() and torch.allclose(anchors[9:, 2:], torch.tensor(0.3))
+    for size in (slice(0, 9), slice(9, None)):
+        boxes = anchors[size]
+        points = torch.rand(500, 2) * 2 - 1
+        inside = (points[:, None] - boxes[None, :, :2]).abs() <= boxes[None, :, 2:]
+        assert inside.all(dim=2).any(dim=1).all()  # every point lies in some anchor of each size
+
+
+def test_box_pooling_is_the_average_of_the_map_inside_the_box() -> None:
+    torch.manual_seed(1)
+    score = torch.randn(2, 8, 6)
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 1.0, 1.0],  # the whole map
+            [-0.5, -0.25, 0.5, 0.75],
+            [1 / 3, 0.25, 1 / 3, 0.25],  # not aligned with the cells: area-weighted
+        ]
+    )
+    pooled = score.flatten(1) @ box_pooling(boxes, 8, 6).T
+    torch.testing.assert_close(pooled[:, 0], score.mean(dim=(1, 2)))
+    # box 2 spans x in [-1, 0] (columns 0-2 of 6) and y in [-1, 0.5] (rows 0-5 of 8)
+    torch.testing.assert_close(pooled[:, 1], score[:, 0:6, 0:3].mean(dim=(1, 2)))
+    # box 3 spans x in [0, 2/3] (columns 3, 4) and y in [0, 0.5] (rows 4, 5), exactly whole cells
+    torch.testing.assert_close(pooled[:, 2], score[:, 4:6, 3:5].mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("reads", ["map", "view", "source"])
+def test_the_navigators_target_is_the_anchor_cnn_l_finds_most_abnormal(reads: str) -> None:
+    net = net_with("navigator", reads=reads, warmup_epochs=1, grid=3)
+    images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    anchors = net.localizer.anchors
+    teacher = net.pooled_scores(images, anchors.expand(4, -1, -1))  # computed here, on its own
+    net.train()
+    logits, crops = net.training_outputs(
+        images, epoch=1, generator=torch.Generator().manual_seed(3)
+    )
+    best = teacher.argmax(dim=1)
+    assert torch.equal(crops.boxes[:, 0], anchors[best])  # CNN_l trains on the best anchor...
+    assert crops.boxes.shape == (4, 2, 4) and logits.shape == (4, 2, 2)  # ...and a drawn one
+    assert all(any(torch.equal(b, a) for a in anchors) for b in crops.boxes[:, 1])
+    nav_logits = net.localizer.anchor_logits(net.inputs(images))
+    torch.testing.assert_close(crops.loss, F.cross_entropy(nav_logits, best))
+    crops.loss.backward()
+    assert all(p.grad is not None for p in net.localizer.head.parameters())
+
+
+def test_the_teachers_crops_and_pooled_scores_agree_on_the_whole_image() -> None:
+    net = net_with("navigator").eval()
+    images = torch.randn(2, 3, 128, 128)
+    whole = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]]).expand(2, 1, 4)
+    # pooled over the whole map is CNN_l's GAP on the source; a crop of the whole image is the
+    # source resized to the input size: both are CNN_l's p(abnormal), at two scales
+    pooled = net.pooled_scores(images, whole)[:, 0]
+    direct = net.local_cnn(images).float().softmax(-1)[:, 1]
+    torch.testing.assert_close(pooled, direct, atol=1e-5, rtol=1e-4)
+    crops = net.crop_scores(images, whole)[:, 0]
+    resized = F.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(
+        crops, net.local_cnn(resized).float().softmax(-1)[:, 1], atol=2e-2, rtol=0
+    )
+
+
+def test_warm_up_trains_cnn_l_on_one_drawn_anchor_and_no_navigator_loss() -> None:
+    net = net_with("navigator", warmup_epochs=2).train()
+    images = torch.randn(3, 3, 128, 128)
+    _, crops = net.training_outputs(images, epoch=1, generator=torch.Generator().manual_seed(0))
+    assert crops.boxes.shape == (3, 1, 4) and crops.loss is None
+
+
+def test_reinforce_trains_on_the_sampled_and_the_greedy_anchor() -> None:
+    net = net_with("navigator", policy="reinforce", warmup_epochs=0, distill_epochs=1).train()
+    images = torch.randn(4, 3, 128, 128)
+    generator = torch.Generator().manual_seed(4)
+    _, distilled = net.training_outputs(images, epoch=0, generator=generator)
+    assert "train/navigator_agrees" in distilled.logs  # epoch 0: still distilling
+    _, crops = net.training_outputs(images, epoch=1, generator=generator)
+    greedy = net.localizer.anchors[net.localizer.anchor_logits(net.inputs(images)).argmax(1)]
+    assert torch.equal(crops.boxes[:, 1], greedy) and crops.boxes.shape == (4, 2, 4)
+    assert torch.isfinite(crops.loss) and "train/navigator_advantage" in crops.logs
+    crops.loss.backward()
+    assert any(p.grad.abs().sum() > 0 for p in net.localizer.head.parameters())
+
+
+def test_mil_keeps_the_anchor_cnn_l_finds_most_abnormal() -> None:
+    net = net_with("navigator", inference="mil", grid=3).eval()
+    images = torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    anchors = net.localizer.anchors
+    with torch.no_grad():
+        out = net(images)
+        every = net.crop_scores(images, anchors.expand(3, -1, -1))
+    torch.testing.assert_close(out.local_prob, every.max(dim=1).values)
+    assert torch.equal(out.boxes, anchors[every.argmax(dim=1)])
+
+
+def test_the_navigator_uses_one_crop_at_inference() -> None:
+    net = net_with("navigator", grid=3).eval()
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        out = net(images)
+        chosen = net.localizer.anchor_logits(net.inputs(images)).argmax(dim=1)
+    assert torch.equal(out.boxes, net.localizer.anchors[chosen])
+
+
+def test_random_anchor_draws_uniformly_from_the_grid_and_repeats_at_inference() -> None:
+    localizer = build_localizer(node("random", grid=2), 2, 2, 8)
+    source = torch.zeros(400, 3, 8, 8)  # what it is drawn for; it reads nothing of it
+    inputs = LocalizerInputs(torch.zeros(400, 8, 2, 2), torch.zeros(8), source, source)
+    first, again = localizer.locate(inputs), localizer.locate(inputs)
+    assert torch.equal(first, again)  # an evaluation is repeatable
+    counts = torch.stack([(first == a).all(dim=1).sum() for a in localizer.anchors])
+    assert counts.sum() == 400 and counts.min() > 60  # each of the 4 anchors about 100 times
+    seeded = LocalizerInputs(*vars(inputs).values())
+    seeded.generator = torch.Generator().manual_seed(7)
+    assert not torch.equal(localizer.locate(seeded), first)  # training draws from its step
+
+
+def test_a_node_that_names_anything_but_a_localizer_is_refused() -> None:
+    with pytest.raises(UserError, match=r"localizer\._target_=os\.system is not a localizer"):
+        build_localizer({"_target_": "os.system", "command": "true"}, 4, 4, 8)
+    with pytest.raises(UserError, match=r"not a localizer"):
+        build_localizer({"_target_": "kalm_lightning.models.kalm.crop"}, 4, 4, 8)
+    built = build_localizer(node("random", grid=3), 4, 4, 8)
+    assert isinstance(built, RandomAnchor) and len(built.anchors) == 9
+    assert isinstance(build_localizer(node("navigator"), 4, 4, 8), Navigator)
+
+
+def test_bad_localizer_options_give_one_line() -> None:
+    with pytest.raises(
+        UserError, match=r"^localizer\.reads='eyes' is not one of map, view, source$"
+    ):
+        net_with("navigator", reads="eyes")
+    with pytest.raises(UserError, match=r"^localizer\.half=1\.5 must be > 0 and <= 1$"):
+        net_with("fixed", half=1.5)
+    with pytest.raises(UserError, match=r"unexpected keyword argument 'nope'"):
+        net_with("full", nope=1)
