@@ -65,7 +65,10 @@ def collect(study: Study, regime: Regime, quick: bool) -> dict[str, list[dict]]:
 
 
 def planned(regimes: list[Regime], quick: bool) -> list[tuple[Regime, Row, int]]:
-    return [(g, row, s) for g in regimes for row in g.rows for s in seeds_of(g, row, quick)]
+    """Every run, a regime at a time and seed by seed: each seed's whole row set comes early."""
+    runs = [(g, row, s) for g in regimes for row in g.rows for s in seeds_of(g, row, quick)]
+    order = {id(g): i for i, g in enumerate(regimes)}
+    return sorted(runs, key=lambda run: (order[id(run[0])], run[2]))
 
 
 def main(argv: list[str] | None = None) -> None:
