@@ -61,13 +61,11 @@ def test_predict_and_onnx_give_the_training_runs_probabilities(padded: dict, tmp
     batch = []
     for path in own.index[:6]:
         grey = Image.fromarray(load_grayscale(path))
-        scale = size / max(grey.size)
-        width, height = max(1, round(grey.width * scale)), max(1, round(grey.height * scale))
+        scale = size / max(grey.size)  # the longer side to the source size, centred on black
+        shape = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
+        offset = (round((size - grey.width * scale) / 2), round((size - grey.height * scale) / 2))
         square = Image.new("L", (size, size), 0)
-        square.paste(
-            grey.resize((width, height), Image.BILINEAR),
-            (round((size - width * scale) / 2), round((size - height * scale) / 2)),
-        )
+        square.paste(grey.resize(shape, Image.BILINEAR), offset)
         pixels = np.asarray(square, np.float32) / 255.0
         batch.append((np.repeat(pixels[None], 3, 0) - mean[:, None, None]) / std[:, None, None])
     session = onnxruntime.InferenceSession(str(model))

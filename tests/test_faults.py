@@ -71,11 +71,15 @@ def test_a_checkpoint_that_runs_code_is_refused_before_it_runs(
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_the_images(tmp_path: Path) -> None:
-    result = run_cli("train", ["stage=1", *TINY_RUN, "model.optimizer.lr=1e30"], tmp_path)
+    args = ["stage=1", "logger=[csv,wandb]", *TINY_RUN, "model.optimizer.lr=1e30"]
+    result = run_cli("train", args, tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("kalm-train: training loss is nan at step 1 (epoch 0); the batch held ")
     assert "MURA-v1.1/train/" in line and "Traceback" not in result.stderr
+    # The W&B run was finished as failed (exit code 1), not left open for atexit to close.
+    (log,) = tmp_path.glob("outputs/*/*/stage1/*/wandb/offline-run-*/logs/debug.log")
+    assert "got exitcode: 1" in log.read_text()
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path) -> None:

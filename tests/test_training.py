@@ -14,6 +14,8 @@ from conftest import TINY_RUN, check, run_cli, running_trainings
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from kalm_lightning.runs import Run
+
 
 def state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
@@ -118,9 +120,21 @@ def test_multirun_over_two_backbones(tmp_path: Path) -> None:
     assert "| backbone=vgg16 |" in (sweep / "summary.md").read_text()
 
 
-@pytest.mark.parametrize("debug", ["fdr", "limit"])
-def test_debug_configs_run(tmp_path: Path, debug: str) -> None:
-    check(run_cli("train", [f"debug={debug}", *TINY_RUN[:-1]], tmp_path))
+@pytest.mark.parametrize(
+    ("debug", "extra"),
+    [("fdr", []), ("limit", ["scheduler=plateau", "model.scheduler.patience=0"])],
+)
+def test_debug_configs_run(tmp_path: Path, debug: str, extra: list[str]) -> None:
+    """The debug presets; with debug=limit (two epochs) the plateau scheduler, which Lightning
+    steps with the monitored val/selection after each epoch's validation."""
+    args = [a for a in TINY_RUN[:-1] if not a.startswith("trainer.max_epochs")]
+    check(run_cli("train", [f"debug={debug}", *args, *extra], tmp_path))
+    if extra:
+        run = Run(next(tmp_path.glob("outputs/*/*/stage1/*")))
+        (plateau,) = torch.load(run.last_checkpoint, weights_only=True)["lr_schedulers"]
+        first = run.read_logs().dropna(subset=["val/selection"])["val/selection"].iloc[0]
+        # last.ckpt is written at epoch 1's end: stepped once, with epoch 0's monitored figure
+        assert plateau["last_epoch"] == 1 and plateau["best"] == pytest.approx(first)
 
 
 @pytest.mark.slow
@@ -175,6 +189,7 @@ def test_wandb_offline_leaves_a_run_file(trained: dict[str, Path]) -> None:
     assert len(files) == 1
     # The record file that `wandb sync` uploads: protobuf keeps the config and metric keys verbatim.
     records = files[0].read_bytes()
+    assert "got exitcode: 0" in next(run.glob("wandb/offline-run-*/logs/debug.log")).read_text()
     for key in (
         b"backbone",
         b"resnet18",
