@@ -36,7 +36,9 @@ def cues(quick: bool) -> tuple[float, ...]:
 
 
 def regimes_of(quick: bool) -> list[Regime]:
-    return [r for r in REGIMES if r.main] if quick else REGIMES
+    """The main regime first: the goal is judged there; --quick runs it alone."""
+    ordered = sorted(REGIMES, key=lambda r: not r.main)
+    return ordered[:1] if quick else ordered
 
 
 def sweep_regime(cue: float, best: Row) -> Regime:
