@@ -8,6 +8,7 @@ runner before it starts a run past that time, so that long plans go in parts.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -97,6 +98,7 @@ class Study:
             cfg = self.config(
                 regime, seed, 2, (*row.stage2, *epochs, f"stage.global_ckpt='{stage1}'")
             )
+        shutil.rmtree(run_dir, ignore_errors=True)  # what a run stopped before its record left
         result = train_stage(cfg, run_dir)
         self.trained += 1
         evaluation = evaluation_config(cfg, result["best_ckpt"])
