@@ -21,7 +21,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from kalm_lightning.argv import prepare_argv
 from kalm_lightning.config import config_dir
-from kalm_lightning.errors import Preempted, UserError, required
+from kalm_lightning.errors import Preempted, UserError, report_fault, required
 from kalm_lightning.resolvers import register_resolvers
 from kalm_lightning.settings import check_config
 
@@ -48,6 +48,14 @@ def one_line_errors(program: str) -> Callable:
                 if stop.report:  # every DDP rank stops; one says so
                     print(f"{program}: {stop}", file=sys.stderr)
                 raise SystemExit(stop.exit_code) from None
+            except Exception as error:  # a fault of the machine gets its line; a bug its traceback
+                from kalm_lightning.training.faults import fault_line
+
+                line = fault_line(error)
+                if line is None:
+                    raise
+                report_fault(error, program, line)
+                raise SystemExit(1) from None
             print(f"{program}: {message}", file=sys.stderr)
             raise SystemExit(2)
 

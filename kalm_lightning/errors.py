@@ -3,7 +3,11 @@ that raise it for settings."""
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
+import tempfile
+import traceback
 from collections.abc import Iterable
 
 # How torch re-raises an exception from a DataLoader worker: the class rebuilt around a message
@@ -73,3 +77,42 @@ def check_number(
             if part
         )
         raise UserError(f"{setting}={value!r} must be {bounds}")
+
+
+def traceback_log(error: BaseException, line: str, program: str) -> str | None:
+    """Write error's full traceback to the run's log file (Hydra's file handler, where the
+    command has one), else to a file in the temporary folder; returns the file, or None when
+    no file could be written (a full disk everywhere)."""
+    record = logging.LogRecord(
+        "kalm_lightning",
+        logging.ERROR,
+        __file__,
+        0,
+        line,
+        None,
+        (type(error), error, error.__traceback__),
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            try:
+                handler.handle(record)
+                handler.flush()
+                return handler.baseFilename
+            except OSError:
+                break
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", prefix=f"{program}-", suffix=".log", delete=False
+        ) as handle:
+            handle.write(line + "\n" + "".join(traceback.format_exception(error)))
+        return handle.name
+    except OSError:
+        return None
+
+
+def report_fault(error: BaseException, program: str, line: str) -> None:
+    """One line on the terminal for a fault of the machine (a full disk, a dead peer, out of
+    memory); its traceback in a log file the line names."""
+    log = traceback_log(error, line, program)
+    where = f"full traceback in {log}" if log else "no log file could be written either"
+    print(f"{program}: {line} ({where})", file=sys.stderr, flush=True)

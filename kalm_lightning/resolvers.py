@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -9,6 +10,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from kalm_lightning import runs
+from kalm_lightning.errors import UserError
 
 
 def sweep_group(fallback: str) -> str:
@@ -18,15 +20,21 @@ def sweep_group(fallback: str) -> str:
     return fallback
 
 
+def training_run_dir(parent: str, ckpt: str | None = None) -> str:
+    """kalm_run_dir: Hydra resolves it before the task runs, outside its one-line errors, so a
+    directory that cannot be made is reported here (and the command ends)."""
+    try:
+        return str(runs.run_dir(Path(parent), ckpt))
+    except UserError as error:
+        print(f"kalm-train: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def register_resolvers() -> None:
     """Resolvers the configs use; safe to call more than once."""
     if not OmegaConf.has_resolver("kalm_run_dir"):
         # A training run's directory: new, or the one ckpt_path=last continues (runs.run_dir).
-        OmegaConf.register_new_resolver(
-            "kalm_run_dir",
-            lambda parent, ckpt=None: str(runs.run_dir(Path(parent), ckpt)),
-            use_cache=True,
-        )
+        OmegaConf.register_new_resolver("kalm_run_dir", training_run_dir, use_cache=True)
     if not OmegaConf.has_resolver("kalm_first"):
         # The first value that is set: predict's output=DIR, else its timestamped default.
         OmegaConf.register_new_resolver("kalm_first", lambda *values: next(v for v in values if v))

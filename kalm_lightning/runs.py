@@ -19,13 +19,17 @@ Lightning: the command layer claims directories before any of them loads.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from kalm_lightning.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 RESULT_FILE = "result.json"
@@ -37,6 +41,17 @@ EVALUATION = "evaluate"
 METRICS_FILE = "metrics.json"  # an evaluation's figures (evaluation/report.py writes it)
 HYDRA = ".hydra"
 STAGE_DIRS = ("stage1", "stage2")  # a pipeline's stages, in order
+
+
+# What refused a write, by errno (training/faults.py names the fix).
+DISK_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file size limit (ulimit -f) is reached",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOENT: "the folder vanished",
+    errno.EACCES: "permission to write is denied",
+}
 
 
 def partial_path(path: Path) -> Path:
@@ -53,6 +68,18 @@ def write_atomic(path: Path, text: str) -> None:
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def writing(folder: Path) -> Iterator[None]:
+    """Name folder in an OSError that names no file (pandas and PIL writing through a handle
+    that a full disk refuses at flush): the one-line report then says where."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename or error.errno not in DISK_ERRNOS:
+            raise
+        raise OSError(error.errno, error.strerror, str(folder)) from error
 
 
 @dataclass(frozen=True)
@@ -125,15 +152,22 @@ class Run:
 
 def claim_dir(parent: Path, name: str) -> Path:
     """Create parent/name, or name_2, name_3 ... when another run took it: two runs started in the
-    same second never share a directory (mkdir is atomic)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10_000):
-        candidate = parent / (name if n == 1 else f"{name}_{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
+    same second never share a directory (mkdir is atomic). A disk that refuses gets one line."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            candidate = parent / (name if n == 1 else f"{name}_{n}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as error:
+        reason = DISK_ERRNOS.get(error.errno, error.strerror)
+        raise UserError(
+            f"cannot create the run directory under {parent}: {reason}; choose a writable "
+            "paths.output_root"
+        ) from error
     raise RuntimeError(f"no free run directory named {name}* under {parent}")
 
 

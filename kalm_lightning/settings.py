@@ -63,6 +63,7 @@ RULES = {
     "trainer.check_val_every_n_epoch": Number(1, integer=True),
     "trainer.num_nodes": Number(1, integer=True),
     "trainer.gradient_clip_val": Number(0),
+    "hardware.timeout_s": Number(1),
 }
 
 

@@ -100,11 +100,16 @@ def load_script(script: str):
 
 
 def running_trainings(work: Path) -> str:
-    """Training processes still alive whose command line names work (a DDP rank left behind)."""
-    found = subprocess.run(
-        ["pgrep", "-f", f"kalm_lightning.train.*{work}"], capture_output=True, text=True
-    )
-    return found.stdout.strip()
+    """Training processes still alive that run in work (a DDP rank left behind): their pids."""
+    found = subprocess.run(["pgrep", "-f", "kalm_lightning.train"], capture_output=True, text=True)
+    alive = []
+    for pid in found.stdout.split():
+        try:
+            if Path(f"/proc/{pid}/cwd").resolve() == Path(work).resolve():
+                alive.append(pid)
+        except OSError:
+            continue  # ended meanwhile
+    return " ".join(alive)
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import struct
@@ -364,3 +365,229 @@ def test_bad_data_can_be_skipped_and_is_listed(tmp_path: Path, mura_tree: Path) 
     skipped = pd.read_csv(next(tmp_path.rglob("skipped_images.csv")))
     assert skipped["path"].tolist() == [corrupt]
     assert len(list(tmp_path.rglob("result.json"))) == 1
+
+
+# --- Faults of the machine: a full disk, a dead DDP rank, a step out of memory -----------------
+
+WITH_LOG = r" \(full traceback in (\S+)/train\.log\)"
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, megabytes: int):
+    """A tmpfs of that size mounted on folder (root only); yields a function that resizes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        yield None
+        return
+    resize = lambda size: subprocess.run(  # noqa: E731
+        ["mount", "-o", f"remount,size={size}m", str(folder)], check=True
+    )
+    try:
+        yield resize
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_while_checkpointing_gives_one_line_and_resumes_after_freeing(
+    tmp_path: Path, uninterrupted: tuple[dict, pd.Series]
+) -> None:
+    """The run's folder on a 200 MB file system: epoch 0's checkpoint (134 MB) fits, epoch 1's
+    does not. One line naming the file, the epoch, the intact checkpoint and how to go on; the
+    traceback in train.log; no partial file. After the space is freed, ckpt_path=last ends as the
+    uninterrupted run, bit for bit. Where no file system can be mounted (not root), a file size
+    limit (RLIMIT_FSIZE) refuses the first checkpoint the same way."""
+    with small_disk(tmp_path / "outputs", 200) as resize:
+        if resize is None:
+            limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**26, 2**26))  # noqa: E731
+            result = subprocess.run(
+                [sys.executable, "-m", "kalm_lightning.train", *RESUMABLE],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                preexec_fn=limit,
+            )
+            expected = (
+                r"kalm-train: the file size limit \(ulimit -f\) of 64 MiB is reached while "
+                r"writing (\S+)/checkpoints/best-epoch00\.ckpt \(\w+, epoch 0, after batch 8 of 8\); "
+                r"nothing was lost: no checkpoint of this run was written yet \(ckpt_path=last "
+                r"starts it afresh\); raise the limit \(ulimit -f unlimited\), then continue with "
+                r"ckpt_path=last" + WITH_LOG
+            )
+        else:
+            result = run_cli("train", RESUMABLE, tmp_path)
+            expected = (
+                r"kalm-train: no space left on the device \(\d+ MiB free\) while writing (\S+)/"
+                r"checkpoints/(?:best-epoch01|last)\.ckpt \(\w+, epoch 1, after batch 8 of 8\); "
+                r"nothing was lost: \1/checkpoints/last\.ckpt \(epoch 0, step 8\) is the last whole "
+                r"checkpoint; free space on the disk of \1/checkpoints, then continue with "
+                r"ckpt_path=last \(full traceback in \1/train\.log\)"
+            )
+        assert result.returncode == 1, result.stderr[-3000:]
+        line = result.stderr.strip().splitlines()[-1]
+        match = re.fullmatch(expected, line)
+        assert match, line
+        assert "Traceback" not in result.stderr
+        assert "Traceback" in Path(match.group(1), "train.log").read_text()
+        assert not list(tmp_path.rglob("*.partial"))
+        if resize is not None:
+            resize(600)  # space freed
+        check(run_cli("train", [*RESUMABLE, "ckpt_path=last"], tmp_path))
+        assert_same_run(final_state(tmp_path), uninterrupted)
+
+
+def test_a_read_only_output_folder_gives_one_line_before_anything_loads(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "outputs", 8) as resize:
+        if resize is None:
+            pytest.skip("mounting a read-only file system needs root")
+        subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "outputs")], check=True)
+        result = run_cli("train", RESUMABLE, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "kalm-train: cannot create the run directory under outputs/synthetic/resnet18/stage1: "
+        "the file system is read-only; choose a writable paths.output_root"
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, pd.Series]:
+    work = tmp_path_factory.mktemp("straight_ddp")
+    check(run_cli("train", [*RESUMABLE, "hardware=ddp_cpu"], work))
+    return final_state(work)
+
+
+def rank_process(work: Path, rank: int) -> int:
+    """The pid of the training process of that DDP rank (LOCAL_RANK in its environment)."""
+    for pid in map(int, running_trainings(work).split()):
+        with contextlib.suppress(OSError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"LOCAL_RANK={rank}".encode() in environ:
+                return pid
+    raise AssertionError(f"no rank {rank} running under {work}")
+
+
+@pytest.mark.slow
+def test_a_dead_ddp_rank_ends_the_other_with_one_line_and_the_run_resumes(
+    tmp_path: Path, uninterrupted_ddp: tuple[dict, pd.Series]
+) -> None:
+    """kill -9 of rank 1 early in epoch 1: rank 0 stops within seconds (gloo sees the closed
+    connection at its next all-reduce) with one line naming the epoch and the last whole
+    checkpoint; ckpt_path=last then ends with the uninterrupted DDP run's weights."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kalm_lightning.train", *RESUMABLE, "hardware=ddp_cpu"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("outputs/*/*/stage1/*/checkpoints/last.ckpt")):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.01)
+        os.kill(rank_process(tmp_path, 1), signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = process.communicate(timeout=120)
+        stopped_after = time.monotonic() - killed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 1, stderr[-3000:]
+    assert (
+        stopped_after < 30
+    )  # README: at once for a dead rank, hardware.timeout_s for a silent one
+    line = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"kalm-train: another DDP rank stopped answering \(training, epoch 1, after batch \d of 4; "
+        r"rank 0 of 2 saw: [^;]*by peer\.\); this rank stopped too; (\S+)/checkpoints/last\.ckpt "
+        r"\(epoch 0, step 4\) is the last whole checkpoint; continue with ckpt_path=last"
+        + WITH_LOG,
+        line,
+    ), line
+    assert "Traceback" not in stderr
+    assert running_trainings(tmp_path) == ""
+    check(run_cli("train", [*RESUMABLE, "hardware=ddp_cpu", "ckpt_path=last"], tmp_path))
+    (weights, logs), (straight, straight_logs) = final_state(tmp_path), uninterrupted_ddp
+    for key, value in straight.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert len(logs) == len(straight_logs) == 2
+
+
+def test_out_of_memory_in_a_step_names_the_batch_size_and_the_setting_to_lower(
+    tmp_path: Path,
+) -> None:
+    """The real allocator's error: the address space capped 768 MB above what torch, Lightning
+    and timm map when imported, then a batch of 8 at 512 px (RLIMIT_AS, through the CLI's main)."""
+    script = (
+        "import resource, runpy, sys\n"
+        "import torch, lightning, timm\n"
+        "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 768 * 2**20, resource.RLIM_INFINITY))\n"
+        "sys.argv = ['kalm-train', *sys.argv[1:]]\n"
+        "runpy.run_module('kalm_lightning.train', run_name='__main__')\n"
+    )
+    sizes = ["data.image_size=512", "data.source_size=512", "stage=1"]
+    args = [a for a in TINY_RUN if not a.startswith(("data.image_size", "data.source_size"))]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args, *sizes],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"kalm-train: out of memory on cpu \(training, epoch 0, after batch \d of 3\) with "
+        r"data.batch_size=8, data.image_size=512, data.source_size=512, trainer.precision=32-true; "
+        r"lower data.batch_size \(e.g. data.batch_size=4\) or the sizes, or on a GPU use "
+        r"trainer.precision=bf16-mixed; .+; continue with ckpt_path=last" + WITH_LOG,
+        line,
+    ), line
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("what", ["cache", "predictions"])
+def test_a_full_disk_outside_checkpoints_gives_one_line(
+    tmp_path: Path, what: str, mura_root: Path
+) -> None:
+    """The decode cache (reserved whole before it is written) and predict's output on a 1 MB
+    file system: one line naming the file, the traceback in a log file, no half-made cache."""
+    with small_disk(tmp_path / "small", 1) as resize:
+        if resize is None:
+            pytest.skip("mounting a small file system needs root")
+        if what == "cache":
+            args = [*TINY_RUN, "stage=1", "data.cache=true", f"data.cache_dir={tmp_path / 'small'}"]
+            result = run_cli("train", args, tmp_path)
+        else:
+            ballast = tmp_path / "small" / "ballast"
+            ballast.write_bytes(b"\0" * (1024 * 1024 - 8192))  # what is left holds no CSV
+            ckpt = tmp_path / "model.ckpt"
+            check(run_cli("train", [*TINY_RUN, "stage=1"], tmp_path))
+            shutil.copy(next(tmp_path.glob("outputs/*/*/stage1/*/checkpoints/last.ckpt")), ckpt)
+            args = [
+                f"ckpt_path={ckpt}",
+                f"images={mura_root}",
+                f"output={tmp_path / 'small' / 'p'}",
+            ]
+            result = run_cli("predict", [*args, "num_workers=0"], tmp_path)
+        # a split's cache that fitted is whole (its .npz written last); none is half-made
+        leftovers = [
+            p.name
+            for p in (tmp_path / "small").rglob("*.u8")
+            if not p.with_suffix(".npz").is_file()
+        ]
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"kalm-(train|predict): no space left on the device while writing \S+( \([^)]*\))?; .+ \(full "
+        r"traceback in \S+\.log\)",
+        line,
+    ), line
+    assert "Traceback" not in result.stderr and not leftovers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -54,9 +55,14 @@ class ImageCache:
         """Decode every image once; returns (path, reason) for images skipped as bad."""
         self.pixels_file.parent.mkdir(parents=True, exist_ok=True)
         n, size = len(self.paths), self.size
-        pixels = np.lib.format.open_memmap(
-            self.pixels_file, mode="w+", dtype=np.uint8, shape=(n, size, size)
-        )
+        try:
+            pixels = np.lib.format.open_memmap(
+                self.pixels_file, mode="w+", dtype=np.uint8, shape=(n, size, size)
+            )
+        except OSError as error:  # the header did not fit: no half-made file stays behind
+            self.pixels_file.unlink(missing_ok=True)
+            raise OSError(error.errno, error.strerror, str(self.pixels_file)) from error
+        self.reserve()
         sizes, valid, skipped = np.zeros((n, 2), np.int32), np.zeros(n, bool), []
         loader = DataLoader(
             _DecodeOnce(self.paths, size, self.resize),
@@ -78,6 +84,18 @@ class ImageCache:
         np.savez(partial, sizes=sizes, valid=valid)
         partial.replace(self.meta_file)  # written last: its presence marks a complete cache
         return skipped
+
+    def reserve(self) -> None:
+        """Claim the whole file's blocks before writing: a disk too small fails here, with its
+        errno and the file's name, not with a SIGBUS when a page of the memory map is written."""
+        try:
+            with open(self.pixels_file, "r+b") as handle:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return  # a file system without fallocate: written as it goes
+            self.pixels_file.unlink(missing_ok=True)
+            raise OSError(error.errno, error.strerror, str(self.pixels_file)) from error
 
     def _load(self) -> tuple[np.memmap, dict[str, np.ndarray]]:
         if self._pixels is None:

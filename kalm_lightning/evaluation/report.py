@@ -21,7 +21,7 @@ from kalm_lightning.evaluation.studies import (
     study_table,
     write_submission,
 )
-from kalm_lightning.runs import METRICS_FILE
+from kalm_lightning.runs import METRICS_FILE, writing
 
 TABLE_COLUMNS = ("model", "accuracy", "AUROC", "kappa", "studies")
 
@@ -87,6 +87,18 @@ def write_reports(
 
     boxes: the keyword arguments of `boxes_figure` besides the frame (dataset, source_size, lesions,
     count), for an image table that holds KALM boxes."""
+    with writing(out):
+        _write_reports(frame, metrics, out, model, scores, boxes)
+
+
+def _write_reports(
+    frame: pd.DataFrame,
+    metrics: dict,
+    out: Path,
+    model: str,
+    scores: Sequence[str],
+    boxes: dict | None,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(metrics, out / METRICS_FILE)
     (out / "table.md").write_text(table_markdown(metrics, model))

@@ -31,6 +31,7 @@ from kalm_lightning.evaluation.studies import (
     study_table,
     write_submission,
 )
+from kalm_lightning.runs import writing
 from kalm_lightning.stages import load_stage
 from kalm_lightning.tasks.inference import score_dataset
 
@@ -195,17 +196,18 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
         else reasons.get(file, "not scored")
         for prob, ok, file in zip(frame["prob"], exists, frame["file"], strict=True)
     ]
-    frame[COLUMNS].to_csv(out / "predictions_images.csv", index=False)
     studies = study_table(frame)
     studies["label"] = np.where(
         studies["prob"].notna(), abnormal(studies["prob"], cfg.threshold), -1
     )
-    studies[["study", "images", "prob", "label"]].to_csv(
-        out / "predictions_studies.csv", index=False
-    )
-    write_submission(studies, out / "submission.csv", cfg.threshold)
-    if cfg.overlays:
-        write_overlays(frame, out, cfg.threshold)
+    with writing(out):
+        frame[COLUMNS].to_csv(out / "predictions_images.csv", index=False)
+        studies[["study", "images", "prob", "label"]].to_csv(
+            out / "predictions_studies.csv", index=False
+        )
+        write_submission(studies, out / "submission.csv", cfg.threshold)
+        if cfg.overlays:
+            write_overlays(frame, out, cfg.threshold)
 
     failed = int(frame["error"].notna().sum())
     called = int((studies["label"] == 1).sum())

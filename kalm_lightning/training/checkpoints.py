@@ -8,6 +8,7 @@ else (a function to call, a class to build) is refused before any of it runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -22,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kalm_lightning.errors import UserError
 from kalm_lightning.runs import partial_path
+from kalm_lightning.training.faults import write_refusal
 
 WEIGHTS_ONLY = True  # what every checkpoint load in the project passes to torch.load / Lightning
 # The layout of a stage's hyper-parameters: 2 = the network as config nodes (`net`, with its
@@ -72,7 +74,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     `torch.save` straight to a temporary name beside it, then renamed over the old one. Whatever
     kills the process (SIGKILL, a full disk) leaves the previous checkpoint or the new one, never
     half a file; and no in-memory copy of the whole file is made first (Lightning's own writer
-    serialises to a buffer, then writes it: twice the time, and a checkpoint's size in memory)."""
+    serialises to a buffer, then writes it: twice the time, and a checkpoint's size in memory).
+    A write the disk refuses (full, size-limited, read-only, vanished) removes its temporary file
+    and raises `faults.WriteRefused`, which the command reports in one line."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -80,10 +84,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(path)
-        torch.save(checkpoint, partial)
-        os.replace(partial, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(checkpoint, partial)
+            os.replace(partial, path)
+        except Exception as error:
+            refused = write_refusal(path, error)  # before the partial file frees its space
+            with contextlib.suppress(OSError):
+                # No debris, and its space back at once: truncated first, as the failed
+                # writer may still hold the file open. The earlier checkpoints stand.
+                os.truncate(partial, 0)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            if refused is None:
+                raise
+            raise refused from error
 
 
 class LastCheckpoint(ModelCheckpoint):
