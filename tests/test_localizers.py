@@ -60,9 +60,13 @@ def test_box_pooling_is_the_average_of_the_map_inside_the_box() -> None:
     torch.testing.assert_close(pooled[:, 2], score[:, 4:6, 3:5].mean(dim=(1, 2)))
 
 
-@pytest.mark.parametrize("reads", ["map", "view", "source"])
-def test_the_navigators_target_is_the_anchor_cnn_l_finds_most_abnormal(reads: str) -> None:
-    net = net_with("navigator", reads=reads, warmup_epochs=1, grid=3)
+@pytest.mark.parametrize(
+    ("reads", "target"), [("map", "best"), ("view", "scores"), ("source", "scores")]
+)
+def test_the_navigators_target_is_the_anchor_cnn_l_finds_most_abnormal(
+    reads: str, target: str
+) -> None:
+    net = net_with("navigator", reads=reads, warmup_epochs=1, grid=3, target=target)
     images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     anchors = net.localizer.anchors
     teacher = net.pooled_scores(images, anchors.expand(4, -1, -1))  # computed here, on its own
@@ -75,7 +79,12 @@ def test_the_navigators_target_is_the_anchor_cnn_l_finds_most_abnormal(reads: st
     assert crops.boxes.shape == (4, 2, 4) and logits.shape == (4, 2, 2)  # ...and a drawn one
     assert all(any(torch.equal(b, a) for a in anchors) for b in crops.boxes[:, 1])
     nav_logits = net.localizer.anchor_logits(net.inputs(images))
-    torch.testing.assert_close(crops.loss, F.cross_entropy(nav_logits, best))
+    expected = (
+        F.cross_entropy(nav_logits, best)  # the best anchor, one hard label
+        if target == "best"
+        else F.binary_cross_entropy_with_logits(nav_logits, teacher)  # every anchor's score
+    )
+    torch.testing.assert_close(crops.loss, expected)
     crops.loss.backward()
     assert all(p.grad is not None for p in net.localizer.head.parameters())
 

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 
 INPUT, SOURCE, MATCHED = 80, 160, 113  # CNN input, source, and the side whose FLOPs match KALM's
 QUICK_INPUT, QUICK_SOURCE, QUICK_MATCHED = 64, 128, 90
-STAGE2_EPOCHS = 5  # stage 1 trains the preset's 4; every stage-2 row (navigator warm-up included) 5
+# Every stage-2 row (navigator warm-up included) trains 5 epochs at batch 8, the preset's stage 1
+# 4 epochs at 32: a navigator learning from scratch needs about 200 steps (chosen on a hold-out of
+# train, never on valid: experiments/localizers/RESULTS.md), which batch 8 gives in 4 epochs.
+STAGE2 = ("trainer.max_epochs=5", "data.batch_size=8")
 
 NAVIGATOR = ("localizer=navigator",)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rows import GLOBAL_INPUT, STAGE2_EPOCHS, Regime, Row, quick, slug
+from rows import GLOBAL_INPUT, STAGE2, Regime, Row, quick, slug
 from torch.utils.flop_counter import FlopCounterMode
 
 from kalm_lightning.config import compose_config
@@ -94,9 +94,9 @@ class Study:
             cfg = self.config(regime, seed, 1, row.stage1)
         else:
             stage1 = self.run(regime, GLOBAL_INPUT, seed)["ckpt"]
-            epochs = () if self.quick else (f"trainer.max_epochs={STAGE2_EPOCHS}",)
+            schedule = () if self.quick else STAGE2
             cfg = self.config(
-                regime, seed, 2, (*row.stage2, *epochs, f"stage.global_ckpt='{stage1}'")
+                regime, seed, 2, (*row.stage2, *schedule, f"stage.global_ckpt='{stage1}'")
             )
         shutil.rmtree(run_dir, ignore_errors=True)  # what a run stopped before its record left
         result = train_stage(cfg, run_dir)

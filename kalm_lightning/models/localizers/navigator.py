@@ -21,6 +21,7 @@ from kalm_lightning.models.localizer import (
 
 READS = ("map", "view", "source")
 TEACHERS = ("pooled", "crops")
+TARGETS = ("scores", "best")
 POLICIES = ("distill", "reinforce")
 INFERENCES = ("navigator", "mil")
 
@@ -56,8 +57,11 @@ class Navigator(Localizer):
       gradients, in normal and abnormal images alike (a normal image's most abnormal-looking place
       is where an abnormality would be; p(true label) would teach the navigator to look away), and
       k* = argmax_k q_k. CNN_l trains on A_k* and one drawn anchor (so that it does not see only its
-      own favourites); the navigator on the cross-entropy CE(z, k*). `teacher=pooled` scores all K
-      from one pass of CNN_l over the source image (`KALMNet.pooled_scores`); `crops`: K crops.
+      own favourites). The navigator learns from the teacher's scores of every anchor,
+      `target=scores`: sum_k BCE(sigmoid(z_k), q_k), K soft labels per image; or from its best
+      anchor alone, `target=best`: CE(z, k*), NTS-Net's way, one hard label per image.
+      `teacher=pooled` scores all K from one pass of CNN_l over the source image
+      (`KALMNet.pooled_scores`); `crops`: K crops.
     - `policy=reinforce` (after `distill_epochs` epochs of distillation past the warm-up): draw
       k ~ pi_mix = (1 - explore) softmax(z) + explore / K, reward r = q_k, baseline b = q_g of the
       greedy anchor g = argmax z (self-critical); loss -(r - b) log pi_mix(k) - entropy * H(softmax z).
@@ -79,6 +83,7 @@ class Navigator(Localizer):
         scout_width: int = 32,
         warmup_epochs: int = 1,
         teacher: str = "pooled",
+        target: str = "scores",
         policy: str = "distill",
         distill_epochs: int = 1,
         explore: float = 0.2,
@@ -89,6 +94,7 @@ class Navigator(Localizer):
         super().__init__(height, width, channels, lr)
         check_choice("localizer.reads", reads, READS)
         check_choice("localizer.teacher", teacher, TEACHERS)
+        check_choice("localizer.target", target, TARGETS)
         check_choice("localizer.policy", policy, POLICIES)
         check_choice("localizer.inference", inference, INFERENCES)
         check_number("localizer.scout_width", scout_width, 2, integer=True)
@@ -97,6 +103,7 @@ class Navigator(Localizer):
         check_number("localizer.explore", explore, 0, 1)
         check_number("localizer.entropy", entropy, 0)
         self.reads, self.teacher, self.policy, self.inference = reads, teacher, policy, inference
+        self.target = target
         self.warmup_epochs, self.distill_epochs = warmup_epochs, distill_epochs
         self.explore, self.entropy = float(explore), float(entropy)
         self.register_buffer("anchors", anchor_grid(grid, half), persistent=False)
@@ -140,8 +147,12 @@ class Navigator(Localizer):
         logits = self.anchor_logits(inputs)
         if self.policy == "distill" or epoch < self.warmup_epochs + self.distill_epochs:
             every = anchors.expand(batch, -1, -1)
-            best = scorer(every, pooled=self.teacher == "pooled").argmax(dim=1)
-            loss = F.cross_entropy(logits, best)
+            scores = scorer(every, pooled=self.teacher == "pooled")
+            best = scores.argmax(dim=1)
+            if self.target == "best":
+                loss = F.cross_entropy(logits, best)
+            else:  # every anchor's score: K soft labels per image instead of one hard one
+                loss = F.binary_cross_entropy_with_logits(logits, scores)
             agrees = (logits.argmax(dim=1) == best).float().mean()
             return TrainingCrops(
                 torch.stack([anchors[best], drawn], dim=1),
