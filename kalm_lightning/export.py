@@ -1,4 +1,4 @@
-"""`python -m kalm_lightning.export ckpt_path=CKPT format=onnx|torchscript [output=FILE]` (also kalm-export)."""
+"""`python -m kalm_lightning.export ckpt_path=CKPT format=onnx|export [output=FILE]` (also kalm-export)."""
 
 from kalm_lightning.cli import hydra_entry
 

@@ -55,6 +55,7 @@ RULES = {
     "data.synthetic.attribute": Number(0),
     "data.synthetic.blob_size": Number(0.05, 0.6),
     "model.optimizer.lr": Number(0, exclusive_minimum=True),
+    "model.loss.label_smoothing": Number(0, 1),
     "model.optimizer.weight_decay": Number(0),
     # Trainer settings Lightning checks late (a ZeroDivisionError mid-fit) or not at all.
     "trainer.max_epochs": Number(-1, integer=True),  # -1: no limit
@@ -91,6 +92,15 @@ def check_config(cfg: DictConfig) -> None:
     synthetic = OmegaConf.select(cfg, "data.synthetic", default=None)
     if synthetic is not None:
         blob_regime(synthetic.get("cue"), synthetic.get("decoys", 0), synthetic.get("attribute", 0))
+    rule = OmegaConf.select(cfg, "model.operating_point.rule", default="fixed=0.5")
+    temperature = OmegaConf.select(cfg, "model.operating_point.temperature", default=False)
+    held_out = OmegaConf.select(cfg, "data.val_from_train", default=0) or 0
+    if (temperature or not str(rule).startswith("fixed=")) and not held_out:
+        raise UserError(
+            f"model.operating_point (rule={rule}, temperature={temperature}) is fitted on the "
+            "validation split, which is the split reported (MURA valid) unless data.val_from_train "
+            "> 0: set data.val_from_train=0.1 (a patient-disjoint hold-out of train)"
+        )
     searched = OmegaConf.select(cfg, "hparams_search.stage", default=None)
     stage = OmegaConf.select(cfg, "stage.number", default=None)
     if searched is not None and stage is not None and searched != stage:

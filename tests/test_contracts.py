@@ -1,5 +1,7 @@
-"""Contracts that travel with the model: a checkpoint carries its preprocessing, and evaluate,
-predict and the ONNX export read it from there; an older checkpoint is refused in one line."""
+"""Contracts that travel with the model: a checkpoint carries its preprocessing and its operating
+point (threshold, temperature), and evaluate, predict and the ONNX export read them from there;
+an older checkpoint is refused in one line. The model is trained as a clinic would: a
+patient-disjoint hold-out of train chooses the threshold (Youden) and the temperature."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import pandas as pd
 import pytest
 import torch
 from conftest import TINY_RUN, check, run_cli
 from PIL import Image
+from sklearn.metrics import confusion_matrix, f1_score
 
 from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.runs import Run
@@ -22,13 +26,22 @@ SYNTHETIC = [arg for arg in TINY_RUN if arg.startswith("data.synthetic.")]
 
 @pytest.fixture(scope="module")
 def padded(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A data.resize=pad model trained stage 1 -> 2 -> evaluation in one command."""
+    """A data.resize=pad model trained stage 1 -> 2 -> evaluation in one command, its operating
+    point and temperature chosen on a hold-out of train."""
     work = tmp_path_factory.mktemp("pad")
-    check(run_cli("train", ["pipeline=true", "run_name=pad", "data.resize=pad", *TINY_RUN], work))
+    clinic = [
+        "data.val_from_train=0.3",
+        "model.operating_point.rule=youden",
+        "model.operating_point.temperature=true",
+        "evaluate.bootstrap=50",
+    ]
+    args = ["pipeline=true", "run_name=pad", "data.resize=pad", *clinic, *TINY_RUN]
+    check(run_cli("train", args, work))
     run = Run(next((work / "outputs/synthetic/resnet18/pad").iterdir()))
     best = run.stage(2).read_result()["best_ckpt"]
     own = pd.read_csv(run.evaluation / "predictions_images.csv").set_index("path")
-    return {"work": work, "best": best, "own": own}
+    metrics = json.loads((run.evaluation / "metrics.json").read_text())
+    return {"work": work, "best": best, "own": own, "metrics": metrics, "run": run}
 
 
 def test_standalone_evaluate_reads_the_resize_from_the_checkpoint(padded: dict) -> None:
@@ -50,7 +63,9 @@ def test_predict_and_onnx_give_the_training_runs_probabilities(padded: dict, tmp
     predicted = pd.read_csv(out / "predictions_images.csv")
     predicted["path"] = [str(root / p) for p in predicted["path"]]
     predicted = predicted.set_index("path").loc[own.index]
-    np.testing.assert_allclose(predicted["prob"], own["prob_kalm"], atol=1e-5, rtol=0)
+    # predict writes the calibrated decision score, as evaluate's prob_calibrated column
+    np.testing.assert_allclose(predicted["prob"], own["prob_calibrated"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(predicted["prob_uncalibrated"], own["prob_kalm"], atol=1e-5, rtol=0)
 
     model = tmp_path / "model.onnx"
     check(run_cli("export", [f"ckpt_path={best}", "format=onnx", f"output={model}"], work))
@@ -70,7 +85,19 @@ def test_predict_and_onnx_give_the_training_runs_probabilities(padded: dict, tmp
         batch.append((np.repeat(pixels[None], 3, 0) - mean[:, None, None]) / std[:, None, None])
     session = onnxruntime.InferenceSession(str(model))
     prob = session.run(["prob"], {"images": np.stack(batch).astype(np.float32)})[0]
-    np.testing.assert_allclose(prob, own["prob_kalm"].to_numpy()[:6], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prob, own["prob_calibrated"].to_numpy()[:6], atol=1e-4, rtol=0)
+    props = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+    point = torch.load(best, weights_only=True, mmap=True)["operating_point"]
+    assert float(props["kalm.threshold"]) == point["threshold"] == meta["threshold"]
+    assert float(props["kalm.temperature"]) == point["temperature"] != 1.0
+    assert json.loads(props["kalm.preprocessing"])["resize"] == "pad"
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    assert "not for diagnosis" in card["not_for"].lower()
+    assert card["operating_point"]["threshold"] == point["threshold"]
+    assert card["metrics"]["operating_point"]["study"]["intervals"]["sensitivity"]
+    assert card["training_data"]["resize"] == "pad" and card["software"]["torch"]
+    text = (tmp_path / "model_card.md").read_text()
+    assert "## Intended use" in text and "## Known limitations" in text
 
 
 def test_a_contradicting_resize_is_refused_in_one_line(padded: dict, tmp_path: Path) -> None:
@@ -110,3 +137,44 @@ def test_a_checkpoint_from_before_the_format_is_refused_in_one_line(
         "format 1, this version reads 2): it does not record its preprocessing or its "
         "localizer's config node; train it again with this version"
     ]
+
+
+def test_the_operating_point_comes_from_the_hold_out_and_its_figures_match_sklearn(
+    padded: dict,
+) -> None:
+    """metrics.json's operating point and calibration, recomputed here from the evaluation's own
+    per-image probabilities with scikit-learn; the threshold is the checkpoint's, chosen on the
+    hold-out of train (not on the valid split it is reported on)."""
+    metrics, own = padded["metrics"], padded["own"]
+    point = torch.load(padded["best"], weights_only=True, mmap=True)["operating_point"]
+    assert point["rule"] == "youden" and "hold-out" in point["fitted_on"]
+    block = metrics["operating_point"]
+    assert block["threshold"] == point["threshold"] and block["temperature"] == point["temperature"]
+    studies = own.groupby("study").agg(prob=("prob_calibrated", "mean"), label=("label", "first"))
+    pred = (studies["prob"] >= point["threshold"]).astype(int)
+    tn, fp, fn, tp = confusion_matrix(studies["label"], pred, labels=[0, 1]).ravel()
+    at = block["study"]
+    for name, value in {
+        "sensitivity": tp / (tp + fn),
+        "specificity": tn / (tn + fp),
+        "ppv": tp / (tp + fp) if tp + fp else float("nan"),
+        "npv": tn / (tn + fn) if tn + fn else float("nan"),
+        "f1": f1_score(studies["label"], pred, zero_division=np.nan),
+    }.items():
+        assert at[name] == pytest.approx(value, nan_ok=True), name
+        low, high = at["intervals"][name]  # 95% over 50 study resamples
+        assert low <= high or np.isnan(low)
+    assert set(block["by_body_part"]) == set(own["body_part"])
+    calibration = metrics["calibration"]
+    bins = np.minimum((studies["prob"].to_numpy() * 10).astype(int), 9)
+    ece = sum(
+        (bins == b).mean()
+        * abs(
+            studies["prob"].to_numpy()[bins == b].mean()
+            - studies["label"].to_numpy()[bins == b].mean()
+        )
+        for b in range(10)
+        if (bins == b).any()
+    )
+    assert calibration["ece_study_calibrated"] == pytest.approx(ece, abs=1e-5)
+    assert (padded["run"].evaluation / "reliability.png").is_file()

@@ -259,7 +259,7 @@ def test_dicom_without_pixel_data_gets_its_own_error(
 
 
 @pytest.mark.parametrize(
-    ("fmt", "model"), [("onnx", "kalm"), ("torchscript", "kalm"), ("onnx", "navigator")]
+    ("fmt", "model"), [("onnx", "kalm"), ("export", "kalm"), ("onnx", "navigator")]
 )
 def test_export_matches_eager_pytorch(
     request: pytest.FixtureRequest, tmp_path: Path, fmt: str, model: str
@@ -270,7 +270,7 @@ def test_export_matches_eager_pytorch(
     else:  # a navigator trained in experiment=paper (the Table 1 fixture)
         sweep = request.getfixturevalue("navigator_pipeline")
         best = json.loads(next(sweep.rglob("stage2/result.json")).read_text())["best_ckpt"]
-    target = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt")
+    target = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt2")
     check(run_cli("export", [f"ckpt_path={best}", f"format={fmt}", f"output={target}"], tmp_path))
     meta = json.loads(target.with_suffix(target.suffix + ".json").read_text())
     assert meta["outputs"] == ["prob", "prob_global", "prob_local", "boxes"]
@@ -285,6 +285,6 @@ def test_export_matches_eager_pytorch(
             session = onnxruntime.InferenceSession(str(target))
             got = [torch.from_numpy(v) for v in session.run(None, {"images": images.numpy()})]
         else:
-            got = list(torch.jit.load(str(target))(images))
+            got = list(torch.export.load(str(target)).module()(images))  # torch.export
         for value, reference in zip(got, expected, strict=True):
             torch.testing.assert_close(value, reference, atol=1e-4, rtol=0)

@@ -120,3 +120,35 @@ def roc_figure(
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def reliability_figure(calibration: Mapping, path: Path, title: str) -> None:
+    """The reliability diagram of the decision score per study, calibrated, with its ECE."""
+    points = calibration["reliability_study"]
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=120)
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    shown = [
+        (p, o, n)
+        for p, o, n in zip(
+            points["mean_predicted"], points["observed"], points["count"], strict=True
+        )
+        if n
+    ]
+    if shown:
+        predicted, observed, _ = zip(*shown, strict=True)
+        axis.plot(predicted, observed, marker="o", label="studies per bin")
+        for p, o, n in shown:
+            axis.annotate(str(n), (p, o), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    t = calibration["temperature"]
+    axis.set(
+        xlabel="mean predicted probability (abnormal)",
+        ylabel="observed abnormal rate",
+        title=f"{title}\nECE {calibration['ece_study_calibrated']:.3f}"
+        + (f" (before T = {t:.2f}: {calibration['ece_study']:.3f})" if t != 1.0 else ""),
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+    axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

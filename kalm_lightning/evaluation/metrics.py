@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -69,18 +69,26 @@ def score_images(
 
 
 def bootstrap_intervals(
-    prob: torch.Tensor, label: torch.Tensor, study: torch.Tensor, samples: int, seed: int = 0
+    prob: torch.Tensor,
+    label: torch.Tensor,
+    study: torch.Tensor,
+    samples: int,
+    seed: int = 0,
+    scores: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
+    names: Sequence[str] = NAMES,
 ) -> dict[str, list[float]]:
-    """95% percentile intervals of the study-level figures, resampling studies with replacement."""
+    """95% percentile intervals of study-level figures (`scores` of study probabilities and
+    labels; accuracy, AUROC and kappa by default), resampling studies with replacement."""
     studies = study_means(prob, label, study)
     study_prob, study_label = studies.prob, studies.label
+    scores = scores or binary_scores
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {name: [] for name in NAMES}
+    draws: dict[str, list[float]] = {name: [] for name in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(samples):
             pick = torch.from_numpy(rng.integers(0, len(study_prob), len(study_prob)))
-            for name, value in binary_scores(study_prob[pick], study_label[pick]).items():
+            for name, value in scores(study_prob[pick], study_label[pick]).items():
                 if name in draws and not math.isnan(value):
                     draws[name].append(value)
     return {
@@ -135,6 +143,11 @@ class StudyMetrics(Metric):
         _, first = np.unique(state["image_id"].numpy(), return_index=True)
         keep = torch.from_numpy(first)
         return {name: value[keep] for name, value in state.items()}
+
+    def gathered_everywhere(self) -> dict[str, torch.Tensor]:
+        """`gathered`, with the states of every process (what compute sees under DDP)."""
+        with self.sync_context(should_sync=True, should_unsync=True):
+            return self.gathered()
 
     def compute(self) -> dict:
         state = self.gathered()

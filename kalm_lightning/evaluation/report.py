@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kalm_lightning.evaluation.figures import boxes_figure, roc_figure
+from kalm_lightning.evaluation.figures import boxes_figure, reliability_figure, roc_figure
 from kalm_lightning.evaluation.studies import (
     PREDICTIONS,
     SCORE_LABELS,
@@ -114,6 +114,8 @@ def _write_reports(
             torch.tensor(per_study["label"].to_numpy()),
         )
     roc_figure(curves, out / "roc.png", f"{model}: study-level ROC")
+    if "calibration" in metrics:
+        reliability_figure(metrics["calibration"], out / "reliability.png", f"{model}: reliability")
     if boxes is not None:
         boxes_figure(frame, **boxes).save(out / "boxes.png")
 
@@ -133,5 +135,18 @@ def print_summary(metrics: dict, model: str, out: Path) -> None:
             f"localization: lesion centre inside the KALM box {loc['hit_rate']:.1%}, "
             f"mean IoU {loc['mean_iou']:.3f}, mean box area {loc['mean_area']:.1%} of the image, "
             f"over {loc['n']} images"
+        )
+    if "operating_point" in metrics:
+        point, calibration = metrics["operating_point"], metrics["calibration"]
+        at = point["study"]
+        console.print(
+            f"operating point ({point['rule']}, threshold {point['threshold']:.3f}): sensitivity "
+            f"{at['sensitivity']:.1%}, specificity {at['specificity']:.1%}, PPV {at['ppv']:.1%}, "
+            f"NPV {at['npv']:.1%}; study ECE {calibration['ece_study_calibrated']:.3f}"
+            + (
+                f" at temperature {calibration['temperature']:.2f}"
+                if calibration["temperature"] != 1
+                else ""
+            )
         )
     console.print(f"reports in {out}")

@@ -3,18 +3,27 @@ carries into every checkpoint, the optimiser and schedule from config, study-lev
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import pandas as pd
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kalm_lightning.data.index import BODY_PARTS
 from kalm_lightning.errors import UserError, check_choice
 from kalm_lightning.evaluation.metrics import NAMES, StudyMetrics
-from kalm_lightning.evaluation.studies import GLOBAL
+from kalm_lightning.evaluation.operating import (
+    calibrate,
+    check_rule,
+    choose_threshold,
+    fit_temperature,
+)
+from kalm_lightning.evaluation.studies import GLOBAL, THRESHOLD, study_means
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.preprocessing import Preprocessing
 from kalm_lightning.settings import check
@@ -24,6 +33,13 @@ SELECTION_METRICS = tuple(f"{level}_{name}" for level in ("image", "study") for 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 PREPROCESSING = {"image_size": 224, "source_size": 448, "resize": "stretch"}  # the paper's
+# model.operating_point: how the decision threshold (and a temperature) are chosen, on the
+# validation split, which must then be a hold-out of train (settings.py refuses otherwise).
+OPERATING_POINT = {"rule": "fixed=0.5", "temperature": False}
+# model.loss: MURA's baseline weights per body part (w_abnormal = N / (A + N)), or balanced
+# overall; label smoothing. The paper's loss is plain cross-entropy.
+LOSS = {"class_weights": None, "label_smoothing": 0.0}
+CLASS_WEIGHTS = (None, "body_part", "balanced")
 LR_SCHEDULE = {"interval": "epoch", "frequency": 1, "monitor": "val/selection"}
 
 
@@ -62,6 +78,28 @@ def check_optimizer(optimizer: OptimizerFactory | None) -> None:
             check(f"model.optimizer.{name}", keywords[name])
 
 
+def class_weights(index: pd.DataFrame, kind: str) -> torch.Tensor:
+    """[body parts, 2] loss weights (normal, abnormal) from a training index's image counts:
+    MURA's baseline per body part, w_abnormal = N / (A + N) and w_normal = A / (A + N) of that
+    part's normal (N) and abnormal (A) images; or the same from the whole split ("balanced")."""
+    table = torch.ones(len(BODY_PARTS), 2, dtype=torch.float32)
+    groups = {part: index[index["body_part"] == part] for part in BODY_PARTS}
+    for code, part in enumerate(BODY_PARTS):
+        rows = groups[part] if kind == "body_part" else index
+        abnormal, normal = int((rows["label"] == 1).sum()), int((rows["label"] == 0).sum())
+        if abnormal + normal:
+            table[code] = torch.tensor([abnormal, normal], dtype=torch.float32) / (
+                abnormal + normal
+            )
+    return table
+
+
+def body_part_codes(body_part: Sequence[str] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(body_part, torch.Tensor):
+        return body_part.to(device).long()
+    return torch.tensor([BODY_PARTS.index(p) for p in body_part], device=device)
+
+
 class StageModule(pl.LightningModule):
     """A stage names its scores (e.g. global, local, kalm) and which one selects checkpoints."""
 
@@ -77,9 +115,18 @@ class StageModule(pl.LightningModule):
         lr_schedule: Mapping[str, Any] | None = None,
         selection_metric: str = "image_accuracy",
         compile: bool = False,
+        operating_point: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         optimizer, scheduler = factory(optimizer), factory(scheduler)
+        self.operating_rule = {**OPERATING_POINT, **plain(operating_point or {})}
+        check_rule(self.operating_rule["rule"])
+        self.loss_options = {**LOSS, **plain(loss or {})}
+        check_choice("model.loss.class_weights", self.loss_options["class_weights"], CLASS_WEIGHTS)
+        check("model.loss.label_smoothing", self.loss_options["label_smoothing"])
+        self.operating = {"rule": "fixed=0.5", "threshold": THRESHOLD, "temperature": 1.0}
+        self.register_buffer("class_weight_table", torch.ones(len(BODY_PARTS), 2), persistent=False)
         check_optimizer(optimizer)
         check_choice("model.selection_metric", selection_metric, SELECTION_METRICS)
         self.selection_metric = selection_metric
@@ -156,8 +203,55 @@ class StageModule(pl.LightningModule):
     def on_validation_outputs(self, batch: dict, outputs: dict, batch_idx: int) -> None:
         """Hook for stage-specific use of validation outputs (stage 2 keeps boxes to draw)."""
 
+    def on_fit_start(self) -> None:
+        """model.loss.class_weights: the weights from the training split's counts."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.loss_options["class_weights"] and datamodule is not None:
+            index = datamodule.dataset("train").index
+            table = class_weights(index, self.loss_options["class_weights"])
+            self.class_weight_table = table.to(self.device)
+
+    def classification_loss(
+        self, logits: torch.Tensor, label: torch.Tensor, body_part: Sequence[str] | torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy of [N, 2] logits, weighted per body part and class and label-smoothed
+        where model.loss says so (the paper's plain cross-entropy by default)."""
+        smoothing = float(self.loss_options["label_smoothing"])
+        if not self.loss_options["class_weights"]:
+            return F.cross_entropy(logits.float(), label, label_smoothing=smoothing)
+        parts = body_part_codes(body_part, self.device)
+        per_image = F.cross_entropy(
+            logits.float(), label, label_smoothing=smoothing, reduction="none"
+        )
+        return (per_image * self.class_weight_table[parts, label]).mean()
+
+    def choose_operating_point(self) -> None:
+        """The threshold (and temperature) of the selection score on this validation: what the
+        checkpoint written now records (`on_save_checkpoint`)."""
+        state = self.val_metrics[self.selection_score].gathered_everywhere()
+        prob, label = state["prob"], state["label"]
+        temperature = fit_temperature(prob, label) if self.operating_rule["temperature"] else 1.0
+        studies = study_means(calibrate(prob, temperature), label, state["study_id"])
+        threshold = choose_threshold(studies.prob, studies.label, self.operating_rule["rule"])
+        self.operating = {
+            "rule": self.operating_rule["rule"],
+            "threshold": threshold,
+            "temperature": temperature,
+            "score": self.selection_score,
+            "fitted_on": "the validation split (data.val_from_train: a hold-out of train)",
+            "epoch": int(self.current_epoch),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["operating_point"] = dict(self.operating)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.operating = {**self.operating, **(checkpoint.get("operating_point") or {})}
+
     def on_validation_epoch_end(self) -> None:
         logged = {}
+        if not self.trainer.sanity_checking:
+            self.choose_operating_point()
         for name in self.scores:
             result = self.val_metrics[name].compute()
             self.val_metrics[name].reset()

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kalm_lightning.evaluation.studies import GLOBAL
 from kalm_lightning.models.backbone import Backbone
@@ -32,11 +31,21 @@ class GlobalStage(StageModule):
         lr_schedule: Mapping[str, Any] | None = None,
         selection_metric: str = "image_accuracy",
         compile: bool = False,
+        operating_point: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
-            channels_last, optimizer, scheduler, lr_schedule, selection_metric, compile
+            channels_last,
+            optimizer,
+            scheduler,
+            lr_schedule,
+            selection_metric,
+            compile,
+            operating_point,
+            loss,
         )
         net, preprocessing, lr_schedule = plain(net), plain(preprocessing), plain(lr_schedule)
+        operating_point, loss = plain(operating_point), plain(loss)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "compile"], logger=False)
         self.net = Backbone(**check_target(net, Backbone, "model.net"))
         self.carry(preprocessing, self.net)
@@ -60,7 +69,8 @@ class GlobalStage(StageModule):
     def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
         if batch is None:
             return None
-        loss = F.cross_entropy(self(self.prepare_images(batch["image"])).float(), batch["label"])
+        logits = self(self.prepare_images(batch["image"]))
+        loss = self.classification_loss(logits, batch["label"], batch["body_part"])
         self.check_finite(loss, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss

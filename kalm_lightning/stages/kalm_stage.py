@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kalm_lightning.errors import UserError
 from kalm_lightning.evaluation.studies import GLOBAL, KALM, LOCAL, SCORES
@@ -45,11 +44,21 @@ class KALMStage(StageModule):
         lr_schedule: Mapping[str, Any] | None = None,
         selection_metric: str = "image_accuracy",
         compile: bool = False,
+        operating_point: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
-            channels_last, optimizer, scheduler, lr_schedule, selection_metric, compile
+            channels_last,
+            optimizer,
+            scheduler,
+            lr_schedule,
+            selection_metric,
+            compile,
+            operating_point,
+            loss,
         )
         net, preprocessing, lr_schedule = plain(net), plain(preprocessing), plain(lr_schedule)
+        operating_point, loss = plain(operating_point), plain(loss)
         self.save_hyperparameters(
             ignore=["optimizer", "scheduler", "global_ckpt", "compile"], logger=False
         )
@@ -147,8 +156,10 @@ class KALMStage(StageModule):
             return None
         images = self.prepare_images(batch["image"])
         logits, crops = self.net.training_outputs(images, self.current_epoch, self.step_generator())
-        labels = batch["label"].repeat_interleave(logits.shape[1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels)
+        many = logits.shape[1]
+        parts = [p for p in batch["body_part"] for _ in range(many)]
+        labels = batch["label"].repeat_interleave(many)
+        loss = self.classification_loss(logits.flatten(0, 1), labels, parts)
         if crops.loss is not None:
             loss = loss + crops.loss
         size = len(batch["label"])

@@ -15,6 +15,7 @@ from kalm_lightning.data.geometry import PIXEL_BOX
 from kalm_lightning.data.index import BODY_PARTS, read_lesion_boxes, read_mura_index
 from kalm_lightning.data.mura import MURADataModule
 from kalm_lightning.errors import UserError
+from kalm_lightning.evaluation.clinical import add_calibrated, clinical_blocks
 from kalm_lightning.evaluation.localization import localization_scores
 from kalm_lightning.evaluation.metrics import bootstrap_intervals, score_images
 from kalm_lightning.evaluation.report import TABLE_COLUMNS, print_summary, table_rows, write_reports
@@ -62,6 +63,9 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dic
     )
     scores = [name for name in module.scores if prob_column(name) in frame]
     metrics = score_table(frame, scores, cfg.bootstrap, cfg.seed)
+    decision, operating = module.selection_score, module.operating
+    frame = add_calibrated(frame, decision, float(operating["temperature"]))
+    metrics.update(clinical_blocks(frame, decision, operating, cfg.bootstrap, cfg.seed))
     lesions = read_lesion_boxes(datamodule.root)
     boxes = None
     if PIXEL_BOX[0] in frame:  # a stage-2 model: KALM boxes to score and draw

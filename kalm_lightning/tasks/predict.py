@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
@@ -24,6 +25,7 @@ from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.data.index import BODY_PARTS, MURA_DIR, read_mura_index
 from kalm_lightning.errors import UserError, check_number
 from kalm_lightning.evaluation.figures import overlay_image
+from kalm_lightning.evaluation.operating import calibrate
 from kalm_lightning.evaluation.studies import (
     SCORES,
     abnormal,
@@ -145,10 +147,14 @@ def write_overlays(frame: pd.DataFrame, out: Path, threshold: float) -> None:
 
 def run_prediction(cfg: DictConfig) -> pd.DataFrame:
     """Score every file; write the CSVs (and overlays); exit non-zero when any file failed."""
-    check_number("threshold", cfg.threshold, 0, 1)
+    if cfg.threshold is not None:
+        check_number("threshold", cfg.threshold, 0, 1)
     check_number("batch_size", cfg.batch_size, 1, integer=True)
     out = Path(cfg.paths.run_dir)
     module = load_stage(cfg.ckpt_path)
+    operating = module.operating  # the threshold and temperature chosen on the hold-out
+    threshold = float(cfg.threshold if cfg.threshold is not None else operating["threshold"])
+    temperature = float(operating["temperature"])
     carried = module.preprocessing
     carried.refuse_contradictions(cfg.data, cfg.ckpt_path)
     index = collect_images(cfg.images, cfg.split)
@@ -188,6 +194,11 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
     for column in COLUMNS:
         if column not in frame:
             frame[column] = np.nan
+    columns = list(COLUMNS)
+    if temperature != 1.0:  # the decision score as the model's temperature calibrates it
+        frame["prob_uncalibrated"] = frame["prob"]
+        frame["prob"] = calibrate(torch.tensor(frame["prob"].to_numpy(float)), temperature).numpy()
+        columns.insert(columns.index("prob") + 1, "prob_uncalibrated")
     frame["error"] = [
         None
         if pd.notna(prob)
@@ -197,24 +208,30 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
         for prob, ok, file in zip(frame["prob"], exists, frame["file"], strict=True)
     ]
     studies = study_table(frame)
-    studies["label"] = np.where(
-        studies["prob"].notna(), abnormal(studies["prob"], cfg.threshold), -1
-    )
+    studies["label"] = np.where(studies["prob"].notna(), abnormal(studies["prob"], threshold), -1)
     with writing(out):
-        frame[COLUMNS].to_csv(out / "predictions_images.csv", index=False)
+        frame[columns].to_csv(out / "predictions_images.csv", index=False)
         studies[["study", "images", "prob", "label"]].to_csv(
             out / "predictions_studies.csv", index=False
         )
-        write_submission(studies, out / "submission.csv", cfg.threshold)
+        write_submission(studies, out / "submission.csv", threshold)
         if cfg.overlays:
-            write_overlays(frame, out, cfg.threshold)
+            write_overlays(frame, out, threshold)
 
     failed = int(frame["error"].notna().sum())
     called = int((studies["label"] == 1).sum())
+    chosen = "given" if cfg.threshold is not None else f"the model's, {operating['rule']}"
     Console().print(
         f"{len(frame) - failed} of {len(frame)} files scored by {module.backbone_name} (stage "
         f"{module.stage}), "
-        f"{failed} failed; {len(studies)} studies, {called} abnormal at threshold {cfg.threshold}. "
+        f"{failed} failed; {len(studies)} studies, {called} abnormal at threshold {threshold:.3f} "
+        f"({chosen})"
+        + (
+            f"; probabilities calibrated at temperature {temperature:.3f}"
+            if temperature != 1
+            else ""
+        )
+        + ". "
         f"Predictions in {out}"
     )
     if failed:
