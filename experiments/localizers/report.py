@@ -28,13 +28,13 @@ def spread(values: list[float]) -> float:
     return float(torch.tensor(values, dtype=torch.float64).std()) if len(values) > 1 else 0.0
 
 
-def summarize(regime: Regime, records: dict[str, list[dict]]) -> list[dict]:
+def summarize(regime: Regime, rows: list[Row], records: dict[str, list[dict]]) -> list[dict]:
     """Per row of the regime with at least one finished run: mean and spread over seeds."""
     base = records.get(GLOBAL_INPUT.name) or []
     base_infer = mean([r["inference_flops"] for r in base])
     base_train = mean([r["training_flops"] for r in base])
     summary = []
-    for row in regime.rows:
+    for row in rows:
         runs = records.get(row.name) or []
         if not runs:
             continue

@@ -9,7 +9,7 @@ it. A regime is a setting of the synthetic generator (`data.synthetic.cue`, `dec
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 INPUT, SOURCE, MATCHED = 80, 160, 113  # CNN input, source, and the side whose FLOPs match KALM's
 QUICK_INPUT, QUICK_SOURCE, QUICK_MATCHED = 64, 128, 90
@@ -61,43 +61,49 @@ NAV_SOURCE = Row(
     (*NAVIGATOR, "localizer.reads=source"),
     kind="learned",
 )
-REINFORCE = Row(
-    "navigator (view) + REINFORCE",
-    "kalm",
-    (),
-    (*NAVIGATOR, "localizer.reads=view", "localizer.policy=reinforce"),
-    kind="learned",
-)
-MIL = Row(
-    "MIL ceiling: every anchor, max (view run)",
-    "kalm",
-    (),
-    NAV_VIEW.stage2,
-    inference="mil",
-    kind="ceiling",
-)
+READS = {NAV_MAP.name: "map", NAV_VIEW.name: "view", NAV_SOURCE.name: "source"}
+
+
+def reinforce_of(best: Row) -> Row:
+    """The REINFORCE refinement of the best navigator (its reads), started from its distillation."""
+    reads = READS[best.name]
+    return Row(
+        f"navigator ({reads}) + REINFORCE",
+        "kalm",
+        (),
+        (*best.stage2, "localizer.policy=reinforce"),
+        kind="learned",
+    )
+
+
+def mil_of(best: Row) -> Row:
+    """The MIL ceiling on the best navigator's run: every anchor scored, the max kept."""
+    return Row(
+        f"MIL ceiling: every anchor, max ({READS[best.name]} run)",
+        "kalm",
+        (),
+        best.stage2,
+        inference="mil",
+        kind="ceiling",
+    )
+
+
 FULL = Row("control: whole image", "kalm", (), ("localizer=full",), kind="control")
 FIXED = Row("control: fixed centred box", "kalm", (), ("localizer=fixed",), kind="control")
 RANDOM = Row("control: random anchor", "kalm", (), ("localizer=random",), kind="control")
 
-ROWS = [
-    GLOBAL_INPUT,
-    GLOBAL_SOURCE,
-    GLOBAL_MATCHED,
-    PAPER,
-    CAM,
+BASELINES = [GLOBAL_INPUT, GLOBAL_SOURCE, GLOBAL_MATCHED, PAPER, CAM]
+CONTROLS = [FULL, FIXED, RANDOM]
+NAVIGATORS = [
     NAV_MAP,
     NAV_VIEW,
     NAV_SOURCE,
-    REINFORCE,
-    MIL,
-    FULL,
-    FIXED,
-    RANDOM,
-]
-LEARNED = [row for row in ROWS if row.learned]
+]  # where the navigator reads from: chosen in the main regime
 # What a one-crop localizer must beat in the main regime (the issue's goal), by the spreads added.
 MUST_BEAT = [GLOBAL_INPUT, GLOBAL_MATCHED, FULL, FIXED, RANDOM]
+# The rows the main regime's conclusions rest on, with 5 seeds (the others 3): the goal's
+# comparisons, the source-size ceiling, the paper's KALM and the best navigator.
+KEY = (GLOBAL_INPUT, GLOBAL_SOURCE, GLOBAL_MATCHED, PAPER, *CONTROLS)
 
 
 @dataclass(frozen=True)
@@ -107,10 +113,15 @@ class Regime:
     cue: float
     decoys: int = 0
     attribute: float = 0.0
-    rows: tuple[Row, ...] = tuple(ROWS)
-    # rows a conclusion rests on get more seeds (the goal's comparisons, in the main regime)
-    key_rows: tuple[Row, ...] = ()
-    main: bool = False
+    main: bool = False  # the regime of the goal: every navigator variant, 5 seeds for KEY rows
+    sweep: bool = False  # a point of the sweep of c: the reduced rows
+
+    def rows(self, best: Row) -> list[Row]:
+        """This regime's rows, given the best navigator (chosen on the main regime's hold-out)."""
+        if self.sweep:
+            return [GLOBAL_INPUT, GLOBAL_SOURCE, PAPER, best, FIXED]
+        navigators = NAVIGATORS if self.main else [best]
+        return [*BASELINES, *navigators, reinforce_of(best), mil_of(best), *CONTROLS]
 
     def overrides(self) -> tuple[str, ...]:
         return (
@@ -120,39 +131,13 @@ class Regime:
         )
 
 
-@dataclass(frozen=True)
-class Plan:
-    regimes: list[Regime]
-    sweep: list[Regime] = field(default_factory=list)  # the reduced rows over c
-
-
-KEY = (
-    GLOBAL_INPUT,
-    GLOBAL_SOURCE,
-    GLOBAL_MATCHED,
-    PAPER,
-    NAV_MAP,
-    NAV_VIEW,
-    NAV_SOURCE,
-    *MUST_BEAT[2:],
-)
 REGIMES = [
     Regime("c0", "c = 0: nothing to find at the input size", 0.0),
     Regime(
-        "c0.5",
-        "c = 0.5, D = 0: found at the input size, decided at the source",
-        0.5,
-        key_rows=KEY,
-        main=True,
+        "c0.5", "c = 0.5, D = 0: found at the input size, decided at the source", 0.5, main=True
     ),
     Regime("c0.5-d3-a0.3", "c = 0.5, D = 3, lesion blob 30% brighter", 0.5, 3, 0.3),
 ]
-
-
-def sweep_rows(best: Row) -> tuple[Row, ...]:
-    """The reduced set on the sweep of c: the global CNN at both sizes, the paper's KALM, the best
-    new localizer (chosen on the hold-out of the main regime) and the fixed box."""
-    return (GLOBAL_INPUT, GLOBAL_SOURCE, PAPER, best, FIXED)
 
 
 SWEEP_CUES = (0.0, 0.2, 0.5, 1.0)  # 0 and 0.5 are the full regimes' runs, read back

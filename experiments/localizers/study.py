@@ -5,9 +5,10 @@
 
 Every row trains and evaluates through the project's own code on the `experiment=localizer`
 preset (rows.py: rows and regimes; runner.py: training and records; report.py: RESULTS.md). The
-main regime (c = 0.5, D = 0) runs first, 5 seeds for the rows its conclusions rest on and 3 for the
-others, then c = 0 and the decoy regime (3 seeds), then the sweep of c on the reduced rows, with
-the new localizer that scored best on the main regime's hold-out.
+main regime (c = 0.5, D = 0) runs first: every navigator variant for 3 seeds, which chooses the best
+on the hold-out of train; 5 seeds for the rows its conclusions rest on (the goal's comparisons and
+the best navigator), 3 for the others. Then c = 0 and the decoy regime (3 seeds) and the sweep of
+c on the reduced rows, each with the best navigator, its REINFORCE refinement and its MIL ceiling.
 """
 
 from __future__ import annotations
@@ -21,18 +22,37 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from report import mean, side_by_side, summarize, write  # noqa: E402
-from rows import LEARNED, PAPER, REGIMES, SWEEP_CUES, Regime, Row, sweep_rows  # noqa: E402
+from rows import (  # noqa: E402
+    BASELINES,
+    CONTROLS,
+    KEY,
+    NAVIGATORS,
+    PAPER,
+    REGIMES,
+    SWEEP_CUES,
+    Regime,
+    Row,
+    mil_of,
+)
 from runner import OutOfTime, Study  # noqa: E402
 
+Plan = list[tuple[Regime, Row, int]]
 
-def seeds_of(regime: Regime, row: Row, quick: bool) -> list[int]:
+
+def seeds_of(regime: Regime, row: Row, best: Row, quick: bool) -> list[int]:
+    """5 seeds for the rows the main regime's conclusions rest on, 3 for the others."""
     if quick:
         return [0]
-    return list(range(5)) if row in regime.key_rows else list(range(3))
+    key = regime.main and (row in KEY or row in (best, mil_of(best)))
+    return list(range(5 if key else 3))
 
 
 def cues(quick: bool) -> tuple[float, ...]:
     return (0.5, 1.0) if quick else SWEEP_CUES  # --quick: the main regime and one more c
+
+
+def main_regime() -> Regime:
+    return next(r for r in REGIMES if r.main)
 
 
 def regimes_of(quick: bool) -> list[Regime]:
@@ -41,36 +61,49 @@ def regimes_of(quick: bool) -> list[Regime]:
     return ordered[:1] if quick else ordered
 
 
-def sweep_regime(cue: float, best: Row) -> Regime:
+def sweep_regime(cue: float) -> Regime:
     known = {r.cue: r for r in REGIMES if not r.decoys and not r.attribute}
     name = known[cue].name if cue in known else f"c{cue:g}"
-    return Regime(name, f"c = {cue:g}, D = 0", cue, rows=sweep_rows(best))
+    return Regime(name, f"c = {cue:g}, D = 0", cue, sweep=True)
 
 
-def best_learned(study: Study, main: Regime, quick: bool) -> Row:
-    """The new localizer with the best mean hold-out figure in the main regime (never valid)."""
+def best_navigator(study: Study, quick: bool) -> Row:
+    """Where the navigator reads from: the variant with the best mean hold-out figure (its
+    selection metric on the hold-out of train, never valid) over the main regime's first seeds."""
     scored = []
-    for row in LEARNED:
-        runs = [study.read(main, row, s) for s in seeds_of(main, row, quick)]
+    for row in NAVIGATORS:
+        runs = [study.read(main_regime(), row, s) for s in ([0] if quick else range(3))]
         runs = [r for r in runs if r is not None]
         if runs:
             scored.append((mean([r["heldout"] for r in runs]), row.name, row))
-    return max(scored)[2] if scored else LEARNED[0]
+    return max(scored)[2] if scored else NAVIGATORS[1]
 
 
-def collect(study: Study, regime: Regime, quick: bool) -> dict[str, list[dict]]:
+def planned(regime: Regime, rows: list[Row], best: Row, quick: bool) -> Plan:
+    """The regime's runs of these rows, seed by seed: each seed's whole row set comes early."""
+    runs = [(regime, row, s) for row in rows for s in seeds_of(regime, row, best, quick)]
+    return sorted(runs, key=lambda run: run[2])
+
+
+def everything(best: Row, quick: bool) -> Plan:
+    """Every run of the study, in the order they run. First the main regime's rows that decide
+    which navigator is best (every variant, the baselines and controls), seed by seed; then the
+    runs that depend on it (its refinement, its MIL ceiling, its further seeds); then the other
+    regimes and the sweep of c with it."""
+    main = main_regime()
+    deciding = [*BASELINES, *NAVIGATORS, *CONTROLS]
+    plan = planned(main, deciding, best, quick) + planned(main, main.rows(best), best, quick)
+    for regime in [*regimes_of(quick)[1:], *(sweep_regime(c) for c in cues(quick))]:
+        plan += planned(regime, regime.rows(best), best, quick)
+    return list(dict.fromkeys(plan))
+
+
+def collect(study: Study, regime: Regime, best: Row, quick: bool) -> dict[str, list[dict]]:
     records = {}
-    for row in regime.rows:
-        runs = [study.read(regime, row, s) for s in seeds_of(regime, row, quick)]
+    for row in regime.rows(best):
+        runs = [study.read(regime, row, s) for s in seeds_of(regime, row, best, quick)]
         records[row.name] = [r for r in runs if r is not None]
     return records
-
-
-def planned(regimes: list[Regime], quick: bool) -> list[tuple[Regime, Row, int]]:
-    """Every run, a regime at a time and seed by seed: each seed's whole row set comes early."""
-    runs = [(g, row, s) for g in regimes for row in g.rows for s in seeds_of(g, row, quick)]
-    order = {id(g): i for i, g in enumerate(regimes)}
-    return sorted(runs, key=lambda run: (order[id(run[0])], run[2]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,27 +116,32 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     study = Study(args.out.resolve(), args.work.resolve(), args.quick, args.max_minutes)
-    regimes = [r for r in regimes_of(args.quick) if not args.regimes or r.name in args.regimes]
-    main_regime = next(r for r in REGIMES if r.main)
     stopped = False
     try:
-        for regime, row, seed in planned(regimes, args.quick):
-            study.run(regime, row, seed)
-        if not args.regimes:
-            best = best_learned(study, main_regime, args.quick)
-            for regime, row, seed in planned(
-                [sweep_regime(c, best) for c in cues(args.quick)], args.quick
-            ):
-                study.run(regime, row, seed)
+        while True:  # the plan follows the best navigator as its first seeds come in
+            best = best_navigator(study, args.quick)
+            pending = [
+                run
+                for run in everything(best, args.quick)
+                if (not args.regimes or run[0].name in args.regimes) and study.read(*run) is None
+            ]
+            if not pending:
+                break
+            study.run(*pending[0])
     except OutOfTime:
         stopped = True
-    best = best_learned(study, main_regime, args.quick)
-    sweep = [sweep_regime(c, best) for c in cues(args.quick)]
-    everything = [*regimes_of(args.quick), *sweep]
-    left = sum(study.read(g, row, s) is None for g, row, s in planned(everything, args.quick))
-    summaries = [(g, summarize(g, collect(study, g, args.quick))) for g in regimes_of(args.quick)]
-    sweeps = [(g.cue, summarize(g, collect(study, g, args.quick))) for g in sweep]
-    cfg = study.config(main_regime, 0, 2, ())
+    best = best_navigator(study, args.quick)
+    plan = everything(best, args.quick)
+    left = sum(study.read(g, row, s) is None for g, row, s in plan)
+    summaries = [
+        (g, summarize(g, g.rows(best), collect(study, g, best, args.quick)))
+        for g in regimes_of(args.quick)
+    ]
+    sweep = [sweep_regime(c) for c in cues(args.quick)]
+    sweeps = [
+        (g.cue, summarize(g, g.rows(best), collect(study, g, best, args.quick))) for g in sweep
+    ]
+    cfg = study.config(main_regime(), 0, 2, ())
     setting = [
         f"- Data per seed: {cfg.data.synthetic.train_studies} train / {cfg.data.synthetic.valid_studies} valid studies "
         f"(abnormal rate {cfg.data.synthetic.abnormal_rate}), lesions `{list(cfg.data.synthetic.lesions)}`: stripes of "
@@ -119,13 +157,13 @@ def main(argv: list[str] | None = None) -> None:
         f"- This invocation: {(time.perf_counter() - start) / 60:.1f} min wall, {study.trained} runs trained, "
         "the rest read back.",
     ]
-    paper = (main_regime, PAPER, 0)
+    paper = (main_regime(), PAPER, 0)
     boxes = side_by_side(
-        [study.boxes_figure(*paper), study.boxes_figure(main_regime, best, 0)],
+        [study.boxes_figure(*paper), study.boxes_figure(main_regime(), best, 0)],
         study.out / "boxes.png",
     )
     command = "python experiments/localizers/study.py" + (" --quick" if args.quick else "")
-    write(study.out, summaries, sweeps, sweep[0].rows, best, setting, command, left, boxes)
+    write(study.out, summaries, sweeps, sweep[0].rows(best), best, setting, command, left, boxes)
     state = f"stopped at the time limit, {left} run(s) left: run it again" if stopped else "done"
     print(f"{study.trained} runs trained; {state}; results in {study.out / 'RESULTS.md'}")
 
