@@ -14,6 +14,7 @@ from conftest import TINY_RUN, check, run_cli, sklearn_scores
 from PIL import Image
 
 from kalm_lightning.data.mura import read_mura_index
+from kalm_lightning.evaluation.studies import SCORES
 
 DATA = [arg for arg in TINY_RUN if arg.startswith("data.")]
 
@@ -136,7 +137,9 @@ def test_stage1_checkpoint_reports_the_global_score_only(trained: dict[str, Path
         )
     )
     run = next((trained["work"] / "eval1/synthetic/evaluate").iterdir())
-    assert set(json.loads((run / "metrics.json").read_text())) == {"global"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) & set(SCORES) == {"global"}
+    assert metrics["operating_point"]["score"] == "global"
     assert (run / "roc.png").is_file() and not (run / "boxes.png").exists()
 
 
@@ -174,7 +177,7 @@ def test_table1_aggregation_of_a_paper_pipeline_run(
     (a localizer beyond the paper's, as make table1's variant row), then aggregate.py."""
     sweep = navigator_pipeline
     # Evaluation after training read the run's own data, not conf/evaluate.yaml's default root.
-    work = sweep.parent
+    work = sweep.parents[1]
     assert (work / "generated").is_dir() and not (work / "data").exists()
     script = Path(__file__).resolve().parents[1] / "experiments" / "table1" / "aggregate.py"
     out = tmp_path / "RESULTS.md"

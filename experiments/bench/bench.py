@@ -117,6 +117,13 @@ def infer_step(model: Callable, images: torch.Tensor, s: Settings) -> Callable[[
     return step
 
 
+def stage_nodes(s: Settings, stage: int) -> tuple[dict, dict]:
+    """A stage's `net` and `preprocessing` nodes (the rest as the model's defaults): stage 1's net
+    is the backbone, stage 2's a KALMNet around it."""
+    net = {"name": s.backbone} if stage == 1 else {"backbone": s.backbone}
+    return net, {"image_size": s.image_size, "source_size": s.source_size}
+
+
 def build(s: Settings, name: str) -> Callable[[], None]:
     """One contender's step, with its own model and inputs (so that its memory is its own)."""
     small, labels = inputs(s, s.image_size)
@@ -128,12 +135,9 @@ def build(s: Settings, name: str) -> Callable[[], None]:
             return train_step(plain, images, labels, plain.parameters(), s)
         return infer_step(plain.eval(), images, s)
     if name == "stage1_train":
-        stage1 = prepared(
-            GlobalStage(s.backbone, image_size=s.image_size, source_size=s.source_size), s
-        )
+        stage1 = prepared(GlobalStage(*stage_nodes(s, 1)), s)
         return train_step(stage1, source, labels, stage1.parameters(), s)
-    stage2 = KALMStage(s.backbone, image_size=s.image_size, source_size=s.source_size)
-    stage2 = prepared(stage2, s)
+    stage2 = prepared(KALMStage(*stage_nodes(s, 2)), s)
     if name == "stage2_train":
         model = lambda x: stage2(x).local_logits  # noqa: E731 - the loss of KALMStage.training_step
         return train_step(model, source, labels, stage2.parameters(), s)
