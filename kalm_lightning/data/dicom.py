@@ -1,5 +1,8 @@
-"""DICOM radiographs to 8-bit greyscale, as a viewer shows them: modality LUT (rescale slope and
-intercept), then the VOI LUT or the window, then MONOCHROME1 inverted. Needs the `dicom` extra."""
+"""DICOM radiographs to 8-bit greyscale, as a viewer shows them (PS3.3 C.11): modality LUT (rescale
+slope and intercept), then the VOI stage through pydicom's `apply_voi_lut` (a VOI LUT, or a window
+with its VOILUTFunction: LINEAR, LINEAR_EXACT or SIGMOID) scaled by its output range, then one
+inversion when the image is MONOCHROME1 or its PresentationLUTShape is INVERSE (both say the same
+thing, so never twice). Needs the `dicom` extra."""
 
 from __future__ import annotations
 
@@ -36,16 +39,30 @@ def dicom_size(path: str | Path) -> tuple[int, int]:
     return int(ds.Rows), int(ds.Columns)
 
 
-def window(values: np.ndarray, centre: float, width: float) -> np.ndarray:
-    """DICOM's linear VOI window (PS3.3 C.11.2.1.2) onto [0, 1]."""
-    if width < 1:
-        raise ValueError(f"window width {width} is below 1")
-    return np.clip((values - (centre - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+def voi_range(ds) -> tuple[float, float]:
+    """The range the VOI stage maps onto: a VOI LUT's [0, 2^n - 1] (n from its LUTDescriptor); for a
+    window, the modality stage's output range, as pydicom's `apply_windowing` takes it (the stored
+    bits, signed or not, or a modality LUT's, through the rescale)."""
+    if "VOILUTSequence" in ds:
+        return 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    if ds.get("ModalityLUTSequence"):
+        low, high = 0, 2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1
+    elif ds.get("PixelRepresentation", 0) == 0:
+        low, high = 0, 2 ** int(ds.BitsStored) - 1
+    else:
+        low, high = -(2 ** (int(ds.BitsStored) - 1)), 2 ** (int(ds.BitsStored) - 1) - 1
+    if ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        low, high = low * slope + intercept, high * slope + intercept
+    return float(low), float(high)
 
 
-def first(value) -> float:
-    """WindowCenter and WindowWidth may hold several values: the first is the default view."""
-    return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+def inverted(ds) -> bool:
+    """MONOCHROME1 (low values bright) or a Presentation LUT of shape INVERSE: one inversion."""
+    return (
+        ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1"
+        or str(ds.get("PresentationLUTShape", "IDENTITY")).upper() == "INVERSE"
+    )
 
 
 def read_dicom(path: str | Path) -> np.ndarray:
@@ -73,15 +90,19 @@ def read_dicom(path: str | Path) -> np.ndarray:
     elif pixels.ndim == 3:  # several frames: the first
         pixels = pixels[0]
     values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
-    if "VOILUTSequence" in ds:
-        values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+        if "VOILUTSequence" in ds:  # a LUT is indexed by integer values
+            values = np.rint(values).astype(np.int64)
+        try:
+            values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+        except ValueError as error:  # a window width below what its VOI function allows, ...
+            raise ValueError(f"its VOI LUT / window cannot be applied ({error})") from error
+        low, high = voi_range(ds)
+        scaled = np.clip((values - low) / (high - low), 0.0, 1.0) if high > low else values * 0
+    else:  # no VOI: the full range of the image
         scaled = _minmax(values)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        scaled = window(values, first(ds.WindowCenter), first(ds.WindowWidth))
-    else:
-        scaled = _minmax(values)
-    if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-        scaled = 1.0 - scaled  # MONOCHROME1: low values are bright
+    if inverted(ds):
+        scaled = 1.0 - scaled
     return np.round(scaled * 255).astype(np.uint8)
 
 
