@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import check
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -172,14 +176,36 @@ def test_weights_from_a_local_file_without_network(tmp_path: Path, suffix: str) 
     assert backbone.fc.out_features == 2
 
 
-def test_pretrained_without_hub_fails_fast_naming_the_local_option(monkeypatch) -> None:
-    from kalm_lightning.errors import UserError
+LOAD_PRETRAINED = """
+import sys, torch
+from kalm_lightning.models import Backbone
+torch.save(Backbone("resnet18", pretrained=True).conv.state_dict(), sys.argv[1])
+"""
 
-    monkeypatch.setenv(
-        "HF_HUB_OFFLINE", "1"
-    )  # no cached weights here, as on a machine with no network
-    with pytest.raises(UserError, match=r"backbone\.checkpoint_path"):
-        Backbone("resnet18", pretrained=True)
+
+def test_pretrained_weights_come_from_the_hub_cache_offline(tmp_path: Path) -> None:
+    """backbone.pretrained=true with HF_HUB_OFFLINE=1: refused in one line naming the cache while it
+    is empty; once timm's weights sit where timm's download puts them, loaded from there."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    command = [sys.executable, "-c", LOAD_PRETRAINED, str(tmp_path / "loaded.pt")]
+    empty = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert empty.returncode != 0
+    line = empty.stderr.strip().splitlines()[-1]
+    assert str(cache) in line and "backbone.checkpoint_path" in line, line
+    # The cache layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<rev>/file}.
+    torch.manual_seed(3)
+    weights = timm.create_model("resnet18", pretrained=False).state_dict()
+    repo = cache / "models--timm--resnet18.a1_in1k"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    save_file(weights, repo / "snapshots" / revision / "model.safetensors")
+    check(subprocess.run(command, env=env, capture_output=True, text=True))
+    loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
+    assert loaded and all(torch.equal(value, weights[key]) for key, value in loaded.items())
 
 
 def test_channels_last_gives_the_same_scores() -> None:

@@ -12,7 +12,9 @@ from typing import Any
 
 import timm
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 from kalm_lightning.errors import UserError, check_choice
@@ -21,10 +23,14 @@ HUB_HOST = ("huggingface.co", 443)
 OUTPUT_STRIDES = (8, 16, 32)
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the weights hub answers within timeout; timm would otherwise retry for ~45 s."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return True  # timm then reads the local hub cache and fails at once when weights are absent
+    if hub_offline():
+        return False
     with ThreadPoolExecutor(1) as pool:
         attempt = pool.submit(socket.create_connection, HUB_HOST, timeout)
         try:
@@ -32,6 +38,25 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
         except (OSError, FutureTimeout):
             return False
+
+
+def cached_weights(name: str) -> Path | None:
+    """timm's weights for `name` in the local Hugging Face cache (where timm's own download puts
+    them: its `pretrained_cfg`'s hub id, safetensors before the pickle-free .bin), or None."""
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # not a timm model: create_model says so in one line
+        return None
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    names = (
+        [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    )
+    for filename in names:
+        found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
 
 
 def create_feature_model(
@@ -54,10 +79,14 @@ def create_feature_model(
             raise UserError(f"backbone.checkpoint_path={checkpoint_path} does not exist")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
         pretrained = True
+    elif pretrained and (cached := cached_weights(name)) is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(cached)}  # no network asked
     elif pretrained and not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the weights hub cannot be reached"
         raise UserError(
-            f"backbone.pretrained=true but the weights hub cannot be reached for {name}; "
-            "download the weights elsewhere and set backbone.checkpoint_path=FILE, "
+            f"backbone.pretrained=true: no weights for {name} in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and {why}; put them there (timm.create_model('{name}', "
+            "pretrained=True) on a connected machine), set backbone.checkpoint_path=FILE, "
             "or set backbone.pretrained=false"
         )
     try:
