@@ -47,7 +47,7 @@ def test_groups_hold_the_documented_choices() -> None:
         "backbone": ["inception_v4", "resnet18", "vgg16"],
         "stage": ["1", "2"],
         "localizer": ["fixed", "full", "kalm", "navigator", "random"],
-        "scheduler": ["multistep", "none", "plateau"],
+        "scheduler": ["cosine", "multistep", "none", "plateau"],
         "hardware": ["cpu", "ddp", "ddp_cpu", "gpu"],
         "data": ["mura", "synthetic"],
         "logger": ["csv", "none", "tensorboard", "wandb"],

@@ -137,6 +137,30 @@ def test_debug_configs_run(tmp_path: Path, debug: str, extra: list[str]) -> None
         assert plateau["last_epoch"] == 1 and plateau["best"] == pytest.approx(first)
 
 
+def test_cosine_warm_up_and_weight_ema_from_the_command_line(tmp_path: Path) -> None:
+    """scheduler=cosine: the logged learning rate follows warm-up then cosine, epoch by epoch;
+    callbacks=ema: checkpoints hold the averaged weights, the live ones beside them."""
+    args = [a for a in TINY_RUN if not a.startswith("trainer.max_epochs")]
+    extra = ["scheduler=cosine", "model.scheduler.min_factor=0.1", "callbacks=ema"]
+    check(
+        run_cli(
+            "train",
+            [*args, "trainer.max_epochs=3", "trainer.limit_val_batches=1", *extra],
+            tmp_path,
+        )
+    )
+    run = Run(next(tmp_path.glob("outputs/*/*/stage1/*")))
+    logs = run.read_logs()
+    rates = logs["lr-Adam"].dropna().tolist()  # LearningRateMonitor: one row per epoch
+    lr = 3e-4  # TINY_RUN's; one warm-up epoch, then cosine from lr to 0.1 lr over the other two
+    assert rates == pytest.approx([lr / 2, lr, 0.1 * lr], rel=1e-6)
+    checkpoint = torch.load(run.last_checkpoint, weights_only=True)
+    assert checkpoint["averaging_state"]["n_averaged"].item() == 3 * 3  # every step
+    averaged, live = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert averaged.keys() == live.keys()
+    assert any(not torch.equal(averaged[k], live[k]) for k in averaged if k.endswith("weight"))
+
+
 @pytest.mark.slow
 def test_multirun_with_ddp_runs_each_job_once_in_its_own_directory(tmp_path: Path) -> None:
     """Each job's second rank joins that job: one sweep directory, two job directories, no strays."""
