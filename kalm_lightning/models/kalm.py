@@ -267,7 +267,7 @@ class KALMNet(nn.Module):
         else:  # candidates: CNN_l scores each, the most abnormal one stands for the image (MIL)
             every = self.local_logits(images, boxes)
             best = every.float().softmax(-1)[..., 1].argmax(dim=1)
-            rows = torch.arange(len(images), device=images.device)
+            rows = torch.arange(images.size(0), device=images.device)
             local_logits, boxes = every[rows, best], boxes[rows, best]
         prob = (global_logits.float().softmax(1)[:, 1] + local_logits.float().softmax(1)[:, 1]) / 2
         return KALMOutput(global_logits, local_logits, boxes, prob)

@@ -22,4 +22,4 @@ class FixedBox(Localizer):
         self.half = float(half)
 
     def locate(self, inputs: LocalizerInputs) -> torch.Tensor:
-        return centred(len(inputs.source), self.half, inputs.source)
+        return centred(inputs.source.size(0), self.half, inputs.source)

@@ -13,4 +13,4 @@ class FullImage(Localizer):
     What KALM's fused score gains over this control is what the box adds beyond a second CNN."""
 
     def locate(self, inputs: LocalizerInputs) -> torch.Tensor:
-        return centred(len(inputs.source), 1.0, inputs.source)
+        return centred(inputs.source.size(0), 1.0, inputs.source)
