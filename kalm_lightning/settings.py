@@ -19,6 +19,8 @@ from kalm_lightning.errors import UserError, check_choice, check_number
 
 RESIZE_MODES = ("stretch", "pad")  # how a radiograph becomes a square (geometry.fit_geometry)
 ON_PROBLEM = ("error", "skip")  # data.on_missing, data.on_bad_image
+AGGREGATIONS = ("mean", "max")  # a study's probability from its images'; mean is the paper's
+TTA = ("none", "hflip")  # test-time augmentation: hflip averages each image with its mirror
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,11 @@ RULES = {
     "trainer.num_nodes": Number(1, integer=True),
     "trainer.gradient_clip_val": Number(0),
     "hardware.timeout_s": Number(1),
+    # evaluate and predict (and the evaluation that ends a training run)
+    "study_aggregation": Choice(AGGREGATIONS),
+    "tta": Choice(TTA),
+    "evaluate.study_aggregation": Choice(AGGREGATIONS),
+    "evaluate.tta": Choice(TTA),
 }
 
 

@@ -19,7 +19,12 @@ from kalm_lightning.evaluation.studies import SCORES
 DATA = [arg for arg in TINY_RUN if arg.startswith("data.")]
 
 
-def test_predictions_csv_is_scored_like_sklearn(mura_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("aggregation", ["mean", "max"])
+def test_predictions_csv_is_scored_like_sklearn(
+    mura_root: Path, tmp_path: Path, aggregation: str
+) -> None:
+    """Image and study figures against scikit-learn; a study's probability is its images' mean
+    (the paper's) or, with study_aggregation=max, their maximum."""
     index = read_mura_index(mura_root, "valid")
     rng = np.random.default_rng(0)
     prob = np.clip(0.3 + 0.35 * index["label"].to_numpy() + rng.normal(0, 0.25, len(index)), 0, 1)
@@ -35,7 +40,12 @@ def test_predictions_csv_is_scored_like_sklearn(mura_root: Path, tmp_path: Path)
     check(
         run_cli(
             "evaluate",
-            [f"predictions={csv}", f"data.root={mura_root}", "paths.output_root=out"],
+            [
+                f"predictions={csv}",
+                f"data.root={mura_root}",
+                "paths.output_root=out",
+                f"study_aggregation={aggregation}",
+            ],
             tmp_path,
         )
     )
@@ -44,7 +54,7 @@ def test_predictions_csv_is_scored_like_sklearn(mura_root: Path, tmp_path: Path)
     studies = (
         pd.DataFrame({"study": index["study"], "label": index["label"], "prob": prob})
         .groupby("study")
-        .agg(label=("label", "first"), prob=("prob", "mean"))
+        .agg(label=("label", "first"), prob=("prob", aggregation))
     )
     expected = {
         "image": sklearn_scores(prob, index["label"].to_numpy()),

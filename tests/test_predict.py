@@ -167,6 +167,34 @@ def test_one_image_a_study_folder_and_a_csv(
     assert single["prob"].iloc[0] == pytest.approx(same["view0.png"], abs=1e-6)
 
 
+def test_hflip_averages_with_the_mirror_and_max_takes_the_most_abnormal_image(
+    trained: dict[str, Path], new_images: Path, tmp_path: Path
+) -> None:
+    """One study of an image, its mirror (made here) and another image: without TTA, then with
+    tta=hflip study_aggregation=max."""
+    best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
+    study = tmp_path / "in" / "study1"
+    study.mkdir(parents=True)
+    image = Image.open(new_images / "patient0" / "study1" / "view0.png")
+    image.save(study / "a.png")
+    image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(study / "a_mirrored.png")
+    shutil.copy(new_images / "patient0" / "study1" / "view1.png", study / "b.png")
+    check(predict(best, study, tmp_path / "plain"))
+    check(predict(best, study, tmp_path / "tta", "tta=hflip", "study_aggregation=max"))
+    plain = pd.read_csv(tmp_path / "plain" / "predictions_images.csv")
+    tta = pd.read_csv(tmp_path / "tta" / "predictions_images.csv")
+    for frame in (plain, tta):
+        frame.index = [Path(p).name for p in frame["path"]]
+    for column in ("prob_global", "prob_local", "prob"):
+        mirrored = (plain.loc["a.png", column] + plain.loc["a_mirrored.png", column]) / 2
+        assert tta.loc["a.png", column] == pytest.approx(mirrored, abs=1e-4), column
+        assert tta.loc["a_mirrored.png", column] == pytest.approx(mirrored, abs=1e-4), column
+    studies = pd.read_csv(tmp_path / "tta" / "predictions_studies.csv")
+    assert studies["prob"].item() == pytest.approx(tta["prob"].max(), abs=1e-6)
+    means = pd.read_csv(tmp_path / "plain" / "predictions_studies.csv")
+    assert means["prob"].item() == pytest.approx(plain["prob"].mean(), abs=1e-6)
+
+
 def test_stage1_checkpoint_gives_the_global_score_and_empty_boxes(
     trained: dict[str, Path], new_images: Path, tmp_path: Path
 ) -> None:

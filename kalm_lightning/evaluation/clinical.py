@@ -34,7 +34,12 @@ def add_calibrated(frame: pd.DataFrame, score: str, temperature: float) -> pd.Da
 
 
 def clinical_blocks(
-    frame: pd.DataFrame, score: str, operating: Mapping[str, Any], bootstrap: int, seed: int
+    frame: pd.DataFrame,
+    score: str,
+    operating: Mapping[str, Any],
+    bootstrap: int,
+    seed: int,
+    aggregation: str = "mean",
 ) -> dict[str, dict]:
     """{"operating_point": ..., "calibration": ...} for the score column of an image table."""
     temperature, threshold = float(operating["temperature"]), float(operating["threshold"])
@@ -42,14 +47,14 @@ def clinical_blocks(
     prob = calibrate(raw, temperature)
     label = torch.tensor(frame["label"].to_numpy())
     study = torch.from_numpy(pd.factorize(frame["study"])[0])
-    studies = study_means(prob, label, study)
-    raw_studies = study_means(raw, label, study)
+    studies = study_means(prob, label, study, aggregation)
+    raw_studies = study_means(raw, label, study, aggregation)
     parts = [frame["body_part"].iloc[int(i)] for i in studies.first]
     at = partial(operating_scores, threshold=threshold)
     overall = at(studies.prob, studies.label)
     if bootstrap > 0:
         overall["intervals"] = bootstrap_intervals(
-            prob, label, study, bootstrap, seed, scores=at, names=OPERATING_NAMES
+            prob, label, study, bootstrap, seed, at, OPERATING_NAMES, aggregation
         )
     by_part = {}
     for part in BODY_PARTS:

@@ -52,9 +52,10 @@ def score_images(
     study: torch.Tensor,
     body_part: torch.Tensor,
     body_part_names: Sequence[str] = BODY_PARTS,
+    aggregation: str = "mean",
 ) -> dict:
     """{"image": M, "study": M, "by_body_part": {name: M}}, M = accuracy, auroc, kappa, n (studies)."""
-    studies = study_means(prob, label, study)
+    studies = study_means(prob, label, study, aggregation)
     study_prob, study_label, study_part = studies.prob, studies.label, body_part[studies.first]
     by_part = {}
     for code, name in enumerate(body_part_names):
@@ -76,10 +77,11 @@ def bootstrap_intervals(
     seed: int = 0,
     scores: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
     names: Sequence[str] = NAMES,
+    aggregation: str = "mean",
 ) -> dict[str, list[float]]:
     """95% percentile intervals of study-level figures (`scores` of study probabilities and
     labels; accuracy, AUROC and kappa by default), resampling studies with replacement."""
-    studies = study_means(prob, label, study)
+    studies = study_means(prob, label, study, aggregation)
     study_prob, study_label = studies.prob, studies.label
     scores = scores or binary_scores
     rng = np.random.default_rng(seed)

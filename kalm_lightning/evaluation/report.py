@@ -82,13 +82,14 @@ def write_reports(
     model: str,
     scores: Sequence[str],
     boxes: dict | None = None,
+    aggregation: str = "mean",
 ) -> None:
     """metrics.json, table.md, predictions CSVs, submission.csv, roc.png and (with boxes) boxes.png.
 
     boxes: the keyword arguments of `boxes_figure` besides the frame (dataset, source_size, lesions,
     count), for an image table that holds KALM boxes."""
     with writing(out):
-        _write_reports(frame, metrics, out, model, scores, boxes)
+        _write_reports(frame, metrics, out, model, scores, boxes, aggregation)
 
 
 def _write_reports(
@@ -98,17 +99,18 @@ def _write_reports(
     model: str,
     scores: Sequence[str],
     boxes: dict | None,
+    aggregation: str,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(metrics, out / METRICS_FILE)
     (out / "table.md").write_text(table_markdown(metrics, model))
     frame.drop(columns=["image"]).to_csv(out / "predictions_images.csv", index=False)
-    studies = study_table(frame)
+    studies = study_table(frame, aggregation=aggregation)
     studies[["study", "label", "prob"]].to_csv(out / "predictions_studies.csv", index=False)
     write_submission(studies, out / "submission.csv")
     curves = {}
     for score in scores:
-        per_study = study_table(frame, prob_column(score))
+        per_study = study_table(frame, prob_column(score), aggregation)
         curves[score] = (
             torch.tensor(per_study["prob"].to_numpy()),
             torch.tensor(per_study["label"].to_numpy()),

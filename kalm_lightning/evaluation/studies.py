@@ -1,8 +1,9 @@
 """How images become studies, one home: the score names, the decision threshold, the study average
 and MURA's submission file.
 
-MURA is judged per study: a study's probability is the mean of its images' abnormal probabilities,
-and the study is called abnormal when that mean is >= THRESHOLD.
+MURA is judged per study: a study's probability is the mean of its images' abnormal probabilities
+(the paper's; `max`, the most abnormal image, is the other aggregation offered), and the study is
+called abnormal when it is >= THRESHOLD.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import NamedTuple
 
 import pandas as pd
 import torch
+
+from kalm_lightning.settings import AGGREGATIONS  # noqa: F401 - the choices of `aggregation`
 
 THRESHOLD = 0.5
 SCORES = ("global", "local", "kalm")  # CNN_g, CNN_l and their average (the paper's S_g, S_l, KALM)
@@ -32,26 +35,37 @@ def prob_column(score: str) -> str:
 
 class Studies(NamedTuple):
     ids: torch.Tensor  # sorted study ids
-    prob: torch.Tensor  # mean abnormal probability of each study's images (float64)
+    prob: torch.Tensor  # each study's abnormal probability: its images' mean or max (float64)
     label: torch.Tensor  # the label of each study's first image
     first: torch.Tensor  # index of each study's first image
     count: torch.Tensor  # images per study
 
 
-def study_means(prob: torch.Tensor, label: torch.Tensor, study: torch.Tensor) -> Studies:
-    """Per study (sorted by id): mean probability, label, first image and image count."""
+def study_means(
+    prob: torch.Tensor, label: torch.Tensor, study: torch.Tensor, aggregation: str = "mean"
+) -> Studies:
+    """Per study (sorted by id): probability (its images' mean, or with aggregation="max" their
+    maximum), label, first image and image count."""
     ids, inverse = torch.unique(study, return_inverse=True)
     count = torch.zeros(len(ids), dtype=torch.float64).index_add_(
         0, inverse, torch.ones_like(prob, dtype=torch.float64)
     )
-    total = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, prob.double())
+    if aggregation == "max":
+        study_prob = torch.zeros(len(ids), dtype=torch.float64).scatter_reduce_(
+            0, inverse, prob.double(), reduce="amax", include_self=False
+        )
+    else:
+        total = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, prob.double())
+        study_prob = total / count
     first = torch.full((len(ids),), len(prob), dtype=torch.long).scatter_reduce_(
         0, inverse, torch.arange(len(prob)), reduce="amin"
     )
-    return Studies(ids, total / count, label[first], first, count.long())
+    return Studies(ids, study_prob, label[first], first, count.long())
 
 
-def study_table(frame: pd.DataFrame, column: str = "prob") -> pd.DataFrame:
+def study_table(
+    frame: pd.DataFrame, column: str = "prob", aggregation: str = "mean"
+) -> pd.DataFrame:
     """One row per study of an image table (in order of first appearance): study, images, label, prob.
 
     Images without a probability (NaN: unreadable files) are left out of their study's mean; a
@@ -63,6 +77,7 @@ def study_table(frame: pd.DataFrame, column: str = "prob") -> pd.DataFrame:
         torch.tensor(scored[column].to_numpy(float)),
         torch.tensor(labels.to_numpy(int)),
         torch.from_numpy(codes),
+        aggregation,
     )
     table = pd.DataFrame(
         {

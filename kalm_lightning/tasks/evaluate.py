@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def score_table(
-    frame: pd.DataFrame, scores: list[str], bootstrap: int, seed: int
+    frame: pd.DataFrame, scores: list[str], bootstrap: int, seed: int, aggregation: str = "mean"
 ) -> dict[str, Any]:
     """metrics.json blocks for each score column of an image table."""
     study = torch.from_numpy(pd.factorize(frame["study"])[0])
@@ -38,9 +38,11 @@ def score_table(
     metrics = {}
     for name in scores:
         prob = torch.tensor(frame[prob_column(name)].to_numpy())
-        metrics[name] = score_images(prob, label, study, part)
+        metrics[name] = score_images(prob, label, study, part, aggregation=aggregation)
         if bootstrap > 0:
-            metrics[name]["intervals"] = bootstrap_intervals(prob, label, study, bootstrap, seed)
+            metrics[name]["intervals"] = bootstrap_intervals(
+                prob, label, study, bootstrap, seed, aggregation=aggregation
+            )
     return metrics
 
 
@@ -59,13 +61,22 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dic
     dataset.train = False
     dataset.augment = {}
     frame = score_dataset(
-        module, dataset, datamodule.batch_size, datamodule.num_workers, cfg.device, cfg.precision
+        module,
+        dataset,
+        datamodule.batch_size,
+        datamodule.num_workers,
+        cfg.device,
+        cfg.precision,
+        tta=cfg.tta,
     )
     scores = [name for name in module.scores if prob_column(name) in frame]
-    metrics = score_table(frame, scores, cfg.bootstrap, cfg.seed)
+    metrics = score_table(frame, scores, cfg.bootstrap, cfg.seed, cfg.study_aggregation)
     decision, operating = module.selection_score, module.operating
     frame = add_calibrated(frame, decision, float(operating["temperature"]))
-    metrics.update(clinical_blocks(frame, decision, operating, cfg.bootstrap, cfg.seed))
+    metrics.update(
+        clinical_blocks(frame, decision, operating, cfg.bootstrap, cfg.seed, cfg.study_aggregation)
+    )
+    metrics["inference"] = {"study_aggregation": cfg.study_aggregation, "tta": cfg.tta}
     lesions = read_lesion_boxes(datamodule.root)
     boxes = None
     if PIXEL_BOX[0] in frame:  # a stage-2 model: KALM boxes to score and draw
@@ -77,7 +88,7 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dic
             "lesions": lesions,
             "count": cfg.box_grid,
         }
-    write_reports(frame, metrics, out, module.backbone_name, scores, boxes)
+    write_reports(frame, metrics, out, module.backbone_name, scores, boxes, cfg.study_aggregation)
     return metrics, module.backbone_name
 
 
@@ -108,8 +119,8 @@ def evaluate_predictions(cfg: DictConfig, csv_path: str, out: Path) -> dict:
         log.warning("%s scores %d of the %d images of the split", path, len(rows), len(index))
     frame = index.loc[rows.astype(int).to_numpy()].reset_index(drop=True)
     frame["prob"] = given["prob"].to_numpy()
-    metrics = score_table(frame, [PREDICTIONS], cfg.bootstrap, cfg.seed)
-    write_reports(frame, metrics, out, PREDICTIONS, [PREDICTIONS])
+    metrics = score_table(frame, [PREDICTIONS], cfg.bootstrap, cfg.seed, cfg.study_aggregation)
+    write_reports(frame, metrics, out, PREDICTIONS, [PREDICTIONS], None, cfg.study_aggregation)
     return metrics
 
 

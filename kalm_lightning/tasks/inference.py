@@ -35,8 +35,10 @@ def predict_images(
     device: torch.device,
     precision: str,
     progress: bool = False,
+    tta: str = "none",
 ) -> dict[str, torch.Tensor]:
-    """Every score of every image in the loader, plus KALM boxes (stage 2), ordered by image id."""
+    """Every score of every image in the loader, plus KALM boxes (stage 2), ordered by image id.
+    tta="hflip": each score is the mean of the image's and its mirror's (the boxes the image's)."""
     module.to(device).eval()
     autocast = "bf16" in precision and device.type == "cuda"
     parts: dict[str, list[torch.Tensor]] = {}
@@ -48,6 +50,11 @@ def predict_images(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             images = model_input({"image": batch["image"].to(device)}, *norm)["image"]
             outputs = module.score(module.prepare_images(images))
+            if tta == "hflip":
+                mirrored = module.score(module.prepare_images(images.flip(-1)))
+                for name in SCORES:
+                    if name in outputs:
+                        outputs[name] = (outputs[name].float() + mirrored[name].float()) / 2
         outputs["image_id"] = batch["image_id"]
         for key, value in outputs.items():
             parts.setdefault(key, []).append(value.float().cpu() if key != "image_id" else value)
@@ -84,10 +91,11 @@ def score_dataset(
     device: str,
     precision: str,
     progress: bool = False,
+    tta: str = "none",
 ) -> pd.DataFrame:
     """Run a trained stage over a dataset: one row per image with its scores and KALM box."""
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_bad
     )
-    outputs = predict_images(module, loader, pick_device(device), precision, progress)
+    outputs = predict_images(module, loader, pick_device(device), precision, progress, tta)
     return image_table(dataset, outputs, module.preprocessing.source_size)

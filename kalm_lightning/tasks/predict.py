@@ -181,6 +181,7 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
             cfg.device,
             cfg.precision,
             progress=True,
+            tta=cfg.tta,
         )
     reasons = pd.read_csv(skipped_log).set_index("path")["reason"] if skipped_log.is_file() else {}
     frame = index.rename(columns={"path": "file"}).merge(
@@ -207,7 +208,7 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
         else reasons.get(file, "not scored")
         for prob, ok, file in zip(frame["prob"], exists, frame["file"], strict=True)
     ]
-    studies = study_table(frame)
+    studies = study_table(frame, aggregation=cfg.study_aggregation)
     studies["label"] = np.where(studies["prob"].notna(), abnormal(studies["prob"], threshold), -1)
     with writing(out):
         frame[columns].to_csv(out / "predictions_images.csv", index=False)
@@ -231,6 +232,12 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
             if temperature != 1
             else ""
         )
+        + (
+            f"; studies by their images' {cfg.study_aggregation}"
+            if cfg.study_aggregation != "mean"
+            else ""
+        )
+        + ("; scores averaged with the mirrored image" if cfg.tta == "hflip" else "")
         + ". "
         f"Predictions in {out}"
     )

@@ -34,6 +34,9 @@ class RandomAnchor(Localizer):
         if generator is None:
             generator = torch.Generator(self.anchors.device).manual_seed(0)
         pick = torch.randint(
-            len(self.anchors), (inputs.source.size(0),), generator=generator, device=generator.device
+            len(self.anchors),
+            (inputs.source.size(0),),
+            generator=generator,
+            device=generator.device,
         )
         return self.anchors[pick.to(self.anchors.device)]
