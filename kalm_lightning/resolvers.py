@@ -41,6 +41,11 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("kalm_group"):
         # A W&B group: the sweep's name in a multirun (its jobs side by side), else the fallback.
         OmegaConf.register_new_resolver("kalm_group", sweep_group)
+    if not OmegaConf.has_resolver("kalm_abspath"):
+        # An absolute path (an MLflow store's URI must not depend on the working directory).
+        OmegaConf.register_new_resolver(
+            "kalm_abspath", lambda path: str(Path(path).expanduser().resolve())
+        )
     if not OmegaConf.has_resolver("kalm_job_dir"):
         # A multirun job's directory: its swept overrides, or job<N> when a sweep varies nothing.
         OmegaConf.register_new_resolver("kalm_job_dir", lambda name, num: name or f"job{num}")

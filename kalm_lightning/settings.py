@@ -10,6 +10,7 @@ this a precision?) are checked where those are built.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -108,6 +109,10 @@ def check_config(cfg: DictConfig) -> None:
             "validation split, which is the split reported (MURA valid) unless data.val_from_train "
             "> 0: set data.val_from_train=0.1 (a patient-disjoint hold-out of train)"
         )
+    loggers = OmegaConf.select(cfg, "logger", default=None) or {}
+    targets = {str(node.get("_target_", "")) for node in loggers.values() if node}
+    if any(t.endswith("MLFlowLogger") for t in targets) and not importlib.util.find_spec("mlflow"):
+        raise UserError("logger=mlflow needs the mlflow extra: pip install 'kalm-lightning[mlflow]'")
     searched = OmegaConf.select(cfg, "hparams_search.stage", default=None)
     stage = OmegaConf.select(cfg, "stage.number", default=None)
     if searched is not None and stage is not None and searched != stage:

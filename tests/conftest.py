@@ -120,10 +120,15 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Stage 1, then stage 2 with stage.global_ckpt=auto, through the real command line; each
-    logs to CSV and to one more logger (W&B offline, TensorBoard) that tests read back."""
+    logs to CSV and to more loggers (W&B offline; TensorBoard and MLflow) that tests read back."""
     work = tmp_path_factory.mktemp("train")
     check(run_cli("train", ["stage=1", "logger=[csv,wandb]", *TINY_RUN], work))
-    stage2 = ["stage=2", "logger=[csv,tensorboard]", *TINY_RUN, "trainer.limit_train_batches=4"]
+    stage2 = [
+        "stage=2",
+        "logger=[csv,tensorboard,mlflow]",
+        *TINY_RUN,
+        "trainer.limit_train_batches=4",
+    ]
     check(run_cli("train", stage2, work))
     stage1 = next((work / "outputs/synthetic/resnet18/stage1").iterdir())
     stage2 = next((work / "outputs/synthetic/resnet18/stage2").iterdir())

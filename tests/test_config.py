@@ -50,7 +50,7 @@ def test_groups_hold_the_documented_choices() -> None:
         "scheduler": ["cosine", "multistep", "none", "plateau"],
         "hardware": ["cpu", "ddp", "ddp_cpu", "gpu"],
         "data": ["mura", "synthetic"],
-        "logger": ["csv", "none", "tensorboard", "wandb"],
+        "logger": ["csv", "mlflow", "none", "tensorboard", "wandb"],
     }
 
 

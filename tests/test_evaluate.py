@@ -15,6 +15,7 @@ from PIL import Image
 
 from kalm_lightning.data.mura import read_mura_index
 from kalm_lightning.evaluation.studies import SCORES
+from kalm_lightning.runs import Run
 
 DATA = [arg for arg in TINY_RUN if arg.startswith("data.")]
 
@@ -89,16 +90,19 @@ def test_bad_predictions_give_one_line(
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
 
 
-def test_stage2_checkpoint_writes_every_report(trained: dict[str, Path]) -> None:
+@pytest.fixture(scope="module")
+def stage2_report(trained: dict[str, Path]) -> tuple[Path, subprocess.CompletedProcess]:
+    """Evaluate of the stage-2 checkpoint with bootstrap intervals, logged to MLflow: its folder."""
     best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
-    result = check(
-        run_cli(
-            "evaluate",
-            [f"ckpt_path={best}", "bootstrap=20", "paths.output_root=eval2", *DATA],
-            trained["work"],
-        )
-    )
-    run = next((trained["work"] / "eval2/synthetic/evaluate").iterdir())
+    args = [f"ckpt_path={best}", "bootstrap=20", "paths.output_root=eval2", "logger=mlflow"]
+    result = check(run_cli("evaluate", [*args, *DATA], trained["work"]))
+    return next((trained["work"] / "eval2/synthetic/evaluate").iterdir()), result
+
+
+def test_stage2_checkpoint_writes_every_report(
+    stage2_report: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    run, result = stage2_report
     for name in (
         "metrics.json",
         "table.md",
@@ -203,3 +207,43 @@ def test_table1_aggregation_of_a_paper_pipeline_run(
     low, high = metrics["kalm"]["intervals"]["auroc"]
     assert f"{auroc:.3f} [{low:.3f}, {high:.3f}]" in text
     assert "## Per body part" in text and "### XR_" in text
+
+
+def test_mlflow_store_holds_the_training_and_the_evaluation(
+    trained: dict[str, Path], stage2_report: tuple[Path, subprocess.CompletedProcess]
+) -> None:
+    """logger=mlflow, read back with MLflow's own client from the SQLite stores it wrote: stage 2's
+    training run (params, per-epoch metrics, config, checkpoints and box grids) and evaluate's run
+    (the study-level figures of metrics.json, the reports and figures)."""
+    from mlflow import MlflowClient
+
+    def only_run(store: Path):
+        client = MlflowClient(f"sqlite:///{store}")
+        (run,) = client.search_runs([client.get_experiment_by_name("kalm-lightning").experiment_id])
+        files = []
+        pending = [""]
+        while pending:
+            for item in client.list_artifacts(run.info.run_id, pending.pop() or None):
+                (pending if item.is_dir else files).append(item.path)
+        return client, run, files
+
+    client, training, files = only_run(trained["work"] / "outputs" / "mlflow.db")
+    assert training.info.status == "FINISHED"
+    assert training.data.params["stage/number"] == "2"
+    assert training.data.params["model/optimizer/lr"] == "0.0003"
+    history = client.get_metric_history(training.info.run_id, "val/selection")
+    logs = Run(trained["stage2"]).read_logs()["val/selection"].dropna()
+    assert [m.value for m in history] == pytest.approx(logs.tolist(), abs=1e-6)
+    assert "config.yaml" in files
+    assert any(f.endswith(".ckpt") for f in files), files
+    assert any(f.startswith("val/kalm_boxes/") and f.endswith(".png") for f in files), files
+
+    report, _ = stage2_report
+    client, evaluation, files = only_run(trained["work"] / "eval2" / "mlflow.db")
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert evaluation.info.status == "FINISHED"
+    for score in ("global", "local", "kalm"):
+        for name in ("accuracy", "auroc", "kappa"):
+            got = evaluation.data.metrics[f"{score}/study_{name}"]
+            assert got == pytest.approx(metrics[score]["study"][name], abs=1e-6)
+    assert {"metrics.json", "table.md", "roc.png", "boxes.png"} <= set(files)

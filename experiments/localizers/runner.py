@@ -18,6 +18,7 @@ from rows import GLOBAL_INPUT, STAGE2, Regime, Row, quick, slug
 from torch.utils.flop_counter import FlopCounterMode
 
 from kalm_lightning.config import compose_config
+from kalm_lightning.evaluation.report import BOXES
 from kalm_lightning.runs import Run
 from kalm_lightning.stages import load_stage
 from kalm_lightning.tasks.evaluate import run_evaluation
@@ -147,7 +148,7 @@ class Study:
     def boxes_figure(self, regime: Regime, row: Row, seed: int) -> Path:
         mil = f"-{row.inference}" if row.inference else ""
         run = self.work / "runs" / regime.name / f"seed{seed}" / f"{slug(row)}{mil}"
-        return (run if mil else Run(run).evaluation) / "boxes.png"
+        return (run if mil else Run(run).evaluation) / BOXES
 
 
 def inference_flops(ckpt: str, cfg, inference: str | None = None) -> float:

@@ -24,6 +24,7 @@ from kalm_lightning.evaluation.studies import (
 from kalm_lightning.runs import METRICS_FILE, writing
 
 TABLE_COLUMNS = ("model", "accuracy", "AUROC", "kappa", "studies")
+ROC, RELIABILITY, BOXES = FIGURES = ("roc.png", "reliability.png", "boxes.png")
 
 
 def _cell(value: float, interval: Sequence[float] | None, percent: bool) -> str:
@@ -115,11 +116,11 @@ def _write_reports(
             torch.tensor(per_study["prob"].to_numpy()),
             torch.tensor(per_study["label"].to_numpy()),
         )
-    roc_figure(curves, out / "roc.png", f"{model}: study-level ROC")
+    roc_figure(curves, out / ROC, f"{model}: study-level ROC")
     if "calibration" in metrics:
-        reliability_figure(metrics["calibration"], out / "reliability.png", f"{model}: reliability")
+        reliability_figure(metrics["calibration"], out / RELIABILITY, f"{model}: reliability")
     if boxes is not None:
-        boxes_figure(frame, **boxes).save(out / "boxes.png")
+        boxes_figure(frame, **boxes).save(out / BOXES)
 
 
 def print_summary(metrics: dict, model: str, out: Path) -> None:

@@ -18,12 +18,25 @@ from kalm_lightning.errors import UserError
 from kalm_lightning.evaluation.clinical import add_calibrated, clinical_blocks
 from kalm_lightning.evaluation.localization import localization_scores
 from kalm_lightning.evaluation.metrics import bootstrap_intervals, score_images
-from kalm_lightning.evaluation.report import TABLE_COLUMNS, print_summary, table_rows, write_reports
-from kalm_lightning.evaluation.studies import PREDICTIONS, prob_column
+from kalm_lightning.evaluation.report import (
+    FIGURES,
+    TABLE_COLUMNS,
+    print_summary,
+    table_rows,
+    write_reports,
+)
+from kalm_lightning.evaluation.studies import PREDICTIONS, SCORE_LABELS, prob_column
 from kalm_lightning.models.preprocessing import GIVEN
+from kalm_lightning.runs import METRICS_FILE
 from kalm_lightning.stages import load_stage
 from kalm_lightning.tasks.inference import score_dataset
-from kalm_lightning.training.loggers import finish_wandb, wandb_loggers
+from kalm_lightning.training.loggers import (
+    finish_mlflow,
+    finish_wandb,
+    log_figures,
+    log_files,
+    wandb_loggers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +138,8 @@ def evaluate_predictions(cfg: DictConfig, csv_path: str, out: Path) -> dict:
 
 
 def log_to_loggers(cfg: DictConfig, out: Path, metrics: dict, model: str) -> None:
-    """With logger=wandb: the table and the figures in the run as well."""
+    """With logger=wandb: the table and the figures in the run as well; with logger=mlflow: the
+    study-level figures as metrics, the reports and figures as artefacts."""
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     exit_code = 1
     try:
@@ -133,11 +147,14 @@ def log_to_loggers(cfg: DictConfig, out: Path, metrics: dict, model: str) -> Non
             logger.log_table(
                 "study_table", columns=list(TABLE_COLUMNS), data=table_rows(metrics, model)
             )
-            images = [str(out / n) for n in ("roc.png", "boxes.png") if (out / n).exists()]
+            images = [str(out / n) for n in FIGURES if (out / n).exists()]
             logger.log_image("reports", images)
+        log_figures(loggers, metrics, SCORE_LABELS)
+        log_files(loggers, [out / name for name in (METRICS_FILE, "table.md", *FIGURES)])
         exit_code = 0
     finally:
         finish_wandb(loggers, exit_code)
+        finish_mlflow(loggers, exit_code)
 
 
 def run_evaluation(cfg: DictConfig, out: Path | None = None) -> dict:

@@ -18,7 +18,7 @@ from kalm_lightning.errors import Preempted, UserError
 from kalm_lightning.tasks.evaluate import run_evaluation
 from kalm_lightning.training.checkpoints import WEIGHTS_ONLY, read_trained
 from kalm_lightning.training.ddp import one_ddp_job
-from kalm_lightning.training.loggers import finish_wandb
+from kalm_lightning.training.loggers import finish_wandb, log_files
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
             run.config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
             for logger in loggers:
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            log_files(loggers, [run.config_file])
         trainer.fit(
             model,
             datamodule=datamodule,
