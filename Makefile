@@ -15,10 +15,10 @@ STUDY_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install demo test lint format sweep study table1 bench clean
+.PHONY: help install demo test test-slow lint format sweep study table1 bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,11 @@ install: $(STAMP)  ## create .venv and install the package with the dev extra (a
 demo: $(STAMP)  ## stage 1 -> stage 2 -> evaluation on synthetic data, ResNet18 on the CPU (~6 min)
 	$(BIN)/python -m kalm_lightning.train experiment=demo
 
-test: $(STAMP)  ## the test suite (CPU only, ~4 min on 2 cores after the install)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  ## the quick tier: every feature once, CPU only (~9 min on 2 cores after the install)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)  ## the slow tier: resume after kill, DDP faults, sweeps, the study, ... (~25 min)
+	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)  ## ruff check and ruff format --check
 	$(BIN)/ruff check .

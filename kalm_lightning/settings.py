@@ -112,7 +112,9 @@ def check_config(cfg: DictConfig) -> None:
     loggers = OmegaConf.select(cfg, "logger", default=None) or {}
     targets = {str(node.get("_target_", "")) for node in loggers.values() if node}
     if any(t.endswith("MLFlowLogger") for t in targets) and not importlib.util.find_spec("mlflow"):
-        raise UserError("logger=mlflow needs the mlflow extra: pip install 'kalm-lightning[mlflow]'")
+        raise UserError(
+            "logger=mlflow needs the mlflow extra: pip install 'kalm-lightning[mlflow]'"
+        )
     searched = OmegaConf.select(cfg, "hparams_search.stage", default=None)
     stage = OmegaConf.select(cfg, "stage.number", default=None)
     if searched is not None and stage is not None and searched != stage:

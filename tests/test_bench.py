@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from conftest import check, load_script, run_script
 
 BENCH = "experiments/bench/bench.py"
@@ -31,6 +32,7 @@ TINY_BENCH = [
 ]
 
 
+@pytest.mark.slow
 def test_bench_writes_every_figure_finite(tmp_path: Path) -> None:
     result = check(run_script(BENCH, TINY_BENCH, tmp_path))
     report = json.loads((tmp_path / "bench.json").read_text())

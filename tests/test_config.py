@@ -182,9 +182,10 @@ def test_missing_mura_root_exits_with_one_line(tmp_path: Path) -> None:
         (["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
         (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
         (["model.optimizer.lr=-1"], "model.optimizer.lr=-1 must be > 0"),
-        (
+        pytest.param(
             ["backbone=inception_v4", "data.image_size=32", "data.source_size=64"],
             "data.image_size=32 is too small for inception_v4",
+            marks=pytest.mark.slow,
         ),
         (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be >= 1"),
         (

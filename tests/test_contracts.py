@@ -100,6 +100,7 @@ def test_predict_and_onnx_give_the_training_runs_probabilities(padded: dict, tmp
     assert "## Intended use" in text and "## Known limitations" in text
 
 
+@pytest.mark.slow
 def test_a_contradicting_resize_is_refused_in_one_line(padded: dict, tmp_path: Path) -> None:
     best = padded["best"]
     result = run_cli(
@@ -114,6 +115,7 @@ def test_a_contradicting_resize_is_refused_in_one_line(padded: dict, tmp_path: P
     ]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_format_is_refused_in_one_line(
     padded: dict, tmp_path: Path
 ) -> None:

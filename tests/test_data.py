@@ -301,6 +301,7 @@ def _collect_val_ids(rank: int, world: int, root: str, port: int, out: str) -> N
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_evaluation_sees_every_image_once(mura_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "odd"
     shutil.copytree(mura_root, root)

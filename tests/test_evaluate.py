@@ -73,11 +73,16 @@ def test_predictions_csv_is_scored_like_sklearn(
     ("rows", "message"),
     [
         ({"path": ["x.png"], "prob": [0.3]}, "1 path(s) are not images of the valid split"),
-        (
+        pytest.param(
             {"path": ["x.png"], "prob": [3.2]},
             "prob must be abnormal probabilities in [0, 1], not logits",
+            marks=pytest.mark.slow,
         ),
-        ({"image": ["x.png"], "score": [0.2]}, "needs the columns path,prob"),
+        pytest.param(
+            {"image": ["x.png"], "score": [0.2]},
+            "needs the columns path,prob",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_predictions_give_one_line(
@@ -166,6 +171,7 @@ def test_evaluate_needs_exactly_one_input(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_evaluate_logs_table_and_figures_to_wandb(mura_root: Path, tmp_path: Path) -> None:
     index = read_mura_index(mura_root, "valid")
     csv = tmp_path / "preds.csv"
@@ -201,7 +207,8 @@ def test_table1_aggregation_of_a_paper_pipeline_run(
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     for score in ("g", "l", "KALM"):
-        assert f"| resnet18_{score} (localizer=navigator) |" in text  # no paper figure beside it
+        # the variant, as config.variant names it; no paper figure beside it
+        assert f"| resnet18_{score} (localizer=navigator grid=3 warmup_epochs=0) |" in text
     metrics = json.loads(next(sweep.rglob("evaluate/metrics.json")).read_text())
     auroc = metrics["kalm"]["study"]["auroc"]
     low, high = metrics["kalm"]["intervals"]["auroc"]

@@ -51,9 +51,11 @@ def evil_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
     ("module", "args"),
     [
         ("evaluate", ["ckpt_path={ckpt}", *TINY_RUN[:3]]),
-        ("predict", ["ckpt_path={ckpt}", "images={tmp}"]),
-        ("train", ["stage=2", "stage.global_ckpt={ckpt}", *TINY_RUN]),
-        ("train", ["stage=1", "ckpt_path={ckpt}", *TINY_RUN]),
+        pytest.param("predict", ["ckpt_path={ckpt}", "images={tmp}"], marks=pytest.mark.slow),
+        pytest.param(
+            "train", ["stage=2", "stage.global_ckpt={ckpt}", *TINY_RUN], marks=pytest.mark.slow
+        ),
+        pytest.param("train", ["stage=1", "ckpt_path={ckpt}", *TINY_RUN], marks=pytest.mark.slow),
     ],
     ids=["evaluate", "predict", "stage2-global-ckpt", "resume"],
 )
@@ -71,6 +73,7 @@ def test_a_checkpoint_that_runs_code_is_refused_before_it_runs(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_training_naming_the_step_and_the_images(tmp_path: Path) -> None:
     args = ["stage=1", "logger=[csv,wandb]", *TINY_RUN, "model.optimizer.lr=1e30"]
     result = run_cli("train", args, tmp_path)
@@ -159,6 +162,7 @@ def assert_same_run(resumed: tuple[dict, pd.Series], straight: tuple[dict, pd.Se
     assert a_logs.to_dict() == b_logs.to_dict() and len(a_logs) == 2
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_resume_ends_as_the_uninterrupted_run(
     tmp_path: Path, uninterrupted: tuple[dict, pd.Series]
 ) -> None:
@@ -176,6 +180,7 @@ def test_sigterm_mid_epoch_saves_and_resume_ends_as_the_uninterrupted_run(
     assert_same_run(final_state(tmp_path), uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_ends_as_the_uninterrupted_run(
     tmp_path: Path, uninterrupted: tuple[dict, pd.Series]
 ) -> None:
@@ -218,6 +223,7 @@ def test_ddp_ranks_stop_at_the_same_batch_on_sigterm_and_the_run_resumes(tmp_pat
     assert finished["epoch"] == 1 and finished["global_step"] == 2 * per_epoch
 
 
+@pytest.mark.slow
 def test_slurm_requeues_on_sigusr1_and_the_requeued_job_continues_the_run(
     tmp_path: Path, uninterrupted: tuple[dict, pd.Series]
 ) -> None:
@@ -319,6 +325,7 @@ def break_tree(root: Path, case: str) -> str:
     return str(image)
 
 
+QUICK_BAD_DATA = ("missing-image", "corrupt-image")  # in `make test`; the others in test-slow
 BAD_DATA = {  # case: what the one line says after naming the file
     "label-contradiction": "",
     "missing-image": ": MURA-v1.1/valid/",
@@ -331,7 +338,10 @@ BAD_DATA = {  # case: what the one line says after naming the file
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_DATA))
+@pytest.mark.parametrize(
+    "case",
+    [c if c in QUICK_BAD_DATA else pytest.param(c, marks=pytest.mark.slow) for c in BAD_DATA],
+)
 def test_bad_data_through_the_command_line_gives_one_line(
     tmp_path: Path, mura_tree: Path, case: str
 ) -> None:
@@ -350,6 +360,7 @@ def test_bad_data_through_the_command_line_gives_one_line(
     assert not list(tmp_path.rglob("result.json"))
 
 
+@pytest.mark.slow
 def test_bad_data_can_be_skipped_and_is_listed(tmp_path: Path, mura_tree: Path) -> None:
     """data.on_missing=skip and data.on_bad_image=skip: the run finishes; the missing image is
     named in the log and the corrupt one listed in the run's skipped_images.csv."""
@@ -393,6 +404,7 @@ def small_disk(folder: Path, megabytes: int):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_gives_one_line_and_resumes_after_freeing(
     tmp_path: Path, uninterrupted: tuple[dict, pd.Series]
 ) -> None:
@@ -519,6 +531,7 @@ def test_a_dead_ddp_rank_ends_the_other_with_one_line_and_the_run_resumes(
     assert len(logs) == len(straight_logs) == 2
 
 
+@pytest.mark.slow
 def test_out_of_memory_in_a_step_names_the_batch_size_and_the_setting_to_lower(
     tmp_path: Path,
 ) -> None:
@@ -553,6 +566,7 @@ def test_out_of_memory_in_a_step_names_the_batch_size_and_the_setting_to_lower(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["cache", "predictions"])
 def test_a_full_disk_outside_checkpoints_gives_one_line(
     tmp_path: Path, what: str, mura_root: Path

@@ -21,6 +21,7 @@ from kalm_lightning.stages import load_stage
 DATA = [arg for arg in TINY_RUN if arg.startswith("data.")]
 
 
+@pytest.mark.slow
 def test_predict_then_evaluate_gives_the_checkpoint_figures(trained: dict[str, Path]) -> None:
     work = trained["work"]
     best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
@@ -144,6 +145,7 @@ def test_folder_tree_with_bad_files_gets_a_row_per_file_and_a_nonzero_exit(
     )
 
 
+@pytest.mark.slow
 def test_one_image_a_study_folder_and_a_csv(
     trained: dict[str, Path], new_images: Path, tmp_path: Path
 ) -> None:
@@ -167,6 +169,7 @@ def test_one_image_a_study_folder_and_a_csv(
     assert single["prob"].iloc[0] == pytest.approx(same["view0.png"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_hflip_averages_with_the_mirror_and_max_takes_the_most_abnormal_image(
     trained: dict[str, Path], new_images: Path, tmp_path: Path
 ) -> None:
@@ -195,6 +198,7 @@ def test_hflip_averages_with_the_mirror_and_max_takes_the_most_abnormal_image(
     assert means["prob"].item() == pytest.approx(plain["prob"].mean(), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_stage1_checkpoint_gives_the_global_score_and_empty_boxes(
     trained: dict[str, Path], new_images: Path, tmp_path: Path
 ) -> None:
@@ -287,7 +291,12 @@ def test_dicom_without_pixel_data_gets_its_own_error(
 
 
 @pytest.mark.parametrize(
-    ("fmt", "model"), [("onnx", "kalm"), ("export", "kalm"), ("onnx", "navigator")]
+    ("fmt", "model"),
+    [
+        ("onnx", "kalm"),
+        ("export", "kalm"),
+        pytest.param("onnx", "navigator", marks=pytest.mark.slow),  # trains the Table 1 kit
+    ],
 )
 def test_export_matches_eager_pytorch(
     request: pytest.FixtureRequest, tmp_path: Path, fmt: str, model: str

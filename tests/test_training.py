@@ -88,6 +88,7 @@ def test_run_directory_holds_config_checkpoints_logs_metrics(trained: dict[str, 
         assert column in metrics.columns, column
 
 
+@pytest.mark.slow
 def test_multirun_over_two_backbones(tmp_path: Path) -> None:
     check(
         run_cli(
@@ -120,6 +121,7 @@ def test_multirun_over_two_backbones(tmp_path: Path) -> None:
     assert "| backbone=vgg16 |" in (sweep / "summary.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("debug", "extra"),
     [("fdr", []), ("limit", ["scheduler=plateau", "model.scheduler.patience=0"])],
@@ -137,6 +139,7 @@ def test_debug_configs_run(tmp_path: Path, debug: str, extra: list[str]) -> None
         assert plateau["last_epoch"] == 1 and plateau["best"] == pytest.approx(first)
 
 
+@pytest.mark.slow
 def test_cosine_warm_up_and_weight_ema_from_the_command_line(tmp_path: Path) -> None:
     """scheduler=cosine: the logged learning rate follows warm-up then cosine, epoch by epoch;
     callbacks=ema: checkpoints hold the averaged weights, the live ones beside them."""
@@ -225,6 +228,7 @@ def test_wandb_offline_leaves_a_run_file(trained: dict[str, Path]) -> None:
         assert key in records, key
 
 
+@pytest.mark.slow
 def test_submitit_launcher_runs_a_job(tmp_path: Path) -> None:
     """The SLURM launcher's plugin, run locally: the same code path as hydra/launcher=submitit_slurm."""
     check(

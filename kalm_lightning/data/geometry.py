@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 PIXEL_BOX = ["box_x0", "box_y0", "box_x1", "box_y1"]
 LESION_BOX = ["x0", "y0", "x1", "y1"]
@@ -25,6 +26,16 @@ def fit_geometry(
         return size / width, size / height, 0.0, 0.0
     scale = size / max(height, width)
     return scale, scale, (size - width * scale) / 2, (size - height * scale) / 2
+
+
+def to_original_map(heat: np.ndarray, height: int, width: int, size: int, mode: str) -> np.ndarray:
+    """A map over the size x size model input [size, size] onto the original image [H, W]: the
+    part of the square the image fills (all of it when stretched, the unpadded part when padded),
+    resized bilinearly."""
+    scale_x, scale_y, off_x, off_y = fit_geometry(height, width, size, mode)
+    region = (off_x, off_y, off_x + width * scale_x, off_y + height * scale_y)
+    image = Image.fromarray(np.asarray(heat, dtype=np.float32))  # mode F
+    return np.asarray(image.resize((width, height), Image.BILINEAR, box=region))
 
 
 def box_to_pixels(boxes: torch.Tensor, size: int) -> torch.Tensor:

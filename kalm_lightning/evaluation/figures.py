@@ -1,5 +1,6 @@
-"""Figures: the paper's Fig. 3 (radiographs with their KALM box and, where known, the lesion box)
-and study-level ROC curves."""
+"""Figures: the paper's Fig. 3 (radiographs with their KALM box and, where known, the lesion box),
+class activation maps under the box with their colour scale, study-level ROC curves and the
+reliability diagram."""
 
 from __future__ import annotations
 
@@ -21,6 +22,38 @@ from kalm_lightning.data.geometry import LESION_BOX, PIXEL_BOX, to_source_pixels
 from kalm_lightning.evaluation.studies import SCORE_LABELS
 
 PRED_COLOUR, TRUE_COLOUR = (255, 64, 64), (64, 255, 64)
+HEAT = matplotlib.colormaps["inferno"]
+HEAT_NAMES = {"global": "CNN_g CAM", "local": "CNN_l CAM (in its box)"}
+
+
+def heat_blend(pixels: np.ndarray, heat: np.ndarray) -> Image.Image:
+    """A radiograph (uint8 [H, W]) under a map in [0, 1] of the same size: the colour of the map
+    over the grey image, more opaque where the map is high (its cold parts leave the image seen)."""
+    grey = np.repeat(pixels[..., None].astype(np.float32) / 255, 3, axis=-1)
+    heat = np.clip(np.nan_to_num(heat), 0, 1)[..., None]
+    alpha = 0.15 + 0.55 * heat
+    rgb = (1 - alpha) * grey + alpha * HEAT(heat[..., 0])[..., :3]
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def colour_bar(height: int, width: int = 44) -> Image.Image:
+    """The map's scale beside a picture: 1 (top) to 0 (bottom), labelled."""
+    bar = Image.new("RGB", (width, height), (0, 0, 0))
+    ramp = np.linspace(1, 0, max(height - 24, 2))
+    strip = (HEAT(ramp)[:, :3] * 255).astype(np.uint8)
+    bar.paste(Image.fromarray(np.repeat(strip[:, None], 14, axis=1)), (4, 12))
+    draw = ImageDraw.Draw(bar)
+    draw.text((21, 6), "1", fill=(255, 255, 255))
+    draw.text((21, height - 18), "0", fill=(255, 255, 255))
+    return bar
+
+
+def with_colour_bar(image: Image.Image) -> Image.Image:
+    bar = colour_bar(image.height)
+    out = Image.new("RGB", (image.width + bar.width, image.height))
+    out.paste(image, (0, 0))
+    out.paste(bar, (image.width, 0))
+    return out
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -38,15 +71,17 @@ def box_grid(
     true_boxes: Sequence[Sequence[float] | None] = (),
     columns: int = 4,
     tile: int = 224,
+    heat: Sequence[np.ndarray] | None = None,
 ) -> Image.Image:
-    """Radiographs with the KALM box in red and, where known, the lesion box in green."""
+    """Radiographs with the KALM box in red and, where known, the lesion box in green; with heat
+    (a map in [0, 1] per image), each over its map, and the colour scale at the right."""
     rows = max(1, math.ceil(len(images) / columns))
     grid = Image.new("RGB", (columns * tile, rows * tile))
     for i, pixels in enumerate(images):
         scale = tile / pixels.shape[1]
         image = (
-            Image.fromarray(pixels).convert("RGB").resize((tile, round(pixels.shape[0] * scale)))
-        )
+            Image.fromarray(pixels).convert("RGB") if heat is None else heat_blend(pixels, heat[i])
+        ).resize((tile, round(pixels.shape[0] * scale)))
         draw = ImageDraw.Draw(image)
         if i < len(true_boxes) and true_boxes[i] is not None:
             draw.rectangle([v * scale for v in true_boxes[i]], outline=TRUE_COLOUR, width=2)
@@ -54,13 +89,19 @@ def box_grid(
         if i < len(captions):
             draw.text((4, 4), captions[i], fill=(255, 255, 0))
         grid.paste(image, ((i % columns) * tile, (i // columns) * tile))
-    return grid
+    return grid if heat is None else with_colour_bar(grid)
 
 
 def boxes_figure(
-    frame: pd.DataFrame, dataset, source_size: int, lesions: pd.DataFrame | None, count: int
+    frame: pd.DataFrame,
+    dataset,
+    source_size: int,
+    lesions: pd.DataFrame | None,
+    count: int,
+    heatmaps=None,
 ) -> Image.Image:
-    """Fig. 3: radiographs with their KALM box, images with a known lesion (or abnormal) first."""
+    """Fig. 3: radiographs with their KALM box, images with a known lesion (or abnormal) first.
+    heatmaps (the stage's, of uint8 [B, 1, S, S] items): each image once per map, over it."""
     known = frame["path"].isin(lesions["path"]) if lesions is not None else frame["label"] == 1
     chosen = (list(frame.index[known]) + list(frame.index[~known]))[:count]
     positions = {p: i for i, p in enumerate(dataset.paths)}
@@ -77,22 +118,54 @@ def boxes_figure(
         f"{frame.at[i, 'body_part'][3:]} y={frame.at[i, 'label']} p={frame.at[i, 'prob']:.2f}"
         for i in chosen
     ]
-    images = to_uint8(torch.stack([dataset[r]["image"] for r in rows]))
-    return box_grid(images, pred, captions, true)
+    items = torch.stack([dataset[r]["image"] for r in rows])
+    images = to_uint8(items)
+    if heatmaps is None:
+        return box_grid(images, pred, captions, true)
+    maps = heatmaps(items)  # {score: [B, S, S]}
+    tiles = [(i, name) for i in range(len(rows)) for name in maps]
+    return box_grid(
+        images[[i for i, _ in tiles]],
+        [pred[i] for i, _ in tiles],
+        [f"{captions[i]} {HEAT_NAMES.get(name, name)}" for i, name in tiles],
+        [true[i] for i, _ in tiles],
+        columns=4,
+        heat=[maps[name][i] for i, name in tiles],
+    )
 
 
 def overlay_image(
-    pixels: np.ndarray, box: Sequence[float] | None, caption: str, longest: int = 768
+    pixels: np.ndarray,
+    box: Sequence[float] | None,
+    caption: str,
+    longest: int = 768,
+    heatmaps: Mapping[str, np.ndarray] | None = None,
 ) -> Image.Image:
-    """A radiograph (uint8 [H, W], shown at most `longest` px) with its KALM box and a caption."""
+    """A radiograph (uint8 [H, W], shown at most `longest` px) with its KALM box and a caption;
+    with heatmaps ({score: [H, W] in [0, 1]}), one panel per map under the box and the colour
+    scale at the right."""
     scale = min(1.0, longest / max(pixels.shape))
     size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
-    image = Image.fromarray(pixels).convert("RGB").resize(size, Image.BILINEAR)
-    draw = ImageDraw.Draw(image)
-    if box is not None:
-        draw.rectangle([v * scale for v in box], outline=PRED_COLOUR, width=3)
-    draw.text((6, 6), caption, fill=(255, 255, 0))
-    return image
+    shown = np.asarray(Image.fromarray(pixels).resize(size, Image.BILINEAR))
+    panels = []
+    for name, heat in (heatmaps or {None: None}).items():
+        if heat is None:
+            image = Image.fromarray(shown).convert("RGB")
+        else:
+            heat = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(size, Image.BILINEAR))
+            image = heat_blend(shown, heat)
+        draw = ImageDraw.Draw(image)
+        if box is not None:
+            draw.rectangle([v * scale for v in box], outline=PRED_COLOUR, width=3)
+        label = caption if name is None else f"{caption}  {HEAT_NAMES.get(name, name)}"
+        draw.text((6, 6), label, fill=(255, 255, 0))
+        panels.append(image)
+    if heatmaps is None:
+        return panels[0]
+    row = Image.new("RGB", (sum(p.width for p in panels), size[1]))
+    for i, panel in enumerate(panels):
+        row.paste(panel, (i * size[0], 0))
+    return with_colour_bar(row)
 
 
 def roc_figure(

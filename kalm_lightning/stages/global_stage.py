@@ -9,6 +9,7 @@ import torch
 
 from kalm_lightning.evaluation.studies import GLOBAL
 from kalm_lightning.models.backbone import Backbone
+from kalm_lightning.models.cam import global_heatmap
 from kalm_lightning.models.kalm import resize_view
 from kalm_lightning.stages.base import StageModule, check_target, plain
 
@@ -65,6 +66,10 @@ class GlobalStage(StageModule):
 
     def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {GLOBAL: self(images).float().softmax(dim=1)[:, 1]}
+
+    def heatmaps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CNN_g's class activation map [B, S, S] of source images (models/cam.py)."""
+        return {GLOBAL: global_heatmap(self.net, images, self.preprocessing.image_size)}
 
     def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
         if batch is None:

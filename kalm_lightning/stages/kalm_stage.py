@@ -11,6 +11,7 @@ import torch
 from kalm_lightning.errors import UserError
 from kalm_lightning.evaluation.studies import GLOBAL, KALM, LOCAL, SCORES
 from kalm_lightning.models.backbone import Backbone, backbone_node
+from kalm_lightning.models.cam import global_heatmap, local_heatmap
 from kalm_lightning.models.kalm import KALMNet
 from kalm_lightning.models.preprocessing import GIVEN, Preprocessing
 from kalm_lightning.stages.base import StageModule, check_target, plain
@@ -143,6 +144,15 @@ class KALMStage(StageModule):
             LOCAL: out.local_prob,
             KALM: out.prob,
             "boxes": out.boxes,
+        }
+
+    def heatmaps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CNN_g's and CNN_l's class activation maps [B, S, S] of source images (models/cam.py),
+        CNN_l's inside the box the model chose."""
+        boxes = self.net(images).boxes
+        return {
+            GLOBAL: global_heatmap(self.net.global_cnn, images, self.preprocessing.image_size),
+            LOCAL: local_heatmap(self.net, images, boxes),
         }
 
     def step_generator(self) -> torch.Generator:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from kalm_lightning.evaluation.studies import PREDICTIONS, SCORE_LABELS, prob_co
 from kalm_lightning.models.preprocessing import GIVEN
 from kalm_lightning.runs import METRICS_FILE
 from kalm_lightning.stages import load_stage
-from kalm_lightning.tasks.inference import score_dataset
+from kalm_lightning.tasks.inference import heatmaps_of, score_dataset
 from kalm_lightning.training.loggers import (
     finish_mlflow,
     finish_wandb,
@@ -100,6 +101,7 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dic
             "source_size": carried.source_size,
             "lesions": lesions,
             "count": cfg.box_grid,
+            "heatmaps": partial(heatmaps_of, module, dataset=dataset),
         }
     write_reports(frame, metrics, out, module.backbone_name, scores, boxes, cfg.study_aggregation)
     return metrics, module.backbone_name

@@ -3,6 +3,8 @@ evaluate, predict and the study share."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 import torch
@@ -61,6 +63,32 @@ def predict_images(
     joined = {key: torch.cat(values) for key, values in parts.items()}
     order = torch.argsort(joined["image_id"])
     return {key: value[order] for key, value in joined.items()}
+
+
+@torch.no_grad()
+def heatmaps_of(
+    module: StageModule, pixels: torch.Tensor, dataset: MURADataset
+) -> dict[str, np.ndarray]:
+    """The stage's class activation maps ({score: [B, S, S]}) of a dataset's uint8 items."""
+    device = next(module.parameters()).device
+    norm = dataset.mean.flatten(), dataset.std.flatten()
+    images = model_input({"image": pixels.to(device)}, *norm)["image"]
+    maps = module.eval().heatmaps(module.prepare_images(images))
+    return {name: value.float().cpu().numpy() for name, value in maps.items()}
+
+
+def heatmap_batches(
+    module: StageModule, dataset: MURADataset, batch_size: int, num_workers: int, device: str
+) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
+    """Each batch's image ids and class activation maps ({score: [B, S, S]}, the stage's
+    `heatmaps`), one batch at a time so that a large folder never holds them all."""
+    module.to(pick_device(device)).eval()
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping_bad
+    )
+    for batch in loader:
+        if batch is not None:
+            yield batch["image_id"].tolist(), heatmaps_of(module, batch["image"], dataset)
 
 
 def image_table(dataset: MURADataset, outputs: dict, source_size: int) -> pd.DataFrame:

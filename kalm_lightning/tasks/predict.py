@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from rich.console import Console
 
 from kalm_lightning.data.dataset import MURADataset
 from kalm_lightning.data.dicom import DICOM_SUFFIXES
-from kalm_lightning.data.geometry import PIXEL_BOX
+from kalm_lightning.data.geometry import PIXEL_BOX, to_original_map
 from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.data.index import BODY_PARTS, MURA_DIR, read_mura_index
 from kalm_lightning.errors import UserError, check_number
@@ -35,7 +36,7 @@ from kalm_lightning.evaluation.studies import (
 )
 from kalm_lightning.runs import writing
 from kalm_lightning.stages import load_stage
-from kalm_lightning.tasks.inference import score_dataset
+from kalm_lightning.tasks.inference import heatmap_batches, score_dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)  # what a header-less CSV lists
 OUTPUTS = (
@@ -45,6 +46,8 @@ OUTPUTS = (
     "skipped_images.csv",
     "overlays",
 )
+VISUALS = {"overlay": "overlays", "heatmap": "heatmaps"}  # column -> folder
+SUFFIX = {"overlay": ".png", "heatmap": ".npy"}
 COLUMNS = ["path", "study", *(prob_column(s) for s in SCORES[:2]), "prob", *PIXEL_BOX, "error"]
 
 
@@ -134,15 +137,38 @@ def overlay_name(path: str, taken: set[str]) -> str:
     return name
 
 
-def write_overlays(frame: pd.DataFrame, out: Path, threshold: float) -> None:
-    folder = out / "overlays"
-    folder.mkdir()
-    taken: set[str] = set()
-    for row in frame[frame["prob"].notna()].itertuples():
-        box = None if np.isnan(row.box_x0) else [row.box_x0, row.box_y0, row.box_x1, row.box_y1]
-        verdict = "abnormal" if abnormal(row.prob, threshold) else "normal"
-        image = overlay_image(load_grayscale(row.file), box, f"p={row.prob:.3f} {verdict}")
-        image.save(folder / overlay_name(row.path, taken))
+def write_visuals(
+    frame: pd.DataFrame,
+    out: Path,
+    threshold: float,
+    batches: Iterable[tuple[list[int], dict[str, np.ndarray]]],
+    dataset: MURADataset,
+    overlays: bool,
+    arrays: bool,
+) -> None:
+    """Per scored image, from its class activation maps (one batch at a time): the file named in
+    its `overlay` column (maps under the box, colour scale) and/or in its `heatmap` column
+    ([maps, H, W] float16 over the original image: CNN_g's CAM, then for a stage-2 model CNN_l's
+    in its box)."""
+    rows = frame.drop_duplicates("file").set_index("file")
+    for column, wanted in (("overlay", overlays), ("heatmap", arrays)):
+        if wanted:
+            (out / VISUALS[column]).mkdir()
+    for ids, maps in batches:
+        for j, image_id in enumerate(ids):
+            file = dataset.paths[image_id]
+            row = rows.loc[file]
+            geometry = (*dataset.original_size(image_id), dataset.source_size, dataset.resize)
+            heat = {name: to_original_map(m[j], *geometry) for name, m in maps.items()}
+            if arrays:
+                stack = np.stack([heat[k] for k in maps]).astype(np.float16)
+                np.save(out / row["heatmap"], stack)
+            if overlays:
+                box = None if np.isnan(row["box_x0"]) else [row[c] for c in PIXEL_BOX]
+                verdict = "abnormal" if abnormal(row["prob"], threshold) else "normal"
+                caption = f"p={row['prob']:.3f} {verdict}"
+                image = overlay_image(load_grayscale(file), box, caption, heatmaps=heat)
+                image.save(out / row["overlay"])
 
 
 def run_prediction(cfg: DictConfig) -> pd.DataFrame:
@@ -210,14 +236,25 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
     ]
     studies = study_table(frame, aggregation=cfg.study_aggregation)
     studies["label"] = np.where(studies["prob"].notna(), abnormal(studies["prob"], threshold), -1)
+    for column, wanted in (("overlay", cfg.overlays), ("heatmap", cfg.heatmaps)):
+        if wanted:  # the file each scored image gets, relative to the output folder
+            taken: set[str] = set()
+            frame[column] = [
+                f"{VISUALS[column]}/{overlay_name(p, taken)[:-4]}{SUFFIX[column]}"
+                if pd.notna(prob)
+                else None
+                for p, prob in zip(frame["path"], frame["prob"], strict=True)
+            ]
+            columns.append(column)
     with writing(out):
+        if cfg.overlays or cfg.heatmaps:
+            batches = heatmap_batches(module, dataset, cfg.batch_size, cfg.num_workers, cfg.device)
+            write_visuals(frame, out, threshold, batches, dataset, cfg.overlays, cfg.heatmaps)
         frame[columns].to_csv(out / "predictions_images.csv", index=False)
         studies[["study", "images", "prob", "label"]].to_csv(
             out / "predictions_studies.csv", index=False
         )
         write_submission(studies, out / "submission.csv", threshold)
-        if cfg.overlays:
-            write_overlays(frame, out, threshold)
 
     failed = int(frame["error"].notna().sum())
     called = int((studies["label"] == 1).sum())
