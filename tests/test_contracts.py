@@ -179,4 +179,6 @@ def test_the_operating_point_comes_from_the_hold_out_and_its_figures_match_sklea
         if (bins == b).any()
     )
     assert calibration["ece_study_calibrated"] == pytest.approx(ece, abs=1e-5)
+    low, high = calibration["intervals"]["ece_study_calibrated"]
+    assert 0 <= low <= high <= 1
     assert (padded["run"].evaluation / "reliability.png").is_file()

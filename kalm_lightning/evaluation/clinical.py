@@ -61,6 +61,20 @@ def clinical_blocks(
         mask = torch.tensor([p == part for p in parts], dtype=torch.bool)
         if mask.any():
             by_part[part] = at(studies.prob[mask], studies.label[mask])
+    calibration = {
+        "score": score,
+        "temperature": temperature,
+        "ece_image": calibration_error(raw, label),
+        "ece_image_calibrated": calibration_error(prob, label),
+        "ece_study": calibration_error(raw_studies.prob, raw_studies.label),
+        "ece_study_calibrated": calibration_error(studies.prob, studies.label),
+        "reliability_study": reliability(studies.prob, studies.label),
+    }
+    if bootstrap > 0:  # the study-level ECE at the model's temperature, studies resampled
+        ece = lambda p, y: {"ece_study_calibrated": calibration_error(p, y)}  # noqa: E731
+        calibration["intervals"] = bootstrap_intervals(
+            prob, label, study, bootstrap, seed, ece, ["ece_study_calibrated"], aggregation
+        )
     return {
         "operating_point": {
             **{k: operating[k] for k in ("rule", "threshold", "temperature") if k in operating},
@@ -69,13 +83,5 @@ def clinical_blocks(
             "study": overall,
             "by_body_part": by_part,
         },
-        "calibration": {
-            "score": score,
-            "temperature": temperature,
-            "ece_image": calibration_error(raw, label),
-            "ece_image_calibrated": calibration_error(prob, label),
-            "ece_study": calibration_error(raw_studies.prob, raw_studies.label),
-            "ece_study_calibrated": calibration_error(studies.prob, studies.label),
-            "reliability_study": reliability(studies.prob, studies.label),
-        },
+        "calibration": calibration,
     }
