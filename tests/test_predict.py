@@ -128,9 +128,15 @@ def test_folder_tree_with_bad_files_gets_a_row_per_file_and_a_nonzero_exit(
     assert len(submission) == 2
     overlays = sorted((out / "overlays").iterdir())
     assert len(overlays) == 5
-    for path in overlays:
-        with Image.open(path) as image:
-            assert image.mode == "RGB" and image.width > 0
+    scored = rows[rows["prob"].notna()]
+    assert sorted(out / name for name in scored["overlay"]) == overlays
+    for name, path in zip(scored["overlay"], scored["path"], strict=True):
+        (file,) = new_images.rglob(Path(path).name)  # each view's name is unique in the tree
+        with Image.open(out / name) as image, Image.open(file) as radiograph:
+            pixels = np.asarray(image.convert("RGB")).astype(int)
+            # CNN_g's and CNN_l's panels side by side, then the 44 px colour scale
+            assert image.width == 2 * radiograph.width + 44 and image.height == radiograph.height
+            assert (pixels[..., 0] != pixels[..., 2]).mean() > 0.5  # coloured by the map
     # Nothing already in the output folder is overwritten without overwrite=true.
     again = predict(best, new_images, out)
     assert again.returncode == 2 and "already holds" in again.stderr.strip().splitlines()[-1]
