@@ -517,7 +517,8 @@ def test_a_dead_ddp_rank_ends_the_other_with_one_line_and_the_run_resumes(
     line = stderr.strip().splitlines()[-1]
     assert re.fullmatch(
         r"kalm-train: another DDP rank stopped answering \(training, epoch 1, after batch \d of 4; "
-        r"rank 0 of 2 saw: [^;]*by peer\.\); this rank stopped too; (\S+)/checkpoints/last\.ckpt "
+        # gloo names the peer on some runs: "Connection closed by peer [127.0.0.1]:426."
+        r"rank 0 of 2 saw: [^;]*by peer[^;]*\.\); this rank stopped too; (\S+)/checkpoints/last\.ckpt "
         r"\(epoch 0, step 4\) is the last whole checkpoint; continue with ckpt_path=last"
         + WITH_LOG,
         line,
