@@ -45,7 +45,7 @@ class OutOfTime(Exception):
 class Study:
     def __init__(self, out: Path, work: Path, quick_sizes: bool, max_minutes: float | None) -> None:
         self.out, self.work, self.quick = out, work, quick_sizes
-        self.deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
+        self.deadline = None if max_minutes is None else time.monotonic() + max_minutes * 60
         self.trained = 0
         self.base = [
             "experiment=localizer",

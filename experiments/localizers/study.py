@@ -29,6 +29,7 @@ from rows import (  # noqa: E402
     NAVIGATORS,
     PAPER,
     REGIMES,
+    STAGE2,
     SWEEP_CUES,
     Regime,
     Row,
@@ -111,7 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: for tests, not results")
     parser.add_argument("--out", type=Path, default=HERE, help="results/, RESULTS.md and plots")
     parser.add_argument("--work", type=Path, default=Path("outputs/localizers"), help="data, runs")
-    parser.add_argument("--max-minutes", type=float, help="start no run after this many minutes")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="start no run after this many minutes (0: only write the report)",
+    )
     parser.add_argument("--regimes", nargs="+", help="only these regimes (and no sweep)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -147,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         f"(abnormal rate {cfg.data.synthetic.abnormal_rate}), lesions `{list(cfg.data.synthetic.lesions)}`: stripes of "
         f"period 3 px filling a blob of diameter {cfg.data.synthetic.blob_size:.0%} of the shorter side; limbs shifted "
         f"by up to {cfg.data.synthetic.layout_jitter:.0%}; blob centres uniform over the bones.",
-        f"- ResNet18 from scratch, CNN input {cfg.data.image_size} px, source {cfg.data.source_size} px, batch "
-        f"{cfg.data.batch_size}, {cfg.trainer.max_epochs} epochs per stage, Adam lr {cfg.model.optimizer.lr}, "
+        f"- ResNet18 from scratch, CNN input {cfg.data.image_size} px, source {cfg.data.source_size} px; stage 1: batch "
+        f"{cfg.data.batch_size}, {cfg.trainer.max_epochs} epochs; stage 2: {', '.join(STAGE2)}; Adam lr {cfg.model.optimizer.lr}, "
         f"selection by {cfg.model.selection_metric} on a hold-out of {cfg.data.val_from_train:.0%} of train patients.",
         f"- Navigators: {cfg.localizer.get('grid', 5)}x{cfg.localizer.get('grid', 5)} anchors of half-extent "
         "0.5 (a quarter of the image), CNN_l warmed up 1 epoch on random anchors, teacher: CNN_l pooled over the source.",
