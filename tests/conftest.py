@@ -157,3 +157,24 @@ def navigator_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     check(run_cli("train", args, work))
     return sweep
+
+
+def dicom_dataset(path: Path, rows: int, columns: int, bits: int, photometric: str):
+    """A single-frame DX DICOM dataset (unsigned, one sample per pixel) to fill and save_as."""
+    import pydicom
+
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.Modality, ds.Rows, ds.Columns = "DX", rows, columns
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    return ds

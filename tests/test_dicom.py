@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import dicom_dataset
 
 from kalm_lightning.data.images import load_grayscale
 
@@ -18,20 +19,7 @@ CENTRE, WIDTH = 900.0, 1200.0
 
 
 def write(path: Path, **tags) -> Path:
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = pydicom.uid.DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = (
-        meta.MediaStorageSOPClassUID,
-        meta.MediaStorageSOPInstanceUID,
-    )
-    ds.Modality, ds.Rows, ds.Columns = "DX", *STORED.shape
-    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
+    ds = dicom_dataset(path, *STORED.shape, 16, "MONOCHROME2")
     ds.RescaleSlope, ds.RescaleIntercept = 1, -1000
     for name, value in tags.items():
         setattr(ds, name, value)

@@ -12,7 +12,7 @@ import pandas as pd
 import pydicom
 import pytest
 import torch
-from conftest import TINY_RUN, check, run_cli
+from conftest import TINY_RUN, check, dicom_dataset, run_cli
 from PIL import Image
 
 from kalm_lightning.data.images import load_grayscale
@@ -220,20 +220,8 @@ def write_dicom(
 ) -> None:
     """A DICOM that a viewer shows exactly as `pixels` (uint8): rescaled, windowed, maybe inverted."""
     shown = 255 - pixels.astype(np.int64) if monochrome1 else pixels.astype(np.int64)
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = pydicom.uid.DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = (
-        meta.MediaStorageSOPClassUID,
-        meta.MediaStorageSOPInstanceUID,
-    )
-    ds.Modality, ds.Rows, ds.Columns = "DX", *pixels.shape
-    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
-    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit = bits - 1
+    photometric = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds = dicom_dataset(path, *pixels.shape, bits, photometric)
     if windowed:  # stored = 8 * shown + 50, real = 2 * stored - 100 = 16 * shown; window maps 16 * shown to shown
         ds.RescaleSlope, ds.RescaleIntercept = 2, -100
         ds.WindowCenter, ds.WindowWidth = 2040.5, 4081

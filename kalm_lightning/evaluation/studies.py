@@ -14,8 +14,6 @@ from typing import NamedTuple
 import pandas as pd
 import torch
 
-from kalm_lightning.settings import AGGREGATIONS  # noqa: F401 - the choices of `aggregation`
-
 THRESHOLD = 0.5
 SCORES = ("global", "local", "kalm")  # CNN_g, CNN_l and their average (the paper's S_g, S_l, KALM)
 GLOBAL, LOCAL, KALM = SCORES
@@ -45,7 +43,7 @@ def study_means(
     prob: torch.Tensor, label: torch.Tensor, study: torch.Tensor, aggregation: str = "mean"
 ) -> Studies:
     """Per study (sorted by id): probability (its images' mean, or with aggregation="max" their
-    maximum), label, first image and image count."""
+    maximum; settings.AGGREGATIONS), label, first image and image count."""
     ids, inverse = torch.unique(study, return_inverse=True)
     count = torch.zeros(len(ids), dtype=torch.float64).index_add_(
         0, inverse, torch.ones_like(prob, dtype=torch.float64)
