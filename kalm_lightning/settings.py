@@ -22,6 +22,9 @@ RESIZE_MODES = ("stretch", "pad")  # how a radiograph becomes a square (geometry
 ON_PROBLEM = ("error", "skip")  # data.on_missing, data.on_bad_image
 AGGREGATIONS = ("mean", "max")  # a study's probability from its images'; mean is the paper's
 TTA = ("none", "hflip")  # test-time augmentation: hflip averages each image with its mirror
+# What evaluate scores: MURA valid (the paper's test set), train, or the hold-out of train that
+# data.val_from_train and data.seed draw (what a training run selected on)
+SCORED_SPLITS = {"valid": "test", "train": "train", "holdout": "val"}  # -> the DataModule's part
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ RULES = {
     "tta": Choice(TTA),
     "evaluate.study_aggregation": Choice(AGGREGATIONS),
     "evaluate.tta": Choice(TTA),
+    "split": Choice(SCORED_SPLITS),
 }
 
 
@@ -108,6 +112,11 @@ def check_config(cfg: DictConfig) -> None:
             f"model.operating_point (rule={rule}, temperature={temperature}) is fitted on the "
             "validation split, which is the split reported (MURA valid) unless data.val_from_train "
             "> 0: set data.val_from_train=0.1 (a patient-disjoint hold-out of train)"
+        )
+    if OmegaConf.select(cfg, "split", default=None) == "holdout" and not held_out:
+        raise UserError(
+            "split=holdout scores the hold-out of train that data.val_from_train draws: give the "
+            "training run's data.val_from_train (and data.seed), e.g. data.val_from_train=0.2"
         )
     loggers = OmegaConf.select(cfg, "logger", default=None) or {}
     targets = {str(node.get("_target_", "")) for node in loggers.values() if node}

@@ -19,6 +19,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, f1_score
 
 from kalm_lightning.data.images import load_grayscale
+from kalm_lightning.data.mura import MURADataModule
 from kalm_lightning.runs import Run
 
 SYNTHETIC = [arg for arg in TINY_RUN if arg.startswith("data.synthetic.")]
@@ -52,6 +53,23 @@ def test_standalone_evaluate_reads_the_resize_from_the_checkpoint(padded: dict) 
     again = again.set_index("path").loc[padded["own"].index]
     for column in ("prob_global", "prob_local", "prob_kalm"):
         np.testing.assert_allclose(again[column], padded["own"][column], atol=1e-5, rtol=0)
+
+
+def test_evaluate_scores_the_hold_out_the_run_selected_on(padded: dict, tmp_path: Path) -> None:
+    work, root = padded["work"], padded["work"] / "data/synthetic"
+    holdout = ["split=holdout", f"paths.output_root={tmp_path}", *SYNTHETIC]
+    refused = run_cli("evaluate", [f"ckpt_path={padded['best']}", *holdout], work)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        "kalm-evaluate: split=holdout scores the hold-out of train that data.val_from_train draws"
+    )
+    args = [f"ckpt_path={padded['best']}", *holdout, "data.val_from_train=0.3"]
+    check(run_cli("evaluate", args, work))
+    scored = pd.read_csv(next(tmp_path.rglob("predictions_images.csv")))
+    split = MURADataModule(str(root), val_from_train=0.3, num_workers=0)
+    split.prepare_data()
+    held, trained = (set(split.dataset(part).paths) for part in ("val", "train"))
+    assert set(scored["path"]) == held and not held & trained  # the patients training never saw
+    assert "localization" in json.loads(next(tmp_path.rglob("metrics.json")).read_text())
 
 
 def test_predict_and_onnx_give_the_training_runs_probabilities(padded: dict, tmp_path) -> None:

@@ -89,6 +89,26 @@ def test_the_navigators_target_is_the_anchor_cnn_l_finds_most_abnormal(
     assert all(p.grad is not None for p in net.localizer.head.parameters())
 
 
+@pytest.mark.parametrize("score", ["label", "confidence"])
+def test_the_teacher_can_score_the_label_or_the_confidence_of_each_anchor(score: str) -> None:
+    net = net_with("navigator", warmup_epochs=0, grid=3, teacher_score=score)
+    images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(6))
+    labels = torch.tensor([0, 1, 0, 1])
+    abnormal = net.pooled_scores(images, net.localizer.anchors.expand(4, -1, -1))
+    if score == "label":  # p(y | A_k): p(normal) in the normal images, p(abnormal) in the others
+        q = torch.where(labels[:, None] == 1, abnormal, 1 - abnormal)
+    else:
+        q = torch.where(abnormal > 0.5, abnormal, 1 - abnormal)
+    net.train()
+    _, crops = net.training_outputs(images, 0, torch.Generator().manual_seed(3), labels)
+    assert torch.equal(crops.boxes[:, 0], net.localizer.anchors[q.argmax(dim=1)])
+    nav_logits = net.localizer.anchor_logits(net.inputs(images))
+    torch.testing.assert_close(crops.loss, F.binary_cross_entropy_with_logits(nav_logits, q))
+    if score == "label":
+        with pytest.raises(ValueError, match="teacher_score=label needs the labels"):
+            net.training_outputs(images, 0, torch.Generator().manual_seed(3))
+
+
 def test_the_teachers_crops_and_pooled_scores_agree_on_the_whole_image() -> None:
     net = net_with("navigator").eval()
     images = torch.randn(2, 3, 128, 128)

@@ -8,8 +8,9 @@ Other localizers (the controls and the navigators in `models/localizers/`) share
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,16 +216,18 @@ class KALMNet(nn.Module):
 
     def class_weights(self) -> torch.Tensor:
         """W_fc[abnormal] - W_fc[normal] of CNN_g: what each channel says for 'abnormal' (CAM)."""
-        weight = self.global_cnn.fc.weight
-        return weight[1] - weight[0]
+        return self.global_cnn.fc.weight[1] - self.global_cnn.fc.weight[0]
 
     def inputs(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        labels: torch.Tensor | None = None,
     ) -> LocalizerInputs:
-        """CNN_g's view of a batch: what the localizer reads."""
+        """CNN_g's view of a batch: what the localizer reads (and, in training, the labels)."""
         view = resize_view(images, self.image_size)
         features = self.global_cnn.forward_features(view)
-        return LocalizerInputs(features, self.class_weights(), view, images, generator)
+        return LocalizerInputs(features, self.class_weights(), view, images, generator, labels)
 
     def local_logits(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """S_l [B, M, 2] of M boxes per image [B, M, 4]: eq. (8)-(9), then CNN_l."""
@@ -273,23 +276,25 @@ class KALMNet(nn.Module):
         return KALMOutput(global_logits, local_logits, boxes, prob)
 
     def training_outputs(
-        self, images: torch.Tensor, epoch: int, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        epoch: int,
+        generator: torch.Generator | None = None,
+        labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, TrainingCrops]:
         """A training step's S_l [B, M, 2] on the boxes the localizer trains CNN_l on."""
-        inputs = self.inputs(images, generator)
+        inputs = self.inputs(images, generator, labels)
         scorer = Scorer(self.crop_scores, self.pooled_scores, images)
         crops = self.localizer.training_crops(inputs, scorer, epoch)
         return self.local_logits(images, crops.boxes), crops
 
 
-class _evaluating:
+@contextlib.contextmanager
+def _evaluating(module: nn.Module) -> Iterator[None]:
     """Run a module in eval mode for a block, then restore its mode."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module, self.was = module, module.training
-
-    def __enter__(self) -> None:
-        self.module.eval()
-
-    def __exit__(self, *_: object) -> None:
-        self.module.train(self.was)
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)

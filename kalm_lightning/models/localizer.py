@@ -41,6 +41,7 @@ class LocalizerInputs:
     view: torch.Tensor  # the global view CNN_g saw [B, 3, image_size, image_size]
     source: torch.Tensor  # the source image the crop samples from [B, 3, S, S]
     generator: torch.Generator | None = None  # for localizers that draw (random anchors)
+    labels: torch.Tensor | None = None  # the images' labels [B] in training (None at inference)
 
 
 @dataclass

@@ -165,7 +165,9 @@ class KALMStage(StageModule):
         if batch is None:
             return None
         images = self.prepare_images(batch["image"])
-        logits, crops = self.net.training_outputs(images, self.current_epoch, self.step_generator())
+        logits, crops = self.net.training_outputs(
+            images, self.current_epoch, self.step_generator(), batch["label"]
+        )
         many = logits.shape[1]
         parts = [p for p in batch["body_part"] for _ in range(many)]
         labels = batch["label"].repeat_interleave(many)

@@ -29,6 +29,7 @@ from kalm_lightning.evaluation.report import (
 from kalm_lightning.evaluation.studies import PREDICTIONS, SCORE_LABELS, prob_column
 from kalm_lightning.models.preprocessing import GIVEN
 from kalm_lightning.runs import METRICS_FILE
+from kalm_lightning.settings import SCORED_SPLITS
 from kalm_lightning.stages import load_stage
 from kalm_lightning.tasks.inference import heatmaps_of, score_dataset
 from kalm_lightning.training.loggers import (
@@ -70,7 +71,7 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dic
         data_cfg, mean=carried.mean, std=carried.std, run_dir=str(out)
     )
     datamodule.prepare_data()
-    part = "test" if cfg.split == "valid" else "train"
+    part = SCORED_SPLITS[cfg.split]
     dataset = datamodule.dataset(part)
     dataset.train = False
     dataset.augment = {}

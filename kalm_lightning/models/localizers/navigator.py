@@ -21,6 +21,7 @@ from kalm_lightning.models.localizer import (
 
 READS = ("map", "view", "source")
 TEACHERS = ("pooled", "crops")
+TEACHER_SCORES = ("abnormal", "label", "confidence")
 TARGETS = ("scores", "best")
 POLICIES = ("distill", "reinforce")
 INFERENCES = ("navigator", "mil")
@@ -64,7 +65,12 @@ class Navigator(Localizer):
       `target=scores`: sum_k BCE(sigmoid(z_k), q_k), K soft labels per image; or from its best
       anchor alone, `target=best`: CE(z, k*), NTS-Net's way, one hard label per image.
       `teacher=pooled` scores all K from one pass of CNN_l over the source image
-      (`KALMNet.pooled_scores`); `crops`: K crops.
+      (`KALMNet.pooled_scores`); `crops`: K crops. What q_k is, `teacher_score`: `abnormal`,
+      p_l(abnormal | A_k) (the default); `label`, p_l(y | A_k) of the image's label y (NTS-Net's);
+      `confidence`, max(p, 1 - p), where CNN_l can decide. Where normal images carry a decoy of
+      the lesion's look, p(abnormal) sends the navigator away from the decoy in normal images and
+      towards the lesion in abnormal ones, and the view, which cannot tell them apart, learns
+      neither; `label` and `confidence` send it to both.
     - `policy=reinforce` (after `distill_epochs` epochs of distillation past the warm-up): draw
       k ~ pi_mix = (1 - explore) softmax(z) + explore / K, reward r = q_k, baseline b = q_g of the
       greedy anchor g = argmax z (self-critical); loss -(r - b) log pi_mix(k) - entropy * H(softmax z).
@@ -86,6 +92,7 @@ class Navigator(Localizer):
         scout_width: int = 32,
         warmup_epochs: int = 1,
         teacher: str = "pooled",
+        teacher_score: str = "abnormal",
         target: str = "scores",
         policy: str = "distill",
         distill_epochs: int = 1,
@@ -97,6 +104,7 @@ class Navigator(Localizer):
         super().__init__(height, width, channels, lr)
         check_choice("localizer.reads", reads, READS)
         check_choice("localizer.teacher", teacher, TEACHERS)
+        check_choice("localizer.teacher_score", teacher_score, TEACHER_SCORES)
         check_choice("localizer.target", target, TARGETS)
         check_choice("localizer.policy", policy, POLICIES)
         check_choice("localizer.inference", inference, INFERENCES)
@@ -106,7 +114,7 @@ class Navigator(Localizer):
         check_number("localizer.explore", explore, 0, 1)
         check_number("localizer.entropy", entropy, 0)
         self.reads, self.teacher, self.policy, self.inference = reads, teacher, policy, inference
-        self.target = target
+        self.target, self.teacher_score = target, teacher_score
         self.warmup_epochs, self.distill_epochs = warmup_epochs, distill_epochs
         self.explore, self.entropy = float(explore), float(entropy)
         self.register_buffer("anchors", anchor_grid(grid, half), persistent=False)
@@ -141,6 +149,17 @@ class Navigator(Localizer):
         pick = torch.randint(len(self.anchors), (batch,), generator=generator, device=device)
         return pick.to(self.anchors.device)
 
+    def taught(self, abnormal: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's q [B, K] from CNN_l's p(abnormal) [B, K] (`teacher_score`)."""
+        if self.teacher_score == "abnormal":
+            return abnormal
+        if self.teacher_score == "confidence":
+            return torch.maximum(abnormal, 1 - abnormal)
+        if labels is None:
+            raise ValueError("localizer.teacher_score=label needs the labels of the batch")
+        abnormal_image = labels.to(abnormal.dtype)[:, None]
+        return abnormal_image * abnormal + (1 - abnormal_image) * (1 - abnormal)
+
     def training_crops(self, inputs: LocalizerInputs, scorer: Scorer, epoch: int) -> TrainingCrops:
         batch, anchors = len(inputs.source), self.anchors
         drawn = anchors[self._drawn(batch, inputs.generator)]
@@ -149,7 +168,7 @@ class Navigator(Localizer):
         logits = self.anchor_logits(inputs)
         if self.policy == "distill" or epoch < self.warmup_epochs + self.distill_epochs:
             every = anchors.expand(batch, -1, -1)
-            scores = scorer(every, pooled=self.teacher == "pooled")
+            scores = self.taught(scorer(every, pooled=self.teacher == "pooled"), inputs.labels)
             best = scores.argmax(dim=1)
             if self.target == "best":
                 loss = F.cross_entropy(logits, best)
@@ -166,7 +185,7 @@ class Navigator(Localizer):
         sampled = torch.multinomial(mixed.detach(), 1, generator=inputs.generator).squeeze(1)
         greedy = logits.argmax(dim=1)
         chosen = torch.stack([anchors[sampled], anchors[greedy]], dim=1)
-        reward, baseline = scorer(chosen).unbind(dim=1)
+        reward, baseline = self.taught(scorer(chosen), inputs.labels).unbind(dim=1)
         rows = torch.arange(batch, device=logits.device)
         log_prob = mixed[rows, sampled].clamp_min(1e-12).log()
         entropy = -(policy * policy.clamp_min(1e-12).log()).sum(dim=1).mean()
