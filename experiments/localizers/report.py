@@ -56,6 +56,7 @@ def summarize(regime: Regime, rows: list[Row], records: dict[str, list[dict]]) -
                 "mean_iou": mean([loc["mean_iou"] for loc in located]) if located else None,
                 "mean_area": mean([loc["mean_area"] for loc in located]) if located else None,
                 "heldout": mean([r["heldout"] for r in runs]),
+                "heldout_hit": mean(held) if (held := heldout_hits(row, runs)) else None,
                 "inference_cost": mean([r["inference_flops"] for r in runs]) / base_infer,
                 "training_cost": mean([r["training_flops"] for r in runs]) / base_train,
                 "minutes": sum(r["seconds"] for r in runs) / 60,
@@ -63,6 +64,14 @@ def summarize(regime: Regime, rows: list[Row], records: dict[str, list[dict]]) -
             }
         )
     return summary
+
+
+def heldout_hits(row: Row, runs: list[dict]) -> list[float]:
+    """The hit rates on the hold-out of train, of the runs whose records hold them."""
+    if row.score != "kalm":
+        return []
+    located = [r.get("heldout_localization") for r in runs]
+    return [loc["hit_rate"] for loc in located if loc]
 
 
 def find(summary: list[dict], name: str) -> dict | None:
@@ -138,7 +147,7 @@ def fmt(value: float | None, sd: float | None = None, percent: bool = False) -> 
 
 def table(summary: list[dict]) -> list[str]:
     lines = [
-        "| row | seeds | AUROC | accuracy | kappa | hit rate | IoU | box area | infer cost | train cost | minutes | hold-out |",
+        "| row | seeds | AUROC | accuracy | kappa | hit rate | IoU | box area | infer cost | train cost | minutes | hold-out AUROC, hit |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
@@ -147,7 +156,8 @@ def table(summary: list[dict]) -> list[str]:
             f"{fmt(s['accuracy_mean'], s['accuracy_sd'], True)} | {fmt(s['kappa_mean'], s['kappa_sd'])} | "
             f"{fmt(s['hit_rate'], s['hit_rate_sd'], True)} | {fmt(s['mean_iou'])} | "
             f"{fmt(s['mean_area'], percent=True)} | {s['inference_cost']:.2f}x | "
-            f"{s['training_cost']:.2f}x | {s['minutes']:.1f} | {fmt(s['heldout'])} |"
+            f"{s['training_cost']:.2f}x | {s['minutes']:.1f} | {fmt(s['heldout'])}"
+            f"{'' if s['heldout_hit'] is None else ', ' + fmt(s['heldout_hit'], percent=True)} |"
         )
     return lines
 

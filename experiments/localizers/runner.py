@@ -104,6 +104,7 @@ class Study:
         self.trained += 1
         evaluation = evaluation_config(cfg, result["best_ckpt"])
         metrics = run_evaluation(evaluation, Run(run_dir).evaluation)
+        heldout = holdout_figures(evaluation, run_dir / "holdout")
         record = {
             "regime": regime.name,
             "run": slug(row),
@@ -115,6 +116,7 @@ class Study:
             "heldout": result["best_val_score"],  # on the hold-out of train (what selects)
             "study": {k: v["study"] for k, v in metrics.items() if "study" in v},
             "localization": metrics.get("localization"),
+            **heldout,
             **costs(result["best_ckpt"], cfg),
             "seconds": time.perf_counter() - start,
         }
@@ -134,11 +136,25 @@ class Study:
             "run": f"{slug(row)}-{row.inference}",
             "study": {k: v["study"] for k, v in metrics.items() if "study" in v},
             "localization": metrics.get("localization"),
+            **holdout_figures(evaluation, out / "holdout"),
             "inference_flops": inference_flops(trained["ckpt"], cfg, row.inference),
             "seconds": trained["seconds"] + time.perf_counter() - start,
         }
         self.write(regime, row, seed, record)
         return record
+
+    def add_holdout(self, regime: Regime, row: Row, seed: int) -> None:
+        """A record made before records held the hold-out's figures gets them from its checkpoint
+        (where that is still on this machine): the same evaluation on the hold-out of train."""
+        record = self.read(regime, row, seed)
+        if record is None or "heldout_study" in record or not Path(record["ckpt"]).is_file():
+            return
+        cfg = self.config(regime, seed, 1 if row.stage2 is None else 2, ())
+        evaluation = evaluation_config(cfg, record["ckpt"])
+        evaluation.inference = row.inference
+        mil = f"-{row.inference}" if row.inference else ""
+        out = self.work / "runs" / regime.name / f"seed{seed}" / f"{slug(row)}{mil}" / "holdout"
+        self.write(regime, row, seed, {**record, **holdout_figures(evaluation, out)})
 
     def write(self, regime: Regime, row: Row, seed: int, record: dict) -> None:
         path = self.record_path(regime, row, seed)
@@ -149,6 +165,18 @@ class Study:
         mil = f"-{row.inference}" if row.inference else ""
         run = self.work / "runs" / regime.name / f"seed{seed}" / f"{slug(row)}{mil}"
         return (run if mil else Run(run).evaluation) / BOXES
+
+
+def holdout_figures(evaluation, out: Path) -> dict:
+    """The run's study figures and localization on the hold-out of train that it selected on
+    (`split=holdout`): what the study may choose by; valid is only reported."""
+    evaluation = evaluation.copy()
+    evaluation.split, evaluation.bootstrap = "holdout", 0
+    metrics = run_evaluation(evaluation, out)
+    return {
+        "heldout_study": {k: v["study"] for k, v in metrics.items() if "study" in v},
+        "heldout_localization": metrics.get("localization"),
+    }
 
 
 def inference_flops(ckpt: str, cfg, inference: str | None = None) -> float:
@@ -174,7 +202,7 @@ def training_flops(ckpt: str, cfg) -> float:
                 loss = F.cross_entropy(module(images), labels)
             else:
                 generator = torch.Generator().manual_seed(epoch)
-                logits, crops = module.net.training_outputs(images, epoch, generator)
+                logits, crops = module.net.training_outputs(images, epoch, generator, labels)
                 loss = F.cross_entropy(
                     logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1])
                 )

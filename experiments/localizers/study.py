@@ -44,6 +44,8 @@ def seeds_of(regime: Regime, row: Row, best: Row, quick: bool) -> list[int]:
     """5 seeds for the rows the main regime's conclusions rest on, 3 for the others."""
     if quick:
         return [0]
+    if row.seeds is not None:
+        return list(range(row.seeds))
     key = regime.main and (row in KEY or row in (best, mil_of(best)))
     return list(range(5 if key else 3))
 
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     study = Study(args.out.resolve(), args.work.resolve(), args.quick, args.max_minutes)
+    for run in everything(best_navigator(study, args.quick), args.quick):
+        study.add_holdout(*run)  # records made before they held the hold-out's figures
     stopped = False
     try:
         while True:  # the plan follows the best navigator as its first seeds come in
