@@ -64,7 +64,13 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
             assert 0 <= record["heldout_localization"]["hit_rate"] <= 1
     assert "| hold-out AUROC, hit |" in text
     before = {p.name: p.read_text() for p in records}
+    # records made before records held the hold-out's figures get them from their checkpoints
+    older = [p for p in records if p.name.startswith(("s1-data.image_size", "s2-localizer-kalm"))]
+    for path in older:
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in record.items() if "heldout_" not in k}))
     second = run_study(out, work)  # resumable: finished runs are read back, not trained again
     assert second.returncode == 0, second.stderr[-4000:]
     assert "0 runs trained; done" in second.stdout
-    assert {p.name: p.read_text() for p in sorted((out / "results").rglob("*.json"))} == before
+    after = {p.name: json.loads(p.read_text()) for p in sorted((out / "results").rglob("*.json"))}
+    assert after == {name: json.loads(text) for name, text in before.items()}

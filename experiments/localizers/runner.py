@@ -149,7 +149,10 @@ class Study:
         record = self.read(regime, row, seed)
         if record is None or "heldout_study" in record or not Path(record["ckpt"]).is_file():
             return
-        cfg = self.config(regime, seed, 1 if row.stage2 is None else 2, ())
+        if row.stage2 is None:
+            cfg = self.config(regime, seed, 1, row.stage1)
+        else:
+            cfg = self.config(regime, seed, 2, (*row.stage2, *(() if self.quick else STAGE2)))
         evaluation = evaluation_config(cfg, record["ckpt"])
         evaluation.inference = row.inference
         mil = f"-{row.inference}" if row.inference else ""
