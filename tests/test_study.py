@@ -22,7 +22,7 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     first = run_study(out, work)
     assert first.returncode == 0, first.stderr[-4000:]
     # the main regime: 3 stage-1 and 12 stage-2 runs (3 of them the p(abnormal) ablation; MIL
-    # re-scores the view navigator's run); the sweep's c = 1: 5 reduced rows; c = 0.5 is read
+    # re-scores the best navigator's run); the sweep's c = 1: 5 reduced rows; c = 0.5 is read
     # back from the main regime
     assert "20 runs trained; done" in first.stdout
 
@@ -47,7 +47,8 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     assert 1.5 < main["KALM (paper)"]["inference_cost"] < 2.5
     # one crop at inference for the navigators, every anchor (25) for the MIL ceiling
     assert main["navigator on CNN_g's map"]["inference_cost"] < 2.2
-    assert main["MIL ceiling: every anchor, max (view run)"]["inference_cost"] > 20
+    mil = next(name for name in main if name.startswith("MIL ceiling"))  # the best navigator's
+    assert main[mil]["inference_cost"] > 20
     assert (
         main["navigator, scout on the view"]["training_cost"]
         > main["KALM (paper)"]["training_cost"]
