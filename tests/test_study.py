@@ -21,15 +21,15 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     first = run_study(out, work)
     assert first.returncode == 0, first.stderr[-4000:]
-    # the main regime: 3 stage-1 and 12 stage-2 runs (3 of them the p(abnormal) ablation; MIL
+    # the main regime: 3 stage-1 and 13 stage-2 runs (3 of them the p(abnormal) ablation; MIL
     # re-scores the best navigator's run); the sweep's c = 1: 5 reduced rows; c = 0.5 is read
     # back from the main regime
-    assert "20 runs trained; done" in first.stdout
+    assert "21 runs trained; done" in first.stdout
 
     summary = json.loads((out / "summary.json").read_text())
     main = {s["row"]: s for s in summary["c0.5"]}
     text = (out / "RESULTS.md").read_text()
-    assert len(main) == 16 and all(f"| {name} | 1 |" in text for name in main)
+    assert len(main) == 17 and all(f"| {name} | 1 |" in text for name in main)
     assert {s["row"] for s in summary["sweep-c1"]} == {
         "global CNN @ input (80 px)",
         "global CNN @ source (160 px)",

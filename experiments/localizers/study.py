@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{cfg.data.batch_size}, {cfg.trainer.max_epochs} epochs; stage 2: {', '.join(STAGE2)}; Adam lr {cfg.model.optimizer.lr}, "
         f"selection by {cfg.model.selection_metric} on a hold-out of {cfg.data.val_from_train:.0%} of train patients.",
         f"- Navigators: {cfg.localizer.get('grid', 5)}x{cfg.localizer.get('grid', 5)} anchors of half-extent "
-        "0.5 (a quarter of the image), CNN_l warmed up 1 epoch on random anchors, teacher: CNN_l pooled over the source.",
+        "0.5 (a quarter of the image; one variant 6x6 of half-extent 0.4, 16%), CNN_l warmed up 1 epoch on random "
+        "anchors, teacher: CNN_l's p(image's label) of each anchor, pooled over the source (the ablation: p(abnormal)); "
+        "the controls' anchors are 5x5 of half-extent 0.5.",
         "- Seeds: 0-4 for the rows the main regime's conclusions rest on, 0-2 for the others; each seed "
         "draws its own data (`data.synthetic.seed`) and its own initialisation (`seed`).",
         f"- This invocation: {(time.perf_counter() - start) / 60:.1f} min wall, {study.trained} runs trained, "
