@@ -75,3 +75,19 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     assert "0 runs trained; done" in second.stdout
     after = {p.name: json.loads(p.read_text()) for p in sorted((out / "results").rglob("*.json"))}
     assert after == {name: json.loads(text) for name, text in before.items()}
+
+    # a probe: one more stage-2 run on the study's stage-1 run, scored on the hold-out, in its own
+    # folder: the study's runs and records are left as they were
+    runs = sorted(str(p) for p in (work / "runs").rglob("*"))
+    args = ["--quick", "--work", str(work), "--results", str(out), "--out", str(work / "probes")]
+    probe = run_script(
+        "experiments/localizers/probe.py",
+        [*args, "localizer=navigator", "localizer.teacher_score=confidence"],
+        work.parent,
+    )
+    assert probe.returncode == 0, probe.stderr[-4000:]
+    figures = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert 0 <= figures["heldout_hit_rate"] <= 1 and 0 <= figures["heldout_auroc"] <= 1
+    assert "teacher_score-confidence" in figures["record"]
+    assert sorted(str(p) for p in (work / "runs").rglob("*")) == runs
+    assert {p.name: json.loads(p.read_text()) for p in (out / "results").rglob("*.json")} == after

@@ -43,8 +43,17 @@ class OutOfTime(Exception):
 
 
 class Study:
-    def __init__(self, out: Path, work: Path, quick_sizes: bool, max_minutes: float | None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        work: Path,
+        quick_sizes: bool,
+        max_minutes: float | None,
+        runs: Path | None = None,
+    ) -> None:
+        """Records in out/results, data in work/data, runs in `runs` (default work/runs)."""
         self.out, self.work, self.quick = out, work, quick_sizes
+        self.runs = runs or work / "runs"
         self.deadline = None if max_minutes is None else time.monotonic() + max_minutes * 60
         self.trained = 0
         self.base = [
@@ -90,7 +99,7 @@ class Study:
             trained = self.run(regime, Row(row.name, row.score, row.stage1, row.stage2), seed)
             return self.evaluate_again(regime, row, seed, trained)
         start = time.perf_counter()
-        run_dir = self.work / "runs" / regime.name / f"seed{seed}" / slug(row)
+        run_dir = self.runs / regime.name / f"seed{seed}" / slug(row)
         if row.stage2 is None:
             cfg = self.config(regime, seed, 1, row.stage1)
         else:
@@ -129,7 +138,7 @@ class Study:
         cfg = self.config(regime, seed, 2, row.stage2)
         evaluation = evaluation_config(cfg, trained["ckpt"])
         evaluation.inference = row.inference
-        out = self.work / "runs" / regime.name / f"seed{seed}" / f"{slug(row)}-{row.inference}"
+        out = self.runs / regime.name / f"seed{seed}" / f"{slug(row)}-{row.inference}"
         metrics = run_evaluation(evaluation, out)
         record = {
             **trained,
@@ -156,7 +165,7 @@ class Study:
         evaluation = evaluation_config(cfg, record["ckpt"])
         evaluation.inference = row.inference
         mil = f"-{row.inference}" if row.inference else ""
-        out = self.work / "runs" / regime.name / f"seed{seed}" / f"{slug(row)}{mil}" / "holdout"
+        out = self.runs / regime.name / f"seed{seed}" / f"{slug(row)}{mil}" / "holdout"
         self.write(regime, row, seed, {**record, **holdout_figures(evaluation, out)})
 
     def write(self, regime: Regime, row: Row, seed: int, record: dict) -> None:
@@ -166,7 +175,7 @@ class Study:
 
     def boxes_figure(self, regime: Regime, row: Row, seed: int) -> Path:
         mil = f"-{row.inference}" if row.inference else ""
-        run = self.work / "runs" / regime.name / f"seed{seed}" / f"{slug(row)}{mil}"
+        run = self.runs / regime.name / f"seed{seed}" / f"{slug(row)}{mil}"
         return (run if mil else Run(run).evaluation) / BOXES
 
 
