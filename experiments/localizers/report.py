@@ -78,11 +78,14 @@ def find(summary: list[dict], name: str) -> dict | None:
     return next((s for s in summary if s["row"] == name), None)
 
 
+NO_VERDICT = "(one seed: no verdict) vs"
+
+
 def verdict(a: dict, b: dict) -> tuple[str, float]:
     """'beats', 'loses to' or 'ties with': a difference counts when it exceeds both spreads added."""
     diff = a["auroc_mean"] - b["auroc_mean"]
     if len(a["seeds"]) < 2 or len(b["seeds"]) < 2:
-        return "(one seed: no verdict) vs", diff
+        return NO_VERDICT, diff
     margin = a["auroc_sd"] + b["auroc_sd"]
     return ("beats" if diff > margin else "loses to" if -diff > margin else "ties with"), diff
 
@@ -113,19 +116,23 @@ def goal_lines(regime: Regime, summary: list[dict]) -> list[str]:
             parts.append(f"{gap:+.3f} below global @ source ({'<=' if gap <= 0.03 else '>'} 0.03)")
         if base is not None:
             parts.append(f"{s['inference_cost']:.2f}x the inference cost of global @ input")
-        met = (
+        own = (  # the checks of the row itself, then its comparisons
             s["hit_rate"] is not None
             and s["hit_rate"] >= 0.9
             and s["mean_iou"] >= 0.3
-            and len(beaten) == len(MUST_BEAT)
-            and all(word == "beats" for _, word, _ in beaten)
             and source is not None
             and source["auroc_mean"] - s["auroc_mean"] <= 0.03
             and s["inference_cost"] <= 2.2
+            and len(beaten) == len(MUST_BEAT)
         )
-        lines.append(
-            f"- **{s['row']}**: {'MEETS' if met else 'misses'} the goal: " + "; ".join(parts) + "."
-        )
+        words = {word for _, word, _ in beaten}
+        if own and words == {"beats"}:
+            state = "MEETS the goal"
+        elif own and words <= {"beats", NO_VERDICT}:  # a comparison without two seeds each side
+            state = "the goal is not decided yet (a comparison has one seed)"
+        else:
+            state = "misses the goal"
+        lines.append(f"- **{s['row']}**: {state}: " + "; ".join(parts) + ".")
     if regime.decoys:
         chance = 1 / (regime.decoys + 1)
         for s in summary:
