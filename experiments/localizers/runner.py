@@ -81,8 +81,11 @@ class Study:
         )
 
     def record_path(self, regime: Regime, row: Row, seed: int) -> Path:
-        mil = "-mil" if row.inference else ""
-        return self.out / "results" / regime.name / f"{slug(row)}{mil}-seed{seed}.json"
+        return self.out / "results" / regime.name / f"{run_name(row)}-seed{seed}.json"
+
+    def run_dir(self, regime: Regime, row: Row, seed: int) -> Path:
+        """Where one run of a row trains (or, for the MIL ceiling, is evaluated again)."""
+        return self.runs / regime.name / f"seed{seed}" / run_name(row)
 
     def read(self, regime: Regime, row: Row, seed: int) -> dict | None:
         path = self.record_path(regime, row, seed)
@@ -99,7 +102,7 @@ class Study:
             trained = self.run(regime, Row(row.name, row.score, row.stage1, row.stage2), seed)
             return self.evaluate_again(regime, row, seed, trained)
         start = time.perf_counter()
-        run_dir = self.runs / regime.name / f"seed{seed}" / slug(row)
+        run_dir = self.run_dir(regime, row, seed)
         if row.stage2 is None:
             cfg = self.config(regime, seed, 1, row.stage1)
         else:
@@ -123,7 +126,7 @@ class Study:
             "ckpt": result["best_ckpt"],
             "selection_metric": result["selection_metric"],
             "heldout": result["best_val_score"],  # on the hold-out of train (what selects)
-            "study": {k: v["study"] for k, v in metrics.items() if "study" in v},
+            "study": study_blocks(metrics),
             "localization": metrics.get("localization"),
             **heldout,
             **costs(result["best_ckpt"], cfg),
@@ -138,12 +141,12 @@ class Study:
         cfg = self.config(regime, seed, 2, row.stage2)
         evaluation = evaluation_config(cfg, trained["ckpt"])
         evaluation.inference = row.inference
-        out = self.runs / regime.name / f"seed{seed}" / f"{slug(row)}-{row.inference}"
+        out = self.run_dir(regime, row, seed)
         metrics = run_evaluation(evaluation, out)
         record = {
             **trained,
-            "run": f"{slug(row)}-{row.inference}",
-            "study": {k: v["study"] for k, v in metrics.items() if "study" in v},
+            "run": run_name(row),
+            "study": study_blocks(metrics),
             "localization": metrics.get("localization"),
             **holdout_figures(evaluation, out / "holdout"),
             "inference_flops": inference_flops(trained["ckpt"], cfg, row.inference),
@@ -164,8 +167,7 @@ class Study:
             cfg = self.config(regime, seed, 2, (*row.stage2, *(() if self.quick else STAGE2)))
         evaluation = evaluation_config(cfg, record["ckpt"])
         evaluation.inference = row.inference
-        mil = f"-{row.inference}" if row.inference else ""
-        out = self.runs / regime.name / f"seed{seed}" / f"{slug(row)}{mil}" / "holdout"
+        out = self.run_dir(regime, row, seed) / "holdout"
         self.write(regime, row, seed, {**record, **holdout_figures(evaluation, out)})
 
     def write(self, regime: Regime, row: Row, seed: int, record: dict) -> None:
@@ -174,9 +176,18 @@ class Study:
         path.write_text(json.dumps(record, indent=2) + "\n")
 
     def boxes_figure(self, regime: Regime, row: Row, seed: int) -> Path:
-        mil = f"-{row.inference}" if row.inference else ""
-        run = self.runs / regime.name / f"seed{seed}" / f"{slug(row)}{mil}"
-        return (run if mil else Run(run).evaluation) / BOXES
+        run = self.run_dir(regime, row, seed)
+        return (run if row.inference else Run(run).evaluation) / BOXES
+
+
+def run_name(row: Row) -> str:
+    """A row's name in the study's folders and records: its overrides, then its inference."""
+    return f"{slug(row)}-{row.inference}" if row.inference else slug(row)
+
+
+def study_blocks(metrics: dict) -> dict:
+    """The study-level figures of each score (global, local, fused) of one evaluation."""
+    return {k: v["study"] for k, v in metrics.items() if "study" in v}
 
 
 def holdout_figures(evaluation, out: Path) -> dict:
@@ -186,7 +197,7 @@ def holdout_figures(evaluation, out: Path) -> dict:
     evaluation.split, evaluation.bootstrap = "holdout", 0
     metrics = run_evaluation(evaluation, out)
     return {
-        "heldout_study": {k: v["study"] for k, v in metrics.items() if "study" in v},
+        "heldout_study": study_blocks(metrics),
         "heldout_localization": metrics.get("localization"),
     }
 
