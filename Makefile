@@ -7,8 +7,11 @@ MURA_ROOT ?= /data/MURA
 HARDWARE ?= gpu
 TABLE1_DIR ?= outputs/mura/table1
 # Table 1's extra row: a localizer beyond the paper's, as overrides (the localizer group is part
-# of every stage's config; stage 1 ignores it). experiments/localizers/RESULTS.md says which.
-BEST_VARIANT ?= localizer.centre=cell
+# of every stage's config; stage 1 ignores it): the one the localizer study names best on its
+# hold-out (experiments/localizers/summary.json "best"; a test keeps the two equal). Its teacher,
+# p(label) of each anchor, was chosen where every normal view has a decoy blob; on MURA the
+# issue's p(abnormal) is the other candidate: BEST_VARIANT='... localizer.teacher_score=abnormal'.
+BEST_VARIANT ?= localizer=navigator localizer.teacher_score=label localizer.reads=source localizer.grid=6 localizer.half=0.4
 # make bench BENCH_ARGS='--device cuda --precision bf16 --channels-last --batch 64'
 BENCH_ARGS ?=
 STUDY_ARGS ?=

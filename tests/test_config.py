@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -290,3 +292,21 @@ def test_multirun_jobs_are_named_by_swept_overrides_only() -> None:
         == "hydra.job.config.override_dirname.exclude_keys=['data.root','callbacks.progress_bar']"
     )
     assert name_jobs_by_swept_overrides(["backbone=vgg16"]) == ["backbone=vgg16"]
+
+
+def test_table1s_extra_row_is_the_localizer_the_study_names_best() -> None:
+    """`make table1`'s BEST_VARIANT is the stage-2 overrides of the localizer that the committed
+    localizer study names best (experiments/localizers/summary.json, chosen on the hold-out), and
+    they compose in `experiment=paper` with each setting where the override puts it."""
+    repo = Path(__file__).resolve().parents[1]
+    best = json.loads((repo / "experiments" / "localizers" / "summary.json").read_text())["best"]
+    makefile = (repo / "Makefile").read_text()
+    variant = re.search(r"^BEST_VARIANT \?= (.*)$", makefile, re.MULTILINE).group(1).split()
+    assert variant == best["overrides"], f"set BEST_VARIANT to the study's best: {best['row']}"
+    cfg = compose_config("train", ["experiment=paper", "stage=2", *variant])
+    choice = dict(o.split("=", 1) for o in variant if "." not in o.split("=")[0])
+    expected = OmegaConf.load(config_dir() / "localizer" / f"{choice['localizer']}.yaml")
+    assert cfg.localizer._target_ == expected._target_
+    for key, value in (o.split("=", 1) for o in variant if "." in o.split("=")[0]):
+        assert str(OmegaConf.select(cfg, key)) == value
+    assert (cfg.data.image_size, cfg.data.source_size) == (224, 448)  # still the paper's protocol

@@ -327,7 +327,10 @@ def write(
     (out / "RESULTS.md").write_text(text)
     (out / "summary.json").write_text(
         json.dumps(
-            {r.name: s for r, s in regimes} | {f"sweep-c{c:g}": s for c, s in sweep}, indent=2
+            {r.name: s for r, s in regimes}
+            | {f"sweep-c{c:g}": s for c, s in sweep}
+            | {"best": {"row": best.name, "overrides": list(best.stage2)}},  # make table1's row
+            indent=2,
         )
         + "\n"
     )
