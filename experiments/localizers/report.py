@@ -169,21 +169,29 @@ def table(summary: list[dict]) -> list[str]:
     return lines
 
 
+MARKERS = {"baseline": "s", "paper": "D", "learned": "o", "ceiling": "*", "control": "^"}
+
+
 def plot_cost(summary: list[dict], path: Path, title: str) -> None:
-    figure, axis = plt.subplots(figsize=(7.5, 5), dpi=110)
-    for s in summary:
-        axis.errorbar(s["inference_cost"], s["auroc_mean"], yerr=s["auroc_sd"], fmt="o", capsize=3)
-        axis.annotate(
-            s["row"],
-            (s["inference_cost"], s["auroc_mean"]),
-            fontsize=7,
-            xytext=(4, 2),
-            textcoords="offset points",
+    """AUROC against inference cost, one colour and a legend entry per row (most rows sit near 2x,
+    where names written beside the points would cover each other); the marker tells the kind."""
+    figure, axis = plt.subplots(figsize=(10, 5), dpi=110)
+    colours = plt.get_cmap("tab20").colors
+    for i, s in enumerate(summary):
+        axis.errorbar(
+            s["inference_cost"],
+            s["auroc_mean"],
+            yerr=s["auroc_sd"],
+            fmt=MARKERS.get(s["kind"], "v"),
+            color=colours[i % len(colours)],
+            capsize=3,
+            label=s["row"],
         )
     axis.set_xscale("log")
     axis.set_xlabel("inference FLOPs per image (global CNN at input size = 1, log scale)")
     axis.set_ylabel("study AUROC (mean ± sd over seeds)")
     axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
