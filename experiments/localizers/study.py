@@ -101,7 +101,12 @@ def everything(best: Row, quick: bool) -> Plan:
     plan = planned(main, deciding, best, quick) + planned(main, main.rows(best), best, quick)
     for regime in [*regimes_of(quick)[1:], *(sweep_regime(c) for c in cues(quick))]:
         plan += planned(regime, regime.rows(best), best, quick)
-    return list(dict.fromkeys(plan))
+    # one run per record: a point of the sweep that is a regime of its own (c = 0, c = 0.5) shares
+    # its records, and its runs are planned once
+    once: dict[tuple[str, Row, int], tuple[Regime, Row, int]] = {}
+    for regime, row, seed in plan:
+        once.setdefault((regime.name, row, seed), (regime, row, seed))
+    return list(once.values())
 
 
 def collect(study: Study, regime: Regime, best: Row, quick: bool) -> dict[str, list[dict]]:
