@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
         if record["stage"] == 2:
             assert 0 <= record["heldout_localization"]["hit_rate"] <= 1
     assert "| hold-out AUROC, hit |" in text
-    before = {p.name: p.read_text() for p in records}
+    before = {str(p.relative_to(out)): p.read_text() for p in records}  # regimes share names
     # records made before records held the hold-out's figures get them from their checkpoints
     older = [p for p in records if p.name.startswith(("s1-data.image_size", "s2-localizer-kalm"))]
     for path in older:
@@ -73,7 +74,8 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     second = run_study(out, work)  # resumable: finished runs are read back, not trained again
     assert second.returncode == 0, second.stderr[-4000:]
     assert "0 runs trained; done" in second.stdout
-    after = {p.name: json.loads(p.read_text()) for p in sorted((out / "results").rglob("*.json"))}
+    results = sorted((out / "results").rglob("*.json"))
+    after = {str(p.relative_to(out)): json.loads(p.read_text()) for p in results}
     assert after == {name: json.loads(text) for name, text in before.items()}
 
     # a probe: one more stage-2 run on the study's stage-1 run, scored on the hold-out, in its own
@@ -90,4 +92,37 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     assert 0 <= figures["heldout_hit_rate"] <= 1 and 0 <= figures["heldout_auroc"] <= 1
     assert "teacher_score-confidence" in figures["record"]
     assert sorted(str(p) for p in (work / "runs").rglob("*")) == runs
-    assert {p.name: json.loads(p.read_text()) for p in (out / "results").rglob("*.json")} == after
+    results = sorted((out / "results").rglob("*.json"))
+    assert {str(p.relative_to(out)): json.loads(p.read_text()) for p in results} == after
+
+    # a part on another machine: the records are here, the runs' checkpoints are not. A stage-2
+    # run still to do trains its seed's stage 1 again; on this machine it gives the recorded
+    # figures, and the stage-2 run its recorded ones
+    shutil.rmtree(work / "runs")
+    fixed = out / "results" / "c0.5" / "s2-localizer-fixed-seed0.json"
+    fixed.unlink()
+    # c = 1 as if its stage 1 had run on a machine whose floating point differs: its record is
+    # replaced, and the stage-2 runs made from the old checkpoint are trained again from the new
+    c1 = out / "results" / "c1"
+    (c1 / "s2-localizer-fixed-seed0.json").unlink()
+    stage1 = json.loads((c1 / "s1-seed0.json").read_text())
+    (c1 / "s1-seed0.json").write_text(json.dumps({**stage1, "heldout": -1.0}))
+    made_from_old = sorted(p.stem for p in c1.glob("s2-*.json"))  # KALM's, the navigator's
+    assert len(made_from_old) == 2
+    third = run_study(out, work)
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert "c0.5 s1 seed 0: checkpoint not on this machine, trained again: the same figures\n" in (
+        third.stdout
+    )
+    assert (
+        "c1 s1 seed 0: checkpoint not on this machine, trained again: figures differ (record "
+        f"replaced); stage-2 runs to train again from it: {', '.join(made_from_old)}\n"
+    ) in third.stdout
+    assert "6 runs trained; done" in third.stdout  # c0.5: stage 1, fixed; c1: stage 1 and 3
+    for path in [fixed, c1 / "s1-seed0.json", *c1.glob("s2-*.json")]:
+        again = json.loads(path.read_text())
+        for key in ("study", "localization", "heldout", "heldout_study", "heldout_localization"):
+            assert again.get(key) == after[str(path.relative_to(out))].get(key), (path, key)
+    assert "(boxes.png)" in (out / "RESULTS.md").read_text()
+    with Image.open(out / "boxes.png") as image:  # the committed box grid is kept
+        assert image.width > 100

@@ -270,8 +270,12 @@ def write(
         "## Setting",
         "",
         *setting,
-        f"- Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, {'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}.",
+        f"- Machine (of this invocation): {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
+        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}. The "
+        "records were trained in resumable parts, not all on one machine: a part that needs a "
+        "checkpoint made elsewhere trains it again (and the runs made from it, where its figures "
+        "differ), so each seed's runs start from its recorded stage 1.",
         "",
     ]
     for regime, summary in regimes:

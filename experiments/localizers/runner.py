@@ -99,14 +99,50 @@ class Study:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise OutOfTime
         if row.inference:
-            trained = self.run(regime, Row(row.name, row.score, row.stage1, row.stage2), seed)
+            trained = self.trained_run(
+                regime, Row(row.name, row.score, row.stage1, row.stage2), seed
+            )
             return self.evaluate_again(regime, row, seed, trained)
+        return self.train(regime, row, seed)
+
+    def trained_run(self, regime: Regime, row: Row, seed: int) -> dict:
+        """A run that another one starts from (stage 1 for stage 2, a trained run for its MIL
+        ceiling), with its checkpoint on this machine. A record whose checkpoint is not here (a
+        part that ran on another machine) is trained again. Same-seed CPU runs on one machine end
+        bit-identical; another machine's floating point may not, and then the record is replaced
+        and the seed's stage-2 runs that started from the old checkpoint are trained again too.
+        A line says which happened."""
+        record = self.run(regime, row, seed)
+        if Path(record["ckpt"]).is_file():
+            return record
+        again = self.train(regime, row, seed)
+        figures = ("study", "heldout", "localization")  # compared as JSON text: NaN is NaN
+        same = all(json.dumps(again[k]) == json.dumps(record.get(k)) for k in figures)
+        stale = []
+        if not same and row.stage2 is None:
+            seed_runs = self.record_path(regime, row, seed).parent.glob(f"*-seed{seed}.json")
+            stale = sorted(p for p in seed_runs if json.loads(p.read_text())["stage"] == 2)
+        for path in stale:
+            path.unlink()
+        print(
+            f"{regime.name} {run_name(row)} seed {seed}: checkpoint not on this machine, trained "
+            + ("again: the same figures" if same else "again: figures differ (record replaced)")
+            + (
+                f"; stage-2 runs to train again from it: {', '.join(p.stem for p in stale)}"
+                if stale
+                else ""
+            )
+        )
+        return again
+
+    def train(self, regime: Regime, row: Row, seed: int) -> dict:
+        """Train and evaluate one run and write its record."""
         start = time.perf_counter()
         run_dir = self.run_dir(regime, row, seed)
         if row.stage2 is None:
             cfg = self.config(regime, seed, 1, row.stage1)
         else:
-            stage1 = self.run(regime, GLOBAL_INPUT, seed)["ckpt"]
+            stage1 = self.trained_run(regime, GLOBAL_INPUT, seed)["ckpt"]
             schedule = () if self.quick else STAGE2
             cfg = self.config(
                 regime, seed, 2, (*row.stage2, *schedule, f"stage.global_ckpt='{stage1}'")

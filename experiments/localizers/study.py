@@ -95,12 +95,15 @@ def everything(best: Row, quick: bool) -> Plan:
     """Every run of the study, in the order they run. First the main regime's rows that decide
     which navigator is best (every variant, the baselines and controls), seed by seed; then the
     runs that depend on it (its refinement, its MIL ceiling, its further seeds); then the other
-    regimes and the sweep of c with it."""
+    regimes and the sweep of c with it, seed by seed across them: a part that stops early leaves
+    one seed of every regime and point of c rather than every seed of the first."""
     main = main_regime()
     deciding = [*BASELINES, *NAVIGATORS, *CONTROLS]
     plan = planned(main, deciding, best, quick) + planned(main, main.rows(best), best, quick)
+    rest: Plan = []
     for regime in [*regimes_of(quick)[1:], *(sweep_regime(c) for c in cues(quick))]:
-        plan += planned(regime, regime.rows(best), best, quick)
+        rest += planned(regime, regime.rows(best), best, quick)
+    plan += sorted(rest, key=lambda run: run[2])  # stable: regime order within a seed
     # one run per record: a point of the sweep that is a regime of its own (c = 0, c = 0.5) shares
     # its records, and its runs are planned once
     once: dict[tuple[str, Row, int], tuple[Regime, Row, int]] = {}
@@ -177,9 +180,13 @@ def main(argv: list[str] | None = None) -> None:
         "the rest read back.",
     ]
     paper = (main_regime(), PAPER, 0)
-    boxes = side_by_side(
-        [study.boxes_figure(*paper), study.boxes_figure(main_regime(), best, 0)],
-        study.out / "boxes.png",
+    # the runs' figures are in the work folder; a part on another machine keeps the committed grid
+    boxes = (
+        side_by_side(
+            [study.boxes_figure(*paper), study.boxes_figure(main_regime(), best, 0)],
+            study.out / "boxes.png",
+        )
+        or (study.out / "boxes.png").is_file()
     )
     command = "python experiments/localizers/study.py" + (" --quick" if args.quick else "")
     write(study.out, summaries, sweeps, sweep[0].rows(best), best, setting, command, left, boxes)
