@@ -13,6 +13,14 @@ from PIL import Image
 STUDY = "experiments/localizers/study.py"
 
 
+def records_of(out: Path) -> dict[str, dict]:
+    """The study's records by path under out (regimes share file names)."""
+    return {
+        str(p.relative_to(out)): json.loads(p.read_text())
+        for p in sorted((out / "results").rglob("*.json"))
+    }
+
+
 def run_study(out: Path, work: Path):
     return run_script(STUDY, ["--quick", "--out", str(out), "--work", str(work)], work.parent)
 
@@ -74,8 +82,7 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     second = run_study(out, work)  # resumable: finished runs are read back, not trained again
     assert second.returncode == 0, second.stderr[-4000:]
     assert "0 runs trained; done" in second.stdout
-    results = sorted((out / "results").rglob("*.json"))
-    after = {str(p.relative_to(out)): json.loads(p.read_text()) for p in results}
+    after = records_of(out)
     assert after == {name: json.loads(text) for name, text in before.items()}
 
     # a probe: one more stage-2 run on the study's stage-1 run, scored on the hold-out, in its own
@@ -92,8 +99,7 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     assert 0 <= figures["heldout_hit_rate"] <= 1 and 0 <= figures["heldout_auroc"] <= 1
     assert "teacher_score-confidence" in figures["record"]
     assert sorted(str(p) for p in (work / "runs").rglob("*")) == runs
-    results = sorted((out / "results").rglob("*.json"))
-    assert {str(p.relative_to(out)): json.loads(p.read_text()) for p in results} == after
+    assert records_of(out) == after
 
     # a part on another machine: the records are here, the runs' checkpoints are not. A stage-2
     # run still to do trains its seed's stage 1 again; on this machine it gives the recorded
