@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -12,8 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from omegaconf import OmegaConf
 from PIL import Image
+from scipy import ndimage
 
+from kalm_lightning.config import compose_config
+from kalm_lightning.data.blobs import BLOB_CONTRAST, Blobs, render_blob_view, texture_kept
 from kalm_lightning.data.cache import ImageCache
 from kalm_lightning.data.images import BadImageError, load_grayscale, resize_square
 from kalm_lightning.data.mura import (
@@ -23,7 +28,12 @@ from kalm_lightning.data.mura import (
     collate_skipping_bad,
     read_mura_index,
 )
-from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura, main
+from kalm_lightning.data.synthetic import (
+    SyntheticSettings,
+    ensure_synthetic_mura,
+    generate_synthetic_mura,
+    main,
+)
 from kalm_lightning.data.transfer import model_input
 from kalm_lightning.errors import UserError
 
@@ -89,6 +99,97 @@ def test_generator_cli_refuses_existing_output(tmp_path: Path, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["train"]["studies"] == 4
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--studies", "4"])
+
+
+@pytest.mark.parametrize("decoys", [0, 3])
+def test_every_blob_view_carries_its_blob_and_its_decoys(decoys: int) -> None:
+    """Each view drawn at cue 0.5 and at cue 0 with the same random draws: the difference is 1 + D
+    discs of the blob's contrast, in normal and lesioned views alike, and a lesion's box is centred
+    on one of them. (Blobs of 12% of the side, so that the bones leave room to keep them apart.)"""
+    for part in BODY_PARTS:
+        for seed, lesion in itertools.product(range(2), (None, "texture")):
+            (shown, box), (plain, _) = (
+                render_blob_view(
+                    part,
+                    320,
+                    256,
+                    lesion,
+                    0.0,
+                    np.random.default_rng(seed),
+                    0.3,
+                    Blobs(cue, decoys, size=0.12),
+                )
+                for cue in (0.5, 0.0)
+            )
+            lift = (shown.astype(float) - plain) / 255
+            discs, count = ndimage.label(lift > 0.75 * 0.5 * BLOB_CONTRAST)
+            assert count == 1 + decoys, (part, seed, lesion)
+            assert lift.max() <= 0.5 * BLOB_CONTRAST + 1 / 255  # no blob drawn over another
+            if lesion is None:
+                assert box is None
+            else:
+                x0, y0, x1, y1 = box
+                assert discs[(y0 + y1) // 2, (x0 + x1) // 2] > 0
+
+
+def test_the_generator_honours_cue_and_decoys_and_draws_texture_in_lesioned_views_only(
+    tmp_path: Path,
+) -> None:
+    """`data.synthetic.cue=0.5 data.synthetic.decoys=3` composed on the study's preset, generated
+    as prepare_data does. Against the same tree drawn without its lesions (conspicuity 0), a
+    lesioned view differs only inside its lesion's box, with no change of the box's mean
+    brightness, and every other view, normal studies' included, not at all. Against the tree at
+    cue 0, every view carries the blob's contrast."""
+
+    def tree(name: str, *overrides: str) -> Path:
+        cfg = compose_config(
+            "train",
+            [
+                "experiment=localizer",
+                "data.synthetic.cue=0.5",
+                "data.synthetic.decoys=3",
+                "data.synthetic.train_studies=10",
+                "data.synthetic.valid_studies=2",
+                "data.synthetic.max_size=96",
+                *overrides,
+            ],
+        )
+        synthetic = OmegaConf.to_container(cfg.data.synthetic)
+        return ensure_synthetic_mura(tmp_path / name, **synthetic)
+
+    tree_ = tree("blobs")
+    assert json.loads((tree_ / "MURA-v1.1/synthetic.json").read_text())["decoys"] == 3
+    unlesioned, uncued = (
+        tree("no-lesions", "data.synthetic.conspicuity=0"),
+        tree("cue0", "data.synthetic.cue=0"),
+    )
+    boxes = pd.read_csv(tree_ / "MURA-v1.1/lesion_boxes.csv").set_index("image")
+    index = pd.concat([read_mura_index(tree_, split) for split in ("train", "valid")])
+    assert set(boxes.index) <= set(index.loc[index.label == 1, "image"])
+    assert (
+        index.loc[index.label == 1, "study"].nunique()
+        == index.loc[index.image.isin(boxes.index), "study"].nunique()
+    )  # every abnormal study has a lesioned view
+    for image in index["image"]:
+        pixels = load_grayscale(tree_ / image).astype(float)
+        texture = pixels - load_grayscale(unlesioned / image)
+        lift = (pixels - load_grayscale(uncued / image)) / 255
+        assert lift.max() >= 0.9 * 0.5 * BLOB_CONTRAST, image
+        if image in boxes.index:
+            x0, y0, x1, y1 = boxes.loc[image, ["x0", "y0", "x1", "y1"]]
+            inside = texture[y0:y1, x0:x1]
+            assert (np.abs(inside) > 20).mean() > 0.2, image
+            assert abs(inside.mean()) < 2, image  # the texture adds no mean brightness
+            texture[y0:y1, x0:x1] = 0
+        assert not texture.any(), image
+
+
+def test_a_bright_blob_leaves_the_texture_less_headroom() -> None:
+    """texture_kept measures what the headroom rule leaves of the texture's amplitude: some of it
+    always, all of it never (the bone's dark and bright parts cut it), and less in a blob of cue 1
+    than of cue 0.5, which lifts the bone towards the ceiling."""
+    kept = {cue: texture_kept(Blobs(cue), 96, 1.0, 0.3, views=14) for cue in (0.5, 1.0)}
+    assert 0.2 < kept[1.0] < kept[0.5] < 1.0, kept
 
 
 def test_first_row_labels_and_both_root_forms(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
         "control: fixed centred box",
         next(s["row"] for s in summary["sweep-c1"] if s["kind"] == "learned"),
     }
+    # what the generator leaves of the texture, under the main regime and each point of c
+    assert len(re.findall(r"texture keeps \d+% of its amplitude", text)) == 3
     boxed = [s for s in main.values() if s["score"] == "kalm"]
     assert all(0 <= s["hit_rate"] <= 1 and 0 <= s["mean_iou"] <= 1 for s in boxed)
     assert main["control: whole image"]["hit_rate"] == 1.0  # the whole image holds every centre

@@ -197,18 +197,18 @@ def plot_cost(summary: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def plot_sweep(sweep: list[tuple[float, list[dict]]], rows: tuple[Row, ...], out: Path) -> None:
+def plot_sweep(sweep: list[tuple[Regime, list[dict]]], rows: tuple[Row, ...], out: Path) -> None:
     """AUROC gain over global @ input, and hit rate, against c."""
     figure, (gain, hits) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     for row in rows:
         if row.name == GLOBAL_INPUT.name:
             continue
         points = []
-        for cue, summary in sweep:
+        for regime, summary in sweep:
             s, base = find(summary, row.name), find(summary, GLOBAL_INPUT.name)
             if s is not None and base is not None:
                 points.append(
-                    (cue, s["auroc_mean"] - base["auroc_mean"], s["auroc_sd"], s["hit_rate"])
+                    (regime.cue, s["auroc_mean"] - base["auroc_mean"], s["auroc_sd"], s["hit_rate"])
                 )
         if not points:
             continue
@@ -241,17 +241,28 @@ def side_by_side(paths: list[Path], out: Path) -> bool:
     return True
 
 
+def texture_line(kept: float) -> str:
+    return (
+        f"The lesion's texture keeps {kept:.0%} of its amplitude inside its blob: the generator "
+        "cuts it where the image lacks headroom under its ceiling or over its floor "
+        "(`texture_kept` in kalm_lightning/data/blobs.py)."
+    )
+
+
 def write(
     out: Path,
     regimes: list[tuple[Regime, list[dict]]],
-    sweep: list[tuple[float, list[dict]]],
+    sweep: list[tuple[Regime, list[dict]]],
     sweep_rows: tuple[Row, ...],
     best: Row,
     setting: list[str],
     command: str,
     left: int,
     boxes: bool,
+    kept: dict[str, float],
 ) -> str:
+    """RESULTS.md and summary.json from the regimes' and the sweep's summaries; kept: the share of
+    the texture's amplitude that the generator leaves in the lesion's blob, by regime name."""
     lines = [
         "# Where does the localizer find the key area? (synthetic, `experiment=localizer`)",
         "",
@@ -286,6 +297,7 @@ def write(
                 f"A fixed centred box of half the sides holds the lesion centre in {fixed['hit_rate']:.1%} of lesioned images.",
                 "",
             ]
+        lines += [texture_line(kept[regime.name]), ""]
         lines += [*table(summary), ""]
         goal = goal_lines(regime, summary)
         if goal:
@@ -305,8 +317,9 @@ def write(
             f"Best new localizer on the main regime's hold-out: **{best.name}**.",
             "",
         ]
-        for cue, summary in sweep:
-            lines += [f"### c = {cue:g}", "", *table(summary), ""]
+        for point, summary in sweep:
+            lines += [f"### c = {point.cue:g}", "", texture_line(kept[point.name]), ""]
+            lines += [*table(summary), ""]
         lines += ["![AUROC gain and hit rate against c](sweep.png)", ""]
     if boxes:
         lines += [
@@ -342,7 +355,7 @@ def write(
     (out / "summary.json").write_text(
         json.dumps(
             {r.name: s for r, s in regimes}
-            | {f"sweep-c{c:g}": s for c, s in sweep}
+            | {f"sweep-c{g.cue:g}": s for g, s in sweep}
             | {"best": {"row": best.name, "overrides": list(best.stage2)}},  # make table1's row
             indent=2,
         )

@@ -21,6 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from omegaconf import OmegaConf  # noqa: E402
 from report import mean, side_by_side, summarize, write  # noqa: E402
 from rows import (  # noqa: E402
     BASELINES,
@@ -36,6 +37,9 @@ from rows import (  # noqa: E402
     mil_of,
 )
 from runner import OutOfTime, Study  # noqa: E402
+
+from kalm_lightning.data.blobs import texture_kept  # noqa: E402
+from kalm_lightning.data.synthetic import SyntheticSettings  # noqa: E402
 
 Plan = list[tuple[Regime, Row, int]]
 
@@ -112,6 +116,12 @@ def everything(best: Row, quick: bool) -> Plan:
     return list(once.values())
 
 
+def texture_kept_in(study: Study, regime: Regime) -> float:
+    """How much of the lesion's texture the generator leaves in its blob in this regime."""
+    s = SyntheticSettings(**OmegaConf.to_container(study.config(regime, 0, 1, ()).data.synthetic))
+    return texture_kept(s.blobs(), s.max_size, s.conspicuity, s.layout_jitter)
+
+
 def collect(study: Study, regime: Regime, best: Row, quick: bool) -> dict[str, list[dict]]:
     records = {}
     for row in regime.rows(best):
@@ -158,9 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         for g in regimes_of(args.quick)
     ]
     sweep = [sweep_regime(c) for c in cues(args.quick)]
-    sweeps = [
-        (g.cue, summarize(g, g.rows(best), collect(study, g, best, args.quick))) for g in sweep
-    ]
+    sweeps = [(g, summarize(g, g.rows(best), collect(study, g, best, args.quick))) for g in sweep]
+    kept = {g.name: texture_kept_in(study, g) for g in [*regimes_of(args.quick), *sweep]}
     cfg = study.config(main_regime(), 0, 2, ())
     setting = [
         f"- Data per seed: {cfg.data.synthetic.train_studies} train / {cfg.data.synthetic.valid_studies} valid studies "
@@ -189,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
         or (study.out / "boxes.png").is_file()
     )
     command = "python experiments/localizers/study.py" + (" --quick" if args.quick else "")
-    write(study.out, summaries, sweeps, sweep[0].rows(best), best, setting, command, left, boxes)
+    write(
+        study.out, summaries, sweeps, sweep[0].rows(best), best, setting, command, left, boxes, kept
+    )
     state = f"stopped at the time limit, {left} run(s) left: run it again" if stopped else "done"
     print(f"{study.trained} runs trained; {state}; results in {study.out / 'RESULTS.md'}")
 

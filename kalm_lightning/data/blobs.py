@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kalm_lightning.data.index import BODY_PARTS
 from kalm_lightning.data.radiographs import draw_lesion, draw_limb, finish, stripes
 
 BLOB_CONTRAST = 0.35  # what cue=1 adds inside a blob
@@ -99,6 +100,31 @@ def render_blob_view(
         side = np.sqrt(rng.uniform(0.01, 0.03) * h * w)
         box = draw_lesion(image, lesion, (cy, cx), side, nearest, conspicuity, rng)
     return finish(image, rng), box
+
+
+def texture_kept(
+    blobs: Blobs, size: int, conspicuity: float, layout_jitter: float, views: int = 48
+) -> float:
+    """The share of the texture's amplitude (conspicuity x TEXTURE_AMPLITUDE) that the headroom
+    rule leaves in the lesion's blob, over `views` lesioned views of size x 0.8 size (each body
+    part in turn). Each view is drawn twice with the same random draws, with and without its
+    texture; the difference, inside 0.8 of the blob's radius, is the texture that was drawn. A
+    bright blob on bone leaves little room under CEILING, so the texture fades as the cue grows."""
+    kept = []
+    for i in range(views):
+        part, h, w = BODY_PARTS[i % len(BODY_PARTS)], size, round(0.8 * size)
+        drawn = [
+            render_blob_view(
+                part, h, w, "texture", c, np.random.default_rng(i), layout_jitter, blobs
+            )
+            for c in (conspicuity, 0.0)
+        ]
+        (textured, (x0, y0, x1, y1)), (plain, _) = drawn
+        cy, cx, radius = (y0 + y1) / 2, (x0 + x1) / 2, min(x1 - x0, y1 - y0) / 2 - 2
+        yy, xx = np.mgrid[0:h, 0:w]
+        disc = np.hypot(yy - cy, xx - cx) < 0.8 * radius
+        kept.append(np.abs(textured[disc] / 255 - plain[disc] / 255).mean())
+    return float(np.mean(kept) / (conspicuity * TEXTURE_AMPLITUDE))
 
 
 def _distance_to_segment(point: tuple[float, float], bone: tuple) -> float:
