@@ -104,6 +104,18 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     assert sorted(str(p) for p in (work / "runs").rglob("*")) == runs
     assert records_of(out) == after
 
+    # where the boxes sit in views without a lesion: the blobs found by drawing the seed's data
+    # again without them; its hit rates are the records'
+    args = ["--quick", "--work", str(work), "--out", str(out), "--regime", "c1", "--seed", "0"]
+    views = run_script("experiments/localizers/views.py", args, work.parent)
+    assert views.returncode == 0, views.stderr[-4000:]
+    table = [line.split(" | ") for line in views.stdout.splitlines() if line.startswith("| ")]
+    hits = {s["row"]: s["hit_rate"] for s in summary["sweep-c1"] if s["hit_rate"] is not None}
+    assert {cells[0].lstrip("| ") for cells in table[1:]} == set(hits)
+    for cells in table[1:]:
+        assert cells[3] == f"{hits[cells[0].lstrip('| ')]:.1%}", cells
+        assert 0 <= float(cells[1].rstrip("%")) <= 100
+
     # a part on another machine: the records are here, the runs' checkpoints are not. A stage-2
     # run still to do trains its seed's stage 1 again; on this machine it gives the recorded
     # figures, and the stage-2 run its recorded ones
