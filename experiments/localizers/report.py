@@ -200,7 +200,7 @@ def plot_cost(summary: list[dict], path: Path, title: str) -> None:
 def plot_sweep(sweep: list[tuple[Regime, list[dict]]], rows: tuple[Row, ...], out: Path) -> None:
     """AUROC gain over global @ input, and hit rate, against c."""
     figure, (gain, hits) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    for row in rows:
+    for colour, row in enumerate(rows):  # one colour per row in both panels
         if row.name == GLOBAL_INPUT.name:
             continue
         points = []
@@ -213,9 +213,10 @@ def plot_sweep(sweep: list[tuple[Regime, list[dict]]], rows: tuple[Row, ...], ou
         if not points:
             continue
         cues, diffs, sds, rates = zip(*points, strict=True)
-        gain.errorbar(cues, diffs, yerr=sds, marker="o", capsize=3, label=row.name)
+        style = {"marker": "o", "label": row.name, "color": f"C{colour}"}
+        gain.errorbar(cues, diffs, yerr=sds, capsize=3, **style)
         if rates[0] is not None:
-            hits.plot(cues, rates, marker="o", label=row.name)
+            hits.plot(cues, rates, **style)
     gain.axhline(0, color="grey", linewidth=1, linestyle=":")
     gain.set(xlabel="blob contrast c", ylabel="study AUROC minus global @ input")
     hits.set(xlabel="blob contrast c", ylabel="lesion centre inside the box", ylim=(0, 1.02))
