@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     best = best_navigator(study, args.quick)
     plan = everything(best, args.quick)
     left = sum(study.read(g, row, s) is None for g, row, s in plan)
+    done = [r for r in (study.read(*run) for run in plan) if r is not None]
     summaries = [
         (g, summarize(g, g.rows(best), collect(study, g, best, args.quick)))
         for g in regimes_of(args.quick)
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
         "the controls' anchors are 5x5 of half-extent 0.5.",
         "- Seeds: 0-4 for the rows the main regime's conclusions rest on, 0-2 for the others; each seed "
         "draws its own data (`data.synthetic.seed`) and its own initialisation (`seed`).",
+        f"- Wall time of the {len(done)} finished runs, training and evaluation: "
+        f"{sum(r['seconds'] for r in done) / 3600:.1f} h in all (on the machines of the parts that ran "
+        "them; see Machine).",
         f"- This invocation: {(time.perf_counter() - start) / 60:.1f} min wall, {study.trained} runs trained, "
         "the rest read back.",
     ]
