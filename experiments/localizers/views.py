@@ -40,6 +40,7 @@ from kalm_lightning.data.geometry import LESION_BOX, PIXEL_BOX  # noqa: E402
 from kalm_lightning.data.images import load_grayscale  # noqa: E402
 from kalm_lightning.data.index import read_lesion_boxes, read_mura_index  # noqa: E402
 from kalm_lightning.data.synthetic import SyntheticSettings, ensure_synthetic_mura  # noqa: E402
+from kalm_lightning.evaluation.localization import hits, inside  # noqa: E402
 from kalm_lightning.runs import Run  # noqa: E402
 
 
@@ -57,9 +58,8 @@ def blob_centres(root: Path, twin: Path, images: list[str], cue: float) -> dict[
 
 
 def holds(box: np.ndarray, points: np.ndarray) -> bool:
-    x0, y0, x1, y1 = box
-    return bool(((points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) &
-                 (points[:, 1] <= y1)).any())  # fmt: skip
+    """Whether the box holds any of the points, by the rule of a hit."""
+    return bool(inside(np.broadcast_to(box, (len(points), 4)), points).any())
 
 
 def predictions_of(run_dir: Path) -> pd.DataFrame | None:
@@ -122,11 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             [holds(b, centres[i]) for b, i in zip(boxes, frame["image"], strict=True)]
         )
         truth = lesions.reindex(frame["path"])[LESION_BOX].to_numpy(float)
-        lesion_centre = np.stack([truth[:, [0, 2]].mean(1), truth[:, [1, 3]].mean(1)], 1)
-        hit = (
-            np.array([holds(b, c[None]) for b, c in zip(boxes, lesion_centre, strict=True)])
-            & lesioned
-        )
+        hit = hits(boxes, truth) & lesioned  # NaN boxes of unlesioned views hit nothing
         p = frame["prob_local"]
         looked = (lesioned & hit) | (~lesioned & on_blob)  # the box holds a blob centre
         auroc = (

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from kalm_lightning.data.geometry import LESION_BOX, PIXEL_BOX, box_iou
+
+
+def inside(boxes: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Whether each point (x, y) [N, 2] lies in its box (x0, y0, x1, y1) [N, 4], edges included."""
+    x, y = points[:, 0], points[:, 1]
+    return (x >= boxes[:, 0]) & (x <= boxes[:, 2]) & (y >= boxes[:, 1]) & (y <= boxes[:, 3])
+
+
+def hits(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """A hit: the true box's centre inside the predicted box (both [N, 4], x0, y0, x1, y1)."""
+    return inside(pred, np.stack([true[:, [0, 2]].mean(1), true[:, [1, 3]].mean(1)], 1))
 
 
 def localization_scores(frame: pd.DataFrame, lesions: pd.DataFrame) -> dict[str, float]:
@@ -23,8 +35,7 @@ def localization_scores(frame: pd.DataFrame, lesions: pd.DataFrame) -> dict[str,
         }
     pred = merged[PIXEL_BOX].to_numpy(float)
     true = merged[LESION_BOX].to_numpy(float)
-    cx, cy = (true[:, 0] + true[:, 2]) / 2, (true[:, 1] + true[:, 3]) / 2
-    hit = (cx >= pred[:, 0]) & (cx <= pred[:, 2]) & (cy >= pred[:, 1]) & (cy <= pred[:, 3])
+    hit = hits(pred, true)
     return {
         "hit_rate": float(hit.mean()),
         "mean_iou": float(box_iou(pred, true).mean()),
