@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         stopped = True
     best = best_navigator(study, args.quick)
     plan = everything(best, args.quick)
-    left = sum(study.read(g, row, s) is None for g, row, s in plan)
-    done = [r for r in (study.read(*run) for run in plan) if r is not None]
+    records = [study.read(*run) for run in plan]
+    left, done = records.count(None), [r for r in records if r is not None]
     summaries = [
         (g, summarize(g, g.rows(best), collect(study, g, best, args.quick)))
         for g in regimes_of(args.quick)
