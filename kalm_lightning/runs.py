@@ -5,6 +5,8 @@ A training run directory (`outputs/<data>/<backbone>/stage<N>/<timestamp>/`) hol
     config.yaml            the resolved config the run trained with
     result.json            written last, atomically, when the stage finished (not when stopped)
     train.log              Hydra's log of the job (full tracebacks of failures too)
+    holdout.csv            with data.val_from_train > 0: the held-out images that validated
+                           (the patients every checkpoint records; `evaluate split=holdout`)
     checkpoints/           best-epochNN.ckpt (the selected epoch) and last.ckpt (the newest epoch,
                            or a preempted batch): what `ckpt_path=last` continues from
     csv/version_N/metrics.csv   the CSV logger's rows; a resumed run starts version_N+1
@@ -34,6 +36,7 @@ from kalm_lightning.errors import UserError
 CONFIG_FILE = "config.yaml"
 RESULT_FILE = "result.json"
 LOG_FILE = "train.log"
+HOLDOUT_FILE = "holdout.csv"  # the images of the hold-out of train a run validated on
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 CSV_LOGS = "csv"  # the CSV logger's name (conf/logger/csv.yaml)

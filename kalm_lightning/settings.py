@@ -22,8 +22,8 @@ RESIZE_MODES = ("stretch", "pad")  # how a radiograph becomes a square (geometry
 ON_PROBLEM = ("error", "skip")  # data.on_missing, data.on_bad_image
 AGGREGATIONS = ("mean", "max")  # a study's probability from its images'; mean is the paper's
 TTA = ("none", "hflip")  # test-time augmentation: hflip averages each image with its mirror
-# What evaluate scores: MURA valid (the paper's test set), train, or the hold-out of train that
-# data.val_from_train and data.seed draw (what a training run selected on)
+# What evaluate scores: MURA valid (the paper's test set), train, or the hold-out of train that a
+# training run selected on (its patients recorded in the checkpoint)
 SCORED_SPLITS = {"valid": "test", "train": "train", "holdout": "val"}  # -> the DataModule's part
 
 
@@ -113,10 +113,12 @@ def check_config(cfg: DictConfig) -> None:
             "validation split, which is the split reported (MURA valid) unless data.val_from_train "
             "> 0: set data.val_from_train=0.1 (a patient-disjoint hold-out of train)"
         )
-    if OmegaConf.select(cfg, "split", default=None) == "holdout" and not held_out:
+    if OmegaConf.select(cfg, "split", default=None) == "holdout" and OmegaConf.select(
+        cfg, "predictions", default=None
+    ):
         raise UserError(
-            "split=holdout scores the hold-out of train that data.val_from_train draws: give the "
-            "training run's data.val_from_train (and data.seed), e.g. data.val_from_train=0.2"
+            "split=holdout scores the hold-out of train a checkpoint records (ckpt_path=CKPT); "
+            "a predictions CSV records none: score it with split=valid or split=train"
         )
     loggers = OmegaConf.select(cfg, "logger", default=None) or {}
     targets = {str(node.get("_target_", "")) for node in loggers.values() if node}

@@ -20,7 +20,7 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.data.mura import MURADataModule
-from kalm_lightning.runs import Run
+from kalm_lightning.runs import HOLDOUT_FILE, Run
 
 SYNTHETIC = [arg for arg in TINY_RUN if arg.startswith("data.synthetic.")]
 
@@ -32,6 +32,7 @@ def padded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("pad")
     clinic = [
         "data.val_from_train=0.3",
+        "seed=7",  # the hold-out is drawn with the run's seed; evaluate must not draw its own
         "model.operating_point.rule=youden",
         "model.operating_point.temperature=true",
         "evaluate.bootstrap=50",
@@ -56,20 +57,35 @@ def test_standalone_evaluate_reads_the_resize_from_the_checkpoint(padded: dict) 
 
 
 def test_evaluate_scores_the_hold_out_the_run_selected_on(padded: dict, tmp_path: Path) -> None:
-    work, root = padded["work"], padded["work"] / "data/synthetic"
+    """The run trained with seed 7: its hold-out is the one seed 7 drew, which the checkpoint
+    records, not the one evaluate's own seed or seed 0 would draw."""
+    work, root, stage2 = padded["work"], padded["work"] / "data/synthetic", padded["run"].stage(2)
     holdout = ["split=holdout", f"paths.output_root={tmp_path}", *SYNTHETIC]
-    refused = run_cli("evaluate", [f"ckpt_path={padded['best']}", *holdout], work)
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
-        "kalm-evaluate: split=holdout scores the hold-out of train that data.val_from_train draws"
-    )
-    args = [f"ckpt_path={padded['best']}", *holdout, "data.val_from_train=0.3"]
-    check(run_cli("evaluate", args, work))
+    check(run_cli("evaluate", [f"ckpt_path={padded['best']}", *holdout], work))
     scored = pd.read_csv(next(tmp_path.rglob("predictions_images.csv")))
-    split = MURADataModule(str(root), val_from_train=0.3, num_workers=0)
-    split.prepare_data()
+    validated = pd.read_csv(stage2.path / HOLDOUT_FILE)  # what training's val loader read
+    assert sorted(scored["path"]) == sorted(validated["path"])
+    # training's own figure of its best epoch on that hold-out, scored again by evaluate
+    metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
+    best = stage2.read_result()["best_val_score"]
+    assert metrics["kalm"]["image"]["accuracy"] == pytest.approx(best, abs=1e-6)
+    assert "localization" in metrics
+    split = MURADataModule(str(root), val_from_train=0.3, num_workers=0, seed=7)
     held, trained = (set(split.dataset(part).paths) for part in ("val", "train"))
     assert set(scored["path"]) == held and not held & trained  # the patients training never saw
-    assert "localization" in json.loads(next(tmp_path.rglob("metrics.json")).read_text())
+    seed0 = MURADataModule(str(root), val_from_train=0.3, num_workers=0, seed=0)
+    assert set(seed0.dataset("val").paths) != held  # the hold-out evaluate once drew instead
+
+
+def test_split_holdout_of_a_model_that_held_nothing_out_is_refused(trained: dict) -> None:
+    best = Run(trained["stage1"]).read_result()["best_ckpt"]
+    refused = run_cli("evaluate", [f"ckpt_path={best}", "split=holdout", *SYNTHETIC], trained["work"])
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"kalm-evaluate: split=holdout: {best} records no hold-out of train (it validated on "
+        "MURA valid: data.val_from_train=0, or it was saved before checkpoints recorded their "
+        "hold-out); score split=valid, or train with data.val_from_train=0.1"
+    )
 
 
 def test_predict_and_onnx_give_the_training_runs_probabilities(padded: dict, tmp_path) -> None:

@@ -147,5 +147,12 @@ def patient_holdout(
     patients = index["patient"].unique()
     rng = np.random.default_rng(seed)
     held = set(rng.choice(patients, size=max(1, round(fraction * len(patients))), replace=False))
-    mask = index["patient"].isin(held)
+    return patient_split(index, held)
+
+
+def patient_split(
+    index: pd.DataFrame, held: set[str] | list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the rest, the images of the `held` patients): a hold-out given by its patients."""
+    mask = index["patient"].isin(set(held))
     return index[~mask].reset_index(drop=True), index[mask].reset_index(drop=True)

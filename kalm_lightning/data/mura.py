@@ -26,12 +26,14 @@ from kalm_lightning.data.index import (
     BODY_PARTS,
     MURA_DIR,
     patient_holdout,
+    patient_split,
     read_lesion_boxes,
     read_mura_index,
 )
 from kalm_lightning.data.synthetic import ensure_synthetic_mura
 from kalm_lightning.data.transfer import model_input
 from kalm_lightning.errors import UserError, check_choice, check_number
+from kalm_lightning.runs import HOLDOUT_FILE, write_atomic
 from kalm_lightning.settings import check
 
 __all__ = [
@@ -48,7 +50,11 @@ log = logging.getLogger(__name__)
 
 
 class MURADataModule(pl.LightningDataModule):
-    """Train on MURA train; validate and test on MURA valid (the paper), or hold out patients."""
+    """Train on MURA train; validate and test on MURA valid (the paper), or hold out patients.
+
+    The hold-out: `val_from_train` of train's patients drawn with `seed` (a training run's own
+    seed), or exactly the patients `held_out` names (what a checkpoint recorded it validated on:
+    `holdout`, read back by `evaluate split=holdout`)."""
 
     def __init__(
         self,
@@ -73,6 +79,7 @@ class MURADataModule(pl.LightningDataModule):
         run_dir: str | None = None,
         seed: int = 0,
         device_transforms: bool = True,
+        held_out: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         for setting, value in (
@@ -112,8 +119,10 @@ class MURADataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".kalm_cache"
         self.synthetic = dict(synthetic) if synthetic else None
         self.mean, self.std, self.seed = tuple(mean), tuple(std), seed
+        self.held_out = None if held_out is None else sorted(map(str, held_out))
         self.device_transforms = device_transforms
-        self.skipped_log = Path(run_dir) / "skipped_images.csv" if run_dir else None
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.skipped_log = self.run_dir / "skipped_images.csv" if self.run_dir else None
         self.indexes: dict[str, pd.DataFrame] = {}
         self.datasets: dict[str, MURADataset] = {}
         self.caches: dict[str, ImageCache] = {}
@@ -123,12 +132,31 @@ class MURADataModule(pl.LightningDataModule):
         if not self.indexes:
             train = read_mura_index(self.root, "train", self.on_missing)
             valid = read_mura_index(self.root, "valid", self.on_missing)
-            if self.val_from_train > 0:
+            if self.held_out is not None:
+                train, held = patient_split(train, self.held_out)
+                missing = set(self.held_out) - set(held["patient"])
+                if missing:
+                    raise UserError(
+                        f"{len(missing)} of the {len(self.held_out)} held-out patients the "
+                        f"checkpoint records (e.g. {sorted(missing)[0]}) are not in the train "
+                        f"split under data.root={self.root}: give the data it trained on"
+                    )
+                self.indexes = {"train": train, "val": held, "test": valid}
+            elif self.val_from_train > 0:
                 train, held = patient_holdout(train, self.val_from_train, self.seed)
                 self.indexes = {"train": train, "val": held, "test": valid}
             else:
                 self.indexes = {"train": train, "val": valid, "test": valid}
         return self.indexes
+
+    @property
+    def holdout(self) -> dict[str, Any] | None:
+        """The hold-out of train that validates (None when MURA valid does): how it was drawn and
+        its patients, which every checkpoint records so that evaluate scores exactly these."""
+        if self.held_out is None and not self.val_from_train > 0:
+            return None
+        patients = sorted(self._split_indexes()["val"]["patient"].unique().tolist())
+        return {"fraction": self.val_from_train, "seed": self.seed, "patients": patients}
 
     def _cache(self, part: str) -> ImageCache | None:
         """One cache per split, made once: its key stats every image file."""
@@ -178,6 +206,12 @@ class MURADataModule(pl.LightningDataModule):
         }
         for part in parts.get(stage or "fit", ("train", "val", "test")):
             self.dataset(part)
+        main = self.trainer is None or self.trainer.is_global_zero
+        if stage == "fit" and self.run_dir is not None and self.holdout is not None and main:
+            columns = ["path", "patient", "study", "body_part", "label"]
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            held = self._split_indexes()["val"][columns].to_csv(index=False)
+            write_atomic(self.run_dir / HOLDOUT_FILE, held)
 
     @staticmethod
     def _world() -> tuple[int, int]:

@@ -126,6 +126,9 @@ class StageModule(pl.LightningModule):
         check_choice("model.loss.class_weights", self.loss_options["class_weights"], CLASS_WEIGHTS)
         check("model.loss.label_smoothing", self.loss_options["label_smoothing"])
         self.operating = {"rule": "fixed=0.5", "threshold": THRESHOLD, "temperature": 1.0}
+        # The hold-out of train this stage validated on (MURADataModule.holdout), recorded in
+        # its checkpoints: evaluate's split=holdout scores exactly those patients.
+        self.holdout: dict[str, Any] | None = None
         self.register_buffer("class_weight_table", torch.ones(len(BODY_PARTS), 2), persistent=False)
         check_optimizer(optimizer)
         check_choice("model.selection_metric", selection_metric, SELECTION_METRICS)
@@ -244,9 +247,13 @@ class StageModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["operating_point"] = dict(self.operating)
+        holdout = getattr(self.trainer.datamodule, "holdout", None)
+        self.holdout = holdout if holdout is not None else self.holdout
+        checkpoint["holdout"] = self.holdout
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.operating = {**self.operating, **(checkpoint.get("operating_point") or {})}
+        self.holdout = checkpoint.get("holdout")
 
     def on_validation_epoch_end(self) -> None:
         logged = {}

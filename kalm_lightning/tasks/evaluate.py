@@ -61,12 +61,26 @@ def score_table(
     return metrics
 
 
+def holdout_patients(module, ckpt_path: str) -> list[str]:
+    """The patients of the hold-out of train the checkpoint's run validated on, as it recorded
+    them: split=holdout scores exactly these, whatever seed or fraction is given now."""
+    if not (module.holdout or {}).get("patients"):
+        raise UserError(
+            f"split=holdout: {ckpt_path} records no hold-out of train (it validated on MURA "
+            "valid: data.val_from_train=0, or it was saved before checkpoints recorded their "
+            "hold-out); score split=valid, or train with data.val_from_train=0.1"
+        )
+    return list(module.holdout["patients"])
+
+
 def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dict, str]:
     """Run a stage-1 or stage-2 checkpoint over the split and write every report."""
     module = load_stage(ckpt_path, inference=cfg.get("inference"))
     carried = module.preprocessing
     carried.refuse_contradictions(cfg.data, ckpt_path)
     data_cfg = {**cfg.data, **{key: getattr(carried, key) for key in GIVEN}}
+    if cfg.split == "holdout":
+        data_cfg["held_out"] = holdout_patients(module, ckpt_path)
     datamodule: MURADataModule = hydra.utils.instantiate(
         data_cfg, mean=carried.mean, std=carried.std, run_dir=str(out)
     )
