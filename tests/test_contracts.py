@@ -79,7 +79,9 @@ def test_evaluate_scores_the_hold_out_the_run_selected_on(padded: dict, tmp_path
 
 def test_split_holdout_of_a_model_that_held_nothing_out_is_refused(trained: dict) -> None:
     best = Run(trained["stage1"]).read_result()["best_ckpt"]
-    refused = run_cli("evaluate", [f"ckpt_path={best}", "split=holdout", *SYNTHETIC], trained["work"])
+    refused = run_cli(
+        "evaluate", [f"ckpt_path={best}", "split=holdout", *SYNTHETIC], trained["work"]
+    )
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
         f"kalm-evaluate: split=holdout: {best} records no hold-out of train (it validated on "

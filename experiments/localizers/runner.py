@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rows import GLOBAL_INPUT, STAGE2, Regime, Row, quick, slug
+from rows import GLOBAL_INPUT, STAGE2, Regime, Row, pinned, quick, slug
 from torch.utils.flop_counter import FlopCounterMode
 
 from kalm_lightning.config import compose_config
 from kalm_lightning.evaluation.report import BOXES
-from kalm_lightning.runs import Run
+from kalm_lightning.runs import Run, write_atomic
 from kalm_lightning.stages import load_stage
 from kalm_lightning.tasks.evaluate import run_evaluation
 from kalm_lightning.tasks.train import evaluation_config, train_stage
@@ -36,6 +36,10 @@ QUICK = (
     "trainer.limit_train_batches=2",
     "trainer.log_every_n_steps=1",
 )
+
+
+# How a record's hold-out figures were scored: on the patients its checkpoint records it held out.
+HELDOUT_FROM = "the checkpoint's recorded hold-out"
 
 
 class OutOfTime(Exception):
@@ -76,7 +80,7 @@ class Study:
                 f"data.root={self.work / 'data' / f'{regime.name}-seed{seed}'}",
                 f"stage={stage}",
                 f"seed={seed}",
-                *(quick(overrides) if self.quick else overrides),
+                *pinned(quick(overrides) if self.quick else overrides),
             ],
         )
 
@@ -116,8 +120,7 @@ class Study:
         if Path(record["ckpt"]).is_file():
             return record
         again = self.train(regime, row, seed)
-        figures = ("study", "heldout", "localization")  # compared as JSON text: NaN is NaN
-        same = all(json.dumps(again[k]) == json.dumps(record.get(k)) for k in figures)
+        same = reproduced(record, again)
         stale = []
         if not same and row.stage2 is None:
             seed_runs = self.record_path(regime, row, seed).parent.glob(f"*-seed{seed}.json")
@@ -191,11 +194,13 @@ class Study:
         self.write(regime, row, seed, record)
         return record
 
-    def add_holdout(self, regime: Regime, row: Row, seed: int) -> None:
+    def add_holdout(self, regime: Regime, row: Row, seed: int, again: bool = False) -> None:
         """A record made before records held the hold-out's figures gets them from its checkpoint
         (where that is still on this machine): the same evaluation on the hold-out of train."""
         record = self.read(regime, row, seed)
-        if record is None or "heldout_study" in record or not Path(record["ckpt"]).is_file():
+        if record is None or not Path(record["ckpt"]).is_file():
+            return
+        if "heldout_study" in record and not again:
             return
         if row.stage2 is None:
             cfg = self.config(regime, seed, 1, row.stage1)
@@ -206,10 +211,35 @@ class Study:
         out = self.run_dir(regime, row, seed) / "holdout"
         self.write(regime, row, seed, {**record, **holdout_figures(evaluation, out)})
 
+    def rescore_holdout(self, regime: Regime, row: Row, seed: int) -> None:
+        """A record whose hold-out figures came from the hold-out evaluate used to draw with
+        seed 0 (every seed >= 1 before checkpoints recorded their hold-out) gets them again from
+        its checkpoint, which names the patients its run held out. A checkpoint not on this
+        machine is trained again first (`trained_run`: the record is replaced, and says whether
+        its figures came out the same)."""
+        record = self.read(regime, row, seed)
+        if record is None or record.get("heldout_from") == HELDOUT_FROM:
+            return
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OutOfTime
+        if row.inference:
+            base = Row(row.name, row.score, row.stage1, row.stage2)
+            self.rescore_holdout(regime, base, seed)
+            again = self.evaluate_again(regime, row, seed, self.trained_run(regime, base, seed))
+        elif Path(record["ckpt"]).is_file():
+            self.add_holdout(regime, row, seed, again=True)
+            return
+        else:
+            again = self.trained_run(regime, row, seed)
+        figures = "the same" if reproduced(record, again) else "other"
+        print(
+            f"{regime.name} {run_name(row)} seed {seed}: hold-out scored again; {figures} figures"
+        )
+
     def write(self, regime: Regime, row: Row, seed: int, record: dict) -> None:
         path = self.record_path(regime, row, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        write_atomic(path, json.dumps(record, indent=2) + "\n")  # a kill leaves the old or the new
 
     def boxes_figure(self, regime: Regime, row: Row, seed: int) -> Path:
         run = self.run_dir(regime, row, seed)
@@ -235,7 +265,14 @@ def holdout_figures(evaluation, out: Path) -> dict:
     return {
         "heldout_study": study_blocks(metrics),
         "heldout_localization": metrics.get("localization"),
+        "heldout_from": HELDOUT_FROM,
     }
+
+
+def reproduced(old: dict, new: dict) -> bool:
+    """Whether a run trained again reproduced its record's figures (valid, and the selection)."""
+    figures = ("study", "heldout", "localization")  # compared as JSON text: NaN is NaN
+    return all(json.dumps(old.get(k)) == json.dumps(new.get(k)) for k in figures)
 
 
 def inference_flops(ckpt: str, cfg, inference: str | None = None) -> float:
