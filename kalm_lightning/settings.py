@@ -77,6 +77,7 @@ RULES = {
     "evaluate.study_aggregation": Choice(AGGREGATIONS),
     "evaluate.tta": Choice(TTA),
     "split": Choice(SCORED_SPLITS),
+    "inference": Choice(("mil",)),  # null: the localizer's own box
 }
 
 

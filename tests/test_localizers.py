@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from kalm_lightning.config import config_dir
 from kalm_lightning.errors import UserError
 from kalm_lightning.models import KALMNet, Navigator, RandomAnchor
-from kalm_lightning.models.localizer import (
+from kalm_lightning.models.localizers.base import (
     LocalizerInputs,
     anchor_grid,
     box_pooling,
@@ -60,53 +60,43 @@ def test_box_pooling_is_the_average_of_the_map_inside_the_box() -> None:
     torch.testing.assert_close(pooled[:, 2], score[:, 4:6, 3:5].mean(dim=(1, 2)))
 
 
-@pytest.mark.parametrize(
-    ("reads", "target"), [("map", "best"), ("view", "scores"), ("source", "scores")]
-)
-def test_the_navigators_target_is_the_anchor_cnn_l_finds_most_abnormal(
-    reads: str, target: str
+@pytest.mark.parametrize("reads", ["map", "view", "source"])
+@pytest.mark.parametrize("score", ["label", "abnormal"])
+def test_the_navigator_learns_every_anchors_teacher_score_and_trains_cnn_l_on_the_best(
+    reads: str, score: str
 ) -> None:
-    net = net_with("navigator", reads=reads, warmup_epochs=1, grid=3, target=target)
+    net = net_with("navigator", reads=reads, warmup_epochs=1, grid=3, teacher_score=score)
     images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 0, 1])
     anchors = net.localizer.anchors
-    teacher = net.pooled_scores(images, anchors.expand(4, -1, -1))  # computed here, on its own
+    abnormal = net.pooled_scores(images, anchors.expand(4, -1, -1))  # computed here, on its own
+    if score == "label":  # p(y | A_k): p(normal) in the normal images, p(abnormal) in the others
+        teacher = torch.where(labels[:, None] == 1, abnormal, 1 - abnormal)
+    else:
+        teacher = abnormal
     net.train()
-    logits, crops = net.training_outputs(
-        images, epoch=1, generator=torch.Generator().manual_seed(3)
-    )
+    logits, crops = net.training_outputs(images, 1, torch.Generator().manual_seed(3), labels)
     best = teacher.argmax(dim=1)
     assert torch.equal(crops.boxes[:, 0], anchors[best])  # CNN_l trains on the best anchor...
     assert crops.boxes.shape == (4, 2, 4) and logits.shape == (4, 2, 2)  # ...and a drawn one
     assert all(any(torch.equal(b, a) for a in anchors) for b in crops.boxes[:, 1])
     nav_logits = net.localizer.anchor_logits(net.inputs(images))
-    expected = (
-        F.cross_entropy(nav_logits, best)  # the best anchor, one hard label
-        if target == "best"
-        else F.binary_cross_entropy_with_logits(nav_logits, teacher)  # every anchor's score
-    )
-    torch.testing.assert_close(crops.loss, expected)
+    # every anchor's score, K soft labels per image
+    torch.testing.assert_close(crops.loss, F.binary_cross_entropy_with_logits(nav_logits, teacher))
     crops.loss.backward()
     assert all(p.grad is not None for p in net.localizer.head.parameters())
-
-
-@pytest.mark.parametrize("score", ["label", "confidence"])
-def test_the_teacher_can_score_the_label_or_the_confidence_of_each_anchor(score: str) -> None:
-    net = net_with("navigator", warmup_epochs=0, grid=3, teacher_score=score)
-    images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(6))
-    labels = torch.tensor([0, 1, 0, 1])
-    abnormal = net.pooled_scores(images, net.localizer.anchors.expand(4, -1, -1))
-    if score == "label":  # p(y | A_k): p(normal) in the normal images, p(abnormal) in the others
-        q = torch.where(labels[:, None] == 1, abnormal, 1 - abnormal)
-    else:
-        q = torch.where(abnormal > 0.5, abnormal, 1 - abnormal)
-    net.train()
-    _, crops = net.training_outputs(images, 0, torch.Generator().manual_seed(3), labels)
-    assert torch.equal(crops.boxes[:, 0], net.localizer.anchors[q.argmax(dim=1)])
-    nav_logits = net.localizer.anchor_logits(net.inputs(images))
-    torch.testing.assert_close(crops.loss, F.binary_cross_entropy_with_logits(nav_logits, q))
     if score == "label":
         with pytest.raises(ValueError, match="teacher_score=label needs the labels"):
-            net.training_outputs(images, 0, torch.Generator().manual_seed(3))
+            net.training_outputs(images, 1, torch.Generator().manual_seed(3))
+
+
+def test_a_navigator_node_with_a_removed_option_loads_at_its_one_value_or_is_refused() -> None:
+    old = {"teacher": "pooled", "target": "scores", "inference": "navigator"}
+    assert isinstance(net_with("navigator", **old).localizer, Navigator)
+    with pytest.raises(UserError, match=r"^localizer\.target=best was removed"):
+        net_with("navigator", target="best")
+    with pytest.raises(UserError, match=r"unexpected keyword argument 'nope'"):
+        net_with("navigator", nope=1)
 
 
 def test_the_teachers_crops_and_pooled_scores_agree_on_the_whole_image() -> None:
@@ -134,11 +124,11 @@ def test_warm_up_trains_cnn_l_on_one_drawn_anchor_and_no_navigator_loss() -> Non
 
 def test_reinforce_trains_on_the_sampled_and_the_greedy_anchor() -> None:
     net = net_with("navigator", policy="reinforce", warmup_epochs=0, distill_epochs=1).train()
-    images = torch.randn(4, 3, 128, 128)
+    images, labels = torch.randn(4, 3, 128, 128), torch.tensor([0, 1, 1, 0])
     generator = torch.Generator().manual_seed(4)
-    _, distilled = net.training_outputs(images, epoch=0, generator=generator)
+    _, distilled = net.training_outputs(images, 0, generator, labels)
     assert "train/navigator_agrees" in distilled.logs  # epoch 0: still distilling
-    _, crops = net.training_outputs(images, epoch=1, generator=generator)
+    _, crops = net.training_outputs(images, 1, generator, labels)
     greedy = net.localizer.anchors[net.localizer.anchor_logits(net.inputs(images)).argmax(1)]
     assert torch.equal(crops.boxes[:, 1], greedy) and crops.boxes.shape == (4, 2, 4)
     assert torch.isfinite(crops.loss) and "train/navigator_advantage" in crops.logs
@@ -146,15 +136,23 @@ def test_reinforce_trains_on_the_sampled_and_the_greedy_anchor() -> None:
     assert any(p.grad.abs().sum() > 0 for p in net.localizer.head.parameters())
 
 
-def test_mil_keeps_the_anchor_cnn_l_finds_most_abnormal() -> None:
-    net = net_with("navigator", inference="mil", grid=3).eval()
+@pytest.mark.parametrize("name", ["navigator", "random"])
+def test_mil_keeps_the_candidate_cnn_l_finds_most_abnormal(name: str) -> None:
+    net = net_with(name, grid=3).eval()
     images = torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(5))
     anchors = net.localizer.anchors
     with torch.no_grad():
-        out = net(images)
+        out = net.mil(images)
         every = net.crop_scores(images, anchors.expand(3, -1, -1))
     torch.testing.assert_close(out.local_prob, every.max(dim=1).values)
     assert torch.equal(out.boxes, anchors[every.argmax(dim=1)])
+    assert net(images).boxes.shape == (3, 4)  # locate: one box per image, always
+
+
+def test_a_localizer_that_computes_its_box_has_no_candidates() -> None:
+    for name in ("kalm", "fixed", "full"):
+        with pytest.raises(ValueError, match="has no candidate boxes"):
+            net_with(name).mil(torch.randn(1, 3, 128, 128))
 
 
 def test_the_navigator_uses_one_crop_at_inference() -> None:

@@ -94,13 +94,13 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     args = ["--quick", "--work", str(work), "--results", str(out), "--out", str(work / "probes")]
     probe = run_script(
         "experiments/localizers/probe.py",
-        [*args, "localizer=navigator", "localizer.teacher_score=confidence"],
+        [*args, "localizer=navigator", "localizer.teacher_score=abnormal"],
         work.parent,
     )
     assert probe.returncode == 0, probe.stderr[-4000:]
     figures = json.loads(probe.stdout.strip().splitlines()[-1])
     assert 0 <= figures["heldout_hit_rate"] <= 1 and 0 <= figures["heldout_auroc"] <= 1
-    assert "teacher_score-confidence" in figures["record"]
+    assert "teacher_score-abnormal" in figures["record"]
     assert sorted(str(p) for p in (work / "runs").rglob("*")) == runs
     assert records_of(out) == after
 

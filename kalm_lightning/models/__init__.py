@@ -2,9 +2,17 @@
 localizer interface and the localizers beyond the paper, and the preprocessing a model carries."""
 
 from kalm_lightning.models.backbone import Backbone
-from kalm_lightning.models.kalm import KALMNet, KALMOutput, KeyAreaLocalizer, crop
-from kalm_lightning.models.localizer import Localizer, LocalizerInputs, TrainingCrops
-from kalm_lightning.models.localizers import FixedBox, FullImage, Navigator, RandomAnchor
+from kalm_lightning.models.kalm import KALMNet, KALMOutput, crop
+from kalm_lightning.models.localizers import (
+    FixedBox,
+    FullImage,
+    KeyAreaLocalizer,
+    Localizer,
+    LocalizerInputs,
+    Navigator,
+    RandomAnchor,
+    TrainingCrops,
+)
 from kalm_lightning.models.preprocessing import Preprocessing
 
 __all__ = [

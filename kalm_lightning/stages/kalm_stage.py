@@ -81,6 +81,7 @@ class KALMStage(StageModule):
         # rather than calling train() on this module, so eval mode must hold from the start.
         self.net.global_cnn.requires_grad_(False).eval()
         self.run_seed = torch.initial_seed()
+        self.inference: str | None = None  # "mil": evaluate's ceiling (`load_stage`)
         self._boxes_to_draw: dict[str, torch.Tensor] = {}
 
     @property
@@ -138,7 +139,7 @@ class KALMStage(StageModule):
         return self.net(images)
 
     def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self(images)
+        out = self.net.mil(images) if self.inference == "mil" else self(images)
         return {
             GLOBAL: out.global_prob,
             LOCAL: out.local_prob,

@@ -1,10 +1,30 @@
-"""Localizers beyond the paper's (which is `models.kalm.KeyAreaLocalizer`), one file each: the
-controls (`full`, `fixed`, `random`) and the navigators that learn where to look from the local
-branch. Each has its YAML under `conf/localizer/` and its formula in its docstring."""
+"""Every localizer, one file each, on one interface (`base.py`): the paper's (`kalm.py`,
+`KeyAreaLocalizer`), the controls (`full`, `fixed`, `random`) and the navigators that learn where
+to look from the local branch. Each has its YAML under `conf/localizer/` and its formula in its
+docstring."""
 
+from kalm_lightning.models.localizers.base import (
+    Localizer,
+    LocalizerInputs,
+    Scorer,
+    TrainingCrops,
+    build_localizer,
+)
 from kalm_lightning.models.localizers.fixed import FixedBox
 from kalm_lightning.models.localizers.full import FullImage
+from kalm_lightning.models.localizers.kalm import KeyAreaLocalizer
 from kalm_lightning.models.localizers.navigator import Navigator
 from kalm_lightning.models.localizers.random_anchor import RandomAnchor
 
-__all__ = ["FixedBox", "FullImage", "Navigator", "RandomAnchor"]
+__all__ = [
+    "FixedBox",
+    "FullImage",
+    "KeyAreaLocalizer",
+    "Localizer",
+    "LocalizerInputs",
+    "Navigator",
+    "RandomAnchor",
+    "Scorer",
+    "TrainingCrops",
+    "build_localizer",
+]

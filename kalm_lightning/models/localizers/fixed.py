@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kalm_lightning.errors import check_number
-from kalm_lightning.models.localizer import Localizer, LocalizerInputs, centred
+from kalm_lightning.models.localizers.base import Localizer, LocalizerInputs, centred
 
 
 class FixedBox(Localizer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kalm_lightning.models.localizer import Localizer, LocalizerInputs, centred
+from kalm_lightning.models.localizers.base import Localizer, LocalizerInputs, centred
 
 
 class FullImage(Localizer):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kalm_lightning.errors import check_choice, check_number
-from kalm_lightning.models.localizer import (
+from kalm_lightning.errors import UserError, check_choice, check_number
+from kalm_lightning.models.localizers.base import (
     Localizer,
     LocalizerInputs,
     Scorer,
@@ -20,11 +20,11 @@ from kalm_lightning.models.localizer import (
 )
 
 READS = ("map", "view", "source")
-TEACHERS = ("pooled", "crops")
-TEACHER_SCORES = ("abnormal", "label", "confidence")
-TARGETS = ("scores", "best")
+TEACHER_SCORES = ("label", "abnormal")
 POLICIES = ("distill", "reinforce")
-INFERENCES = ("navigator", "mil")
+# Options of earlier releases that backed no result of the localizer study, removed: a checkpoint
+# that recorded them at the one value that remains still loads; any other value is refused.
+REMOVED = {"teacher": "pooled", "target": "scores", "inference": "navigator"}
 
 
 def scout(width: int) -> nn.Sequential:
@@ -49,36 +49,35 @@ class Navigator(Localizer):
     """A best-of-K teacher distilled into a navigator; one crop at inference.
 
     Anchors A_1..A_K: `grid` x `grid` centres per half-extent `half` (`anchor_grid`). The navigator
-    reads CNN_g's frozen feature map (`reads=map`: a 1x1-conv head, nothing else to run), the global
-    view (`view`: a scout CNN of its own) or the source image (`source`: the scout at full
-    resolution, GMIC's idea), and makes a score map s; anchor k's logit is s averaged over A_k,
-    z_k = mean_{A_k} s (`box_pooling`), so the same pattern scores alike wherever it lies.
+    reads the source image (`reads=source`: a scout CNN at full resolution, GMIC's idea), the
+    global view (`view`: the scout on what CNN_g saw) or CNN_g's frozen feature map (`map`: a
+    1x1-conv head, nothing else to run), and makes a score map s; anchor k's logit is s averaged
+    over A_k, z_k = mean_{A_k} s (`box_pooling`), so the same pattern scores alike wherever it lies.
 
     Training, at epoch e:
     - e < `warmup_epochs`: CNN_l trains on one uniformly drawn anchor per image, so that its scores
       mean something before they teach; the navigator does not learn yet.
-    - `policy=distill`: the teacher q_k = p_l(abnormal | A_k), CNN_l's score of every anchor without
-      gradients, in normal and abnormal images alike (a normal image's most abnormal-looking place
-      is where an abnormality would be; p(true label) would teach the navigator to look away), and
-      k* = argmax_k q_k. CNN_l trains on A_k* and one drawn anchor (so that it does not see only its
-      own favourites). The navigator learns from the teacher's scores of every anchor,
-      `target=scores`: sum_k BCE(sigmoid(z_k), q_k), K soft labels per image; or from its best
-      anchor alone, `target=best`: CE(z, k*), NTS-Net's way, one hard label per image.
-      `teacher=pooled` scores all K from one pass of CNN_l over the source image
-      (`KALMNet.pooled_scores`); `crops`: K crops. What q_k is, `teacher_score`: `abnormal`,
-      p_l(abnormal | A_k) (the default); `label`, p_l(y | A_k) of the image's label y (NTS-Net's);
-      `confidence`, max(p, 1 - p), where CNN_l can decide. Where normal images carry a decoy of
-      the lesion's look, p(abnormal) sends the navigator away from the decoy in normal images and
-      towards the lesion in abnormal ones, and the view, which cannot tell them apart, learns
-      neither; `label` and `confidence` send it to both.
+    - `policy=distill`: the teacher q_k, CNN_l's score of every anchor without gradients, all K
+      from one pass of CNN_l over the source image averaged inside each anchor
+      (`KALMNet.pooled_scores`). `teacher_score=label`: q_k = p_l(y | A_k) of the image's label y
+      (NTS-Net's), so a normal image teaches where it looks most normal and an abnormal one where
+      it looks most abnormal; `abnormal`: q_k = p_l(abnormal | A_k) in every image. Where normal
+      images carry a decoy of the lesion's look, p(abnormal) sends the navigator towards the
+      decoy's look in abnormal images and away from it in normal ones, and a navigator that cannot
+      tell them apart learns neither (the localizer study's ablation). k* = argmax_k q_k; CNN_l
+      trains on A_k* and one drawn anchor (so that it does not see only its own favourites), and
+      the navigator on every anchor's score, sum_k BCE(sigmoid(z_k), q_k): K soft labels per image.
     - `policy=reinforce` (after `distill_epochs` epochs of distillation past the warm-up): draw
       k ~ pi_mix = (1 - explore) softmax(z) + explore / K, reward r = q_k, baseline b = q_g of the
       greedy anchor g = argmax z (self-critical); loss -(r - b) log pi_mix(k) - entropy * H(softmax z).
       CNN_l trains on A_k and A_g: two crops, no teacher pass.
 
-    Inference: `inference=navigator`: A_{argmax z}, one crop. `inference=mil`: every anchor, and
-    KALMNet keeps the one CNN_l finds most abnormal: the ceiling a perfect navigator could reach,
-    at K crops.
+    Inference: A_{argmax z}, one crop. Its anchors are its `candidates`: `evaluate inference=mil`
+    scores all K with CNN_l and keeps the most abnormal, the ceiling a perfect navigator could
+    reach, at K crops.
+
+    Defaults: the variant the localizer study found best (the source, 6x6 anchors of half 0.4,
+    p(label)); `conf/localizer/navigator.yaml` holds the same.
     """
 
     def __init__(
@@ -86,35 +85,37 @@ class Navigator(Localizer):
         height: int,
         width: int,
         channels: int,
-        grid: int | Sequence[int] = 5,
-        half: float | Sequence[float] = 0.5,
-        reads: str = "map",
+        grid: int | Sequence[int] = 6,
+        half: float | Sequence[float] = 0.4,
+        reads: str = "source",
         scout_width: int = 32,
         warmup_epochs: int = 1,
-        teacher: str = "pooled",
-        teacher_score: str = "abnormal",
-        target: str = "scores",
+        teacher_score: str = "label",
         policy: str = "distill",
         distill_epochs: int = 1,
         explore: float = 0.2,
         entropy: float = 0.01,
-        inference: str = "navigator",
         lr: float | None = None,
+        **removed: str,
     ) -> None:
         super().__init__(height, width, channels, lr)
+        for key, value in removed.items():
+            if key not in REMOVED:
+                raise TypeError(f"Navigator got an unexpected keyword argument '{key}'")
+            if value != REMOVED[key]:
+                raise UserError(
+                    f"localizer.{key}={value} was removed (it backed no result); this version "
+                    f"has {key}={REMOVED[key]} only: train again without it"
+                )
         check_choice("localizer.reads", reads, READS)
-        check_choice("localizer.teacher", teacher, TEACHERS)
         check_choice("localizer.teacher_score", teacher_score, TEACHER_SCORES)
-        check_choice("localizer.target", target, TARGETS)
         check_choice("localizer.policy", policy, POLICIES)
-        check_choice("localizer.inference", inference, INFERENCES)
         check_number("localizer.scout_width", scout_width, 2, integer=True)
         check_number("localizer.warmup_epochs", warmup_epochs, 0, integer=True)
         check_number("localizer.distill_epochs", distill_epochs, 0, integer=True)
         check_number("localizer.explore", explore, 0, 1)
         check_number("localizer.entropy", entropy, 0)
-        self.reads, self.teacher, self.policy, self.inference = reads, teacher, policy, inference
-        self.target, self.teacher_score = target, teacher_score
+        self.reads, self.policy, self.teacher_score = reads, policy, teacher_score
         self.warmup_epochs, self.distill_epochs = warmup_epochs, distill_epochs
         self.explore, self.entropy = float(explore), float(entropy)
         self.register_buffer("anchors", anchor_grid(grid, half), persistent=False)
@@ -140,9 +141,11 @@ class Navigator(Localizer):
         return score.flatten(1) @ self._pooling[key].T
 
     def locate(self, inputs: LocalizerInputs) -> torch.Tensor:
-        if self.inference == "mil":  # size(0), not len(): a symbolic batch under torch.export
-            return self.anchors.expand(inputs.source.size(0), -1, -1)
         return self.anchors[self.anchor_logits(inputs).argmax(dim=1)]
+
+    def candidates(self, inputs: LocalizerInputs) -> torch.Tensor:
+        # size(0), not len(): a symbolic batch under torch.export
+        return self.anchors.expand(inputs.source.size(0), -1, -1)
 
     def _drawn(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
         device = generator.device if generator is not None else self.anchors.device
@@ -153,8 +156,6 @@ class Navigator(Localizer):
         """The teacher's q [B, K] from CNN_l's p(abnormal) [B, K] (`teacher_score`)."""
         if self.teacher_score == "abnormal":
             return abnormal
-        if self.teacher_score == "confidence":
-            return torch.maximum(abnormal, 1 - abnormal)
         if labels is None:
             raise ValueError("localizer.teacher_score=label needs the labels of the batch")
         abnormal_image = labels.to(abnormal.dtype)[:, None]
@@ -168,12 +169,9 @@ class Navigator(Localizer):
         logits = self.anchor_logits(inputs)
         if self.policy == "distill" or epoch < self.warmup_epochs + self.distill_epochs:
             every = anchors.expand(batch, -1, -1)
-            scores = self.taught(scorer(every, pooled=self.teacher == "pooled"), inputs.labels)
+            scores = self.taught(scorer(every, pooled=True), inputs.labels)
             best = scores.argmax(dim=1)
-            if self.target == "best":
-                loss = F.cross_entropy(logits, best)
-            else:  # every anchor's score: K soft labels per image instead of one hard one
-                loss = F.binary_cross_entropy_with_logits(logits, scores)
+            loss = F.binary_cross_entropy_with_logits(logits, scores)  # K soft labels per image
             agrees = (logits.argmax(dim=1) == best).float().mean()
             return TrainingCrops(
                 torch.stack([anchors[best], drawn], dim=1),

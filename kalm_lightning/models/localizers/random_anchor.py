@@ -6,12 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
-from kalm_lightning.models.localizer import Localizer, LocalizerInputs, anchor_grid
+from kalm_lightning.models.localizers.base import Localizer, LocalizerInputs, anchor_grid
 
 
 class RandomAnchor(Localizer):
     """box = A_k with k ~ Uniform{1..K} per image, from the same anchor grid as the navigator
-    (`models.localizer.anchor_grid`: `grid` x `grid` centres per half-extent `half`).
+    (`models.localizers.base.anchor_grid`: `grid` x `grid` centres per half-extent `half`).
 
     In training the draw comes from the step's generator (seeded by the run's seed and the
     step, so a resumed run draws the same); at inference from a generator seeded 0 at every
@@ -28,6 +28,9 @@ class RandomAnchor(Localizer):
     ) -> None:
         super().__init__(height, width, channels, lr)
         self.register_buffer("anchors", anchor_grid(grid, half), persistent=False)
+
+    def candidates(self, inputs: LocalizerInputs) -> torch.Tensor:
+        return self.anchors.expand(inputs.source.size(0), -1, -1)
 
     def locate(self, inputs: LocalizerInputs) -> torch.Tensor:
         generator = inputs.generator

@@ -3,17 +3,21 @@ config node (`conf/localizer/*.yaml`).
 
 A localizer turns what the network has seen of an image into the box CNN_l looks at. It is built
 with the shape of CNN_g's last feature map (`height`, `width`, `channels`) and its own options, and
-it answers two questions:
+it answers:
 
 - `locate(inputs)`: the boxes [B, 4] (x, y, w, h in `affine_grid` units: the image spans [-1, 1],
-  (x, y) is the centre, (w, h) the half-extent), or candidates [B, K, 4], of which `KALMNet` keeps the
-  one CNN_l finds most abnormal (the MIL ceiling);
+  (x, y) is the centre, (w, h) the half-extent), always one per image;
+- `candidates(inputs)`: the boxes [B, K, 4] it chooses among, where it has anchors (None where
+  it has none): what `evaluate inference=mil` scores, keeping the one CNN_l finds most abnormal;
 - `training_crops(inputs, scorer, epoch)`: the boxes [B, M, 4] CNN_l trains on in a
   training step and the localizer's own loss, if it has one. By default the located box, through
   which the bilinear crop's gradient reaches the localizer (the paper's eq. 8-9).
 
 `scorer` scores boxes with CNN_l without gradients: a localizer that learns from the local branch
 (`Navigator`) asks it which of its anchors looks most abnormal.
+
+A new localizer is one class in this folder (a subclass of `Localizer`), one YAML under
+`conf/localizer/` naming it in `_target_`, and one test.
 """
 
 from __future__ import annotations
@@ -79,11 +83,16 @@ class Localizer(nn.Module):
         self.height, self.width, self.channels, self.lr = height, width, channels, lr
 
     def locate(self, inputs: LocalizerInputs) -> torch.Tensor:
+        """The box [B, 4] CNN_l looks at."""
         raise NotImplementedError
 
+    def candidates(self, inputs: LocalizerInputs) -> torch.Tensor | None:
+        """The boxes [B, K, 4] `locate` chooses among, or None where there are none (a box
+        computed, not chosen)."""
+        return None
+
     def training_crops(self, inputs: LocalizerInputs, scorer: Scorer, epoch: int) -> TrainingCrops:
-        boxes = self.locate(inputs)
-        return TrainingCrops(boxes if boxes.dim() == 3 else boxes[:, None])
+        return TrainingCrops(self.locate(inputs)[:, None])
 
 
 def centred(batch: int, half: float, reference: torch.Tensor) -> torch.Tensor:
@@ -149,7 +158,7 @@ def _resolve(target: str) -> type[Localizer]:
         return found
     raise UserError(
         f"localizer._target_={target} is not a localizer: name a subclass of "
-        "kalm_lightning.models.localizer.Localizer (see conf/localizer/)"
+        "kalm_lightning.models.localizers.base.Localizer (see conf/localizer/)"
     )
 
 
