@@ -23,9 +23,24 @@ export WANDB_MODE ?= offline
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
+# The install: uv (from PATH, or from the index into the venv: a second) unpacks in parallel, in
+# about a quarter of pip's time; pip where uv cannot be had. uv reads no pip configuration, so the
+# find-links, indexes and constraints pip is configured with (pip config list: files and PIP_*)
+# are handed to it, and it weighs every index as pip does (unsafe-best-match).
+PIP_SOURCES = $(PYTHON) -m pip config list 2>/dev/null \
+	| sed -nE "s/^[^.]*\.(find-links|index-url|extra-index-url|constraint)='(.*)'$$/\1 \2/p" \
+	| while read -r key values; do for value in $$values; do printf -- '--%s %s ' "$$key" "$$value"; done; done
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@if UV=$$(command -v uv || ($(BIN)/pip install --quiet uv >/dev/null 2>&1 && echo $(BIN)/uv)); then \
+		echo "installing with $$UV"; \
+		$$UV pip install --quiet --python $(BIN)/python --index-strategy unsafe-best-match \
+			$$($(PIP_SOURCES)) -e '.[dev]'; \
+	else \
+		echo "installing with pip (uv is not available)"; \
+		$(BIN)/pip install --quiet -e '.[dev]'; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with the dev extra (again when pyproject.toml changes)
