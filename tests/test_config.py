@@ -40,7 +40,7 @@ def assert_prints_stage2_config(command: list[str], cwd: Path, env: dict | None 
     )
     assert result.returncode == 0, result.stderr
     assert "name: vgg16" in result.stdout
-    assert "_target_: lightning.pytorch.strategies.DDPStrategy" in result.stdout
+    assert "_target_: kalm_lightning.training.launcher.ReportingDDPStrategy" in result.stdout
     assert "_target_: kalm_lightning.stages.KALMStage" in result.stdout
 
 

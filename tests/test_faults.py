@@ -482,6 +482,56 @@ def rank_process(work: Path, rank: int) -> int:
     raise AssertionError(f"no rank {rank} running under {work}")
 
 
+DEAD_PEER = (
+    r"kalm-train: another DDP rank stopped answering \((training|validating), epoch [01], after batch "
+    # rank 0 saw it at a collective (gloo names the peer on some runs: "Connection closed by
+    # peer [127.0.0.1]:426."), or reached none within the grace and its observer reports it
+    r"\d of 4; (rank 0 of 2 saw: [^;]*by peer[^;]*\.|rank 1 of 2 was killed by SIGKILL, and "
+    r"rank 0 reached no collective within 30 s)\); this rank stopped too; ((\S+)/checkpoints/"
+    r"last\.ckpt \(epoch [01], step [48]\) is the last whole checkpoint|no checkpoint of this run "
+    r"was written yet \(ckpt_path=last starts it afresh\)); continue with ckpt_path=last" + WITH_LOG
+)
+
+
+def kill_rank_1(
+    work: Path, when: str, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str, float]:
+    """Start a DDP run and kill -9 its rank 1: early in epoch 1 (`step`), or with rank 0 held
+    (SIGSTOP) past Lightning's 5 s poll of its children, at epoch 0's end (`epoch_end`: its
+    last.ckpt just written) or while it writes a checkpoint (`checkpoint`: a .partial file
+    there), so that rank 0 reaches its next collective only after the poll."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kalm_lightning.train", *RESUMABLE, "hardware=ddp_cpu", *extra],
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        start_new_session=True,
+    )
+    folder = "outputs/*/*/stage1/*/checkpoints/"
+    pattern = folder + (".*.partial" if when == "checkpoint" else "last.ckpt")
+    try:
+        deadline = time.monotonic() + 300
+        while not list(work.glob(pattern)):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.002)
+        rank0 = process.pid
+        if when != "step":
+            os.kill(rank0, signal.SIGSTOP)
+        os.kill(rank_process(work, 1), signal.SIGKILL)
+        if when != "step":
+            time.sleep(7)  # Lightning's observer would have polled, and killed rank 0 unheard
+            os.kill(rank0, signal.SIGCONT)
+        killed = time.monotonic()
+        _, stderr = process.communicate(timeout=120)
+        stopped_after = time.monotonic() - killed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return process, stderr, stopped_after
+
+
 @pytest.mark.slow
 def test_a_dead_ddp_rank_ends_the_other_with_one_line_and_the_run_resumes(
     tmp_path: Path, uninterrupted_ddp: tuple[dict, pd.Series]
@@ -489,40 +539,13 @@ def test_a_dead_ddp_rank_ends_the_other_with_one_line_and_the_run_resumes(
     """kill -9 of rank 1 early in epoch 1: rank 0 stops within seconds (gloo sees the closed
     connection at its next all-reduce) with one line naming the epoch and the last whole
     checkpoint; ckpt_path=last then ends with the uninterrupted DDP run's weights."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kalm_lightning.train", *RESUMABLE, "hardware=ddp_cpu"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("outputs/*/*/stage1/*/checkpoints/last.ckpt")):
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-            time.sleep(0.01)
-        os.kill(rank_process(tmp_path, 1), signal.SIGKILL)
-        killed = time.monotonic()
-        _, stderr = process.communicate(timeout=120)
-        stopped_after = time.monotonic() - killed
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+    process, stderr, stopped_after = kill_rank_1(tmp_path, "step")
     assert process.returncode == 1, stderr[-3000:]
     assert (
         stopped_after < 30
     )  # README: at once for a dead rank, hardware.timeout_s for a silent one
     line = stderr.strip().splitlines()[-1]
-    assert re.fullmatch(
-        r"kalm-train: another DDP rank stopped answering \(training, epoch 1, after batch \d of 4; "
-        # gloo names the peer on some runs: "Connection closed by peer [127.0.0.1]:426."
-        r"rank 0 of 2 saw: [^;]*by peer[^;]*\.\); this rank stopped too; (\S+)/checkpoints/last\.ckpt "
-        r"\(epoch 0, step 4\) is the last whole checkpoint; continue with ckpt_path=last"
-        + WITH_LOG,
-        line,
-    ), line
+    assert re.fullmatch(DEAD_PEER, line), line
     assert "Traceback" not in stderr
     assert running_trainings(tmp_path) == ""
     check(run_cli("train", [*RESUMABLE, "hardware=ddp_cpu", "ckpt_path=last"], tmp_path))
@@ -530,6 +553,51 @@ def test_a_dead_ddp_rank_ends_the_other_with_one_line_and_the_run_resumes(
     for key, value in straight.items():
         torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-6, msg=key)
     assert len(logs) == len(straight_logs) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["epoch_end", "checkpoint"])
+def test_a_rank_that_dies_while_rank_0_is_between_collectives_is_still_reported(
+    tmp_path: Path, when: str
+) -> None:
+    """Rank 0 held past the poll of its children (the race that once ended it without a word:
+    Lightning's observer SIGKILLs it 5 s after a child dies): it still reports the line."""
+    process, stderr, _ = kill_rank_1(tmp_path, when)
+    assert process.returncode == 1, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(DEAD_PEER, line), line
+    assert running_trainings(tmp_path) == ""
+
+
+def test_the_observer_reports_a_dead_rank_when_rank_0_reaches_no_collective(
+    tmp_path: Path,
+) -> None:
+    """The observer's own report: a child rank killed, and this process busy elsewhere (asleep)
+    past the grace: one line and exit code 1, the other children ended."""
+    script = (
+        "import subprocess, sys, time\n"
+        "from kalm_lightning.training.launcher import PeerObserver\n"
+        "children = [subprocess.Popen(['sleep', '60']) for _ in range(2)]\n"
+        "print(children[1].pid, flush=True)\n"
+        "PeerObserver(children, None, grace_s=1.0).start()\n"
+        "children[0].kill()\n"
+        "time.sleep(60)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "kalm-train: another DDP rank stopped answering (training; rank 1 of 3 was killed by "
+            "SIGKILL, and rank 0 reached no collective within 1 s); this rank stopped too; "
+            "continue with ckpt_path=last (full traceback in "
+        )
+    )
+    other = Path(f"/proc/{result.stdout.split()[0]}/stat")  # ended: gone, or a zombie till reaped
+    assert not other.exists() or other.read_text().split()[2] == "Z"
 
 
 @pytest.mark.slow

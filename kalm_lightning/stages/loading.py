@@ -26,7 +26,10 @@ def load_stage(
     hparams = read_trained(path, setting)["hyper_parameters"]
     stage = STAGES[hparams["stage"]]
     module = stage.load_from_checkpoint(
-        path, map_location=map_location, net=stage.offline(hparams["net"]), weights_only=WEIGHTS_ONLY
+        path,
+        map_location=map_location,
+        net=stage.offline(hparams["net"]),
+        weights_only=WEIGHTS_ONLY,
     )
     if inference is not None:
         localizer = getattr(module.net, "localizer", None)

@@ -6,8 +6,8 @@ command that continues; the full traceback goes to the run's log file.
 the trainer still says where it stood: epoch, batch, rank, batch size, image sizes, precision. It
 puts the line on the exception (`LINE`), which `cli.one_line_errors` prints. A dead peer is
 reported and the process ended right there: the collectives that teardown would run next can
-only wait for the rank that is gone, and Lightning's observer of child processes would kill the
-survivor without a word a few seconds later.
+only wait for the rank that is gone. Where rank 0 reaches no collective for a while, the
+observer of its child ranks (`training/launcher.py`) reports the dead peer in its place.
 """
 
 from __future__ import annotations
@@ -130,21 +130,23 @@ def first_line(error: BaseException) -> str:
     return re.split(r"(?<=\.)\s", text, maxsplit=1)[0][:200]
 
 
+def where_it_stood(trainer: pl.Trainer) -> str:
+    """Where a fit stands, in words: training or validating, the epoch, the batches done."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    doing = {"train": "training", "validate": "validating", "sanity_check": "validating"}
+    stage = doing.get(str(getattr(trainer.state.stage, "value", "")), "training")
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int):
+        return "before the first training step"
+    return f"{stage}, epoch {trainer.current_epoch}, after batch {done} of {batches}"
+
+
 class FaultReport(pl.Callback):
     """Turn a machine fault during fit into its one line (see the module docstring)."""
 
     def on_exception(self, trainer: pl.Trainer, pl_module: Any, exception: BaseException) -> None:
         run = Run(Path(trainer.default_root_dir))
-        epoch = trainer.current_epoch
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        doing = {"train": "training", "validate": "validating", "sanity_check": "validating"}
-        stage = doing.get(str(getattr(trainer.state.stage, "value", "")), "training")
-        batches = trainer.num_training_batches
-        where = (
-            f"{stage}, epoch {epoch}, after batch {done} of {batches}"
-            if isinstance(batches, int)
-            else "before the first training step"
-        )
+        where = where_it_stood(trainer)
         refused = exception if isinstance(exception, WriteRefused) else None
         if refused is None and isinstance(exception, OSError) and exception.filename:
             refused = write_refusal(Path(exception.filename), exception)
