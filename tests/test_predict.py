@@ -15,6 +15,7 @@ import torch
 from conftest import TINY_RUN, check, dicom_dataset, run_cli
 from PIL import Image
 
+from kalm_lightning.data.geometry import PIXEL_BOX
 from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.stages import load_stage
 
@@ -255,6 +256,14 @@ def dicom_predictions(
         Image.fromarray(pixels).save(folder / f"{dicom_name(*kind)}.png")
         write_dicom(folder / f"{dicom_name(*kind)}.dcm", pixels, *kind)
         assert (load_grayscale(folder / f"{dicom_name(*kind)}.dcm") == pixels).all()
+    # a JPEG whose EXIF orientation turns it upright (6: a quarter turn clockwise), beside the
+    # same radiograph stored upright; not square, so a box mapped back unturned would show
+    upright = pixels[:, : pixels.shape[1] * 2 // 3]
+    Image.fromarray(upright).save(folder / "upright.jpg", quality=100)
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright)))
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(folder / "turned.jpg", quality=100, exif=exif.tobytes())
     write_dicom(folder / "nopixels.dcm", pixels, False, 8, False)
     ds = pydicom.dcmread(folder / "nopixels.dcm")
     del ds.PixelData
@@ -273,6 +282,17 @@ def test_dicom_and_the_png_exported_from_it_agree(
     name = dicom_name(monochrome1, bits, windowed)
     assert pd.isna(rows.loc[f"{name}.dcm", "error"])
     assert abs(rows.loc[f"{name}.dcm", "prob"] - rows.loc[f"{name}.png", "prob"]) < 1e-4
+
+
+def test_a_jpeg_is_scored_and_boxed_upright_as_its_exif_orientation_says(
+    dicom_predictions: tuple[int, pd.DataFrame],
+) -> None:
+    _, rows = dicom_predictions
+    turned, upright = rows.loc["turned.jpg"], rows.loc["upright.jpg"]
+    assert pd.isna(turned["error"]) and pd.isna(upright["error"])
+    probs = ["prob", "prob_global", "prob_local"]  # as the DICOMs and their PNGs: 1e-4
+    np.testing.assert_allclose(turned[probs].astype(float), upright[probs].astype(float), atol=1e-4)
+    assert turned[PIXEL_BOX].tolist() == upright[PIXEL_BOX].tolist()  # in the upright pixels
 
 
 def test_dicom_without_pixel_data_gets_its_own_error(

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kalm_lightning.data.dicom import dicom_size, is_dicom, read_dicom
 from kalm_lightning.data.geometry import fit_geometry
 from kalm_lightning.errors import UserError
 from kalm_lightning.settings import check
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag: 1 upright; 5-8 transpose the width and height
 
 
 class BadImageError(UserError):
@@ -56,7 +59,8 @@ def load_grayscale(path: str | Path) -> np.ndarray:
                     "downscale the image or raise PIL.Image.MAX_IMAGE_PIXELS"
                 )
             image.load()
-            pixels = to_grayscale(image)
+            # upright as a viewer shows it: a camera's or scanner's EXIF orientation applied
+            pixels = to_grayscale(ImageOps.exif_transpose(image))
     except BadImageError:
         raise
     except Image.DecompressionBombError as error:  # PIL refuses these before reading the size out
@@ -72,11 +76,13 @@ def load_grayscale(path: str | Path) -> np.ndarray:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of an image from its header, without decoding the pixels."""
+    """(height, width) of an image upright (its EXIF orientation applied, as `load_grayscale`
+    decodes it), from its header, without decoding the pixels."""
     if is_dicom(path):
         return dicom_size(path)
     with Image.open(path) as image:
-        return image.height, image.width
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn
+        return (image.width, image.height) if turned else (image.height, image.width)
 
 
 def resize_square(pixels: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
