@@ -63,12 +63,24 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through its partial name: whole or not at all."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """The project's one writer of a file that must be whole: the data goes to path's partial
+    name, is flushed to the disk (fsync), then renamed over path, and the rename itself is made
+    durable (fsync of the folder). A kill or a power cut at any point leaves the old file or the
+    new one, never half of either."""
+    path = Path(path)
     partial = partial_path(path)
     try:
-        partial.write_text(text)
-        partial.replace(path)
+        with open(partial, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     finally:
         partial.unlink(missing_ok=True)
 

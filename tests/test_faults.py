@@ -674,3 +674,54 @@ def test_a_full_disk_outside_checkpoints_gives_one_line(
         line,
     ), line
     assert "Traceback" not in result.stderr and not leftovers
+
+
+def test_a_write_killed_halfway_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    """The project's one writer (`runs.write_atomic`, used for records, metrics.json, the model
+    card, the export's JSON, ...): a process SIGKILLed while it writes 256 MiB leaves the file as
+    it was, and the next write replaces it whole."""
+    target = tmp_path / "metrics.json"
+    target.write_text('{"old": true}\n')
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from kalm_lightning.runs import write_atomic\n"
+        "write_atomic(Path(sys.argv[1]), b'x' * 2**28)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script, str(target)])
+    partial = tmp_path / ".metrics.json.partial"
+    deadline = time.monotonic() + 60
+    while not (partial.exists() and partial.stat().st_size > 0):
+        assert writer.poll() is None and time.monotonic() < deadline, "the write ended first"
+        time.sleep(0.001)
+    writer.kill()
+    writer.wait()
+    assert target.read_text() == '{"old": true}\n'
+    from kalm_lightning.runs import write_atomic
+
+    write_atomic(target, '{"new": true}\n')
+    assert target.read_text() == '{"new": true}\n' and not partial.exists()
+
+
+def test_a_write_the_disk_refuses_leaves_the_old_file_and_no_debris(tmp_path: Path) -> None:
+    """The file size limit (ulimit -f) reached halfway: an OSError, the old file intact, the
+    partial file removed."""
+    target = tmp_path / "model_card.json"
+    target.write_text("old\n")
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))\n"
+        "from kalm_lightning.runs import write_atomic\n"
+        "try:\n"
+        "    write_atomic(Path(sys.argv[1]), 'y' * 2**22)\n"
+        "except OSError as error:\n"
+        "    print(error.errno)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(target)], capture_output=True, text=True
+    )
+    assert result.stdout.strip() == "27"  # EFBIG
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_card.json"]

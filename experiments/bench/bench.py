@@ -40,6 +40,7 @@ from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_
 from kalm_lightning.data.transfer import model_input
 from kalm_lightning.evaluation.studies import KALM
 from kalm_lightning.models.kalm import crop, resize_view
+from kalm_lightning.runs import write_atomic
 from kalm_lightning.stages.global_stage import GlobalStage
 from kalm_lightning.stages.kalm_stage import KALMStage
 
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = run(s)
     print_table(result)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(f"written to {args.out}")
 
 

@@ -16,6 +16,9 @@ import torch
 from PIL import Image
 from rows import FIXED, GLOBAL_INPUT, GLOBAL_SOURCE, MUST_BEAT, PAPER, Regime, Row
 
+from kalm_lightning.evaluation.figures import save_figure
+from kalm_lightning.runs import write_atomic
+
 DISCUSSION = "discussion.md"  # beside RESULTS.md: the reading of the results, included in it
 
 
@@ -193,8 +196,7 @@ def plot_cost(summary: list[dict], path: Path, title: str) -> None:
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_sweep(sweep: list[tuple[Regime, list[dict]]], rows: tuple[Row, ...], out: Path) -> None:
@@ -223,8 +225,7 @@ def plot_sweep(sweep: list[tuple[Regime, list[dict]]], rows: tuple[Row, ...], ou
     gain.legend(fontsize=7)
     hits.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out / "sweep.png")
-    plt.close(figure)
+    save_figure(figure, out / "sweep.png")
 
 
 def side_by_side(paths: list[Path], out: Path) -> bool:
@@ -352,15 +353,16 @@ def write(
         "",
     ]
     text = "\n".join(lines)
-    (out / "RESULTS.md").write_text(text)
-    (out / "summary.json").write_text(
+    write_atomic(out / "RESULTS.md", text)
+    write_atomic(
+        out / "summary.json",
         json.dumps(
             {r.name: s for r, s in regimes}
             | {f"sweep-c{g.cue:g}": s for g, s in sweep}
             | {"best": {"row": best.name, "overrides": list(best.stage2)}},  # make table1's row
             indent=2,
         )
-        + "\n"
+        + "\n",
     )
     return text
 

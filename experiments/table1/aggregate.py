@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kalm_lightning.config import variant
 from kalm_lightning.evaluation.studies import SCORE_LABELS, SCORES
-from kalm_lightning.runs import sweep_jobs
+from kalm_lightning.runs import sweep_jobs, write_atomic
 
 PAPER = {  # Table 1 of Huang et al. (ICASSP 2020): study-level accuracy, AUROC, kappa
     ("resnet18", "global"): (0.821, 0.875, 0.633),
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     text = report(args.folder)
     if args.out:
-        args.out.write_text(text)
+        write_atomic(args.out, text)
         print(f"Table 1 written to {args.out}")
     else:
         print(text)

@@ -12,7 +12,6 @@ from kalm_lightning.data.geometry import fit_geometry
 from kalm_lightning.errors import UserError
 from kalm_lightning.settings import check
 
-
 EXIF_ORIENTATION = 0x0112  # the EXIF tag: 1 upright; 5-8 transpose the width and height
 
 

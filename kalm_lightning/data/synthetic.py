@@ -29,6 +29,7 @@ from kalm_lightning.data.radiographs import (
     save_png,
 )
 from kalm_lightning.errors import UserError
+from kalm_lightning.runs import write_atomic
 from kalm_lightning.settings import blob_regime, check
 
 # MURA v1.1 train studies per body part, for realistic proportions.
@@ -172,7 +173,7 @@ def generate_synthetic_mura(
         writer = csv.writer(handle)
         writer.writerow(["image", "x0", "y0", "x1", "y1"])
         writer.writerows([name, *box] for name, box in boxes)
-    (base / MURA_DIR / "synthetic.json").write_text(json.dumps(asdict(settings), indent=2))
+    write_atomic(base / MURA_DIR / "synthetic.json", json.dumps(asdict(settings), indent=2))
     return counts
 
 

@@ -4,9 +4,11 @@ reliability diagram."""
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -20,10 +22,19 @@ from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from kalm_lightning.data.geometry import LESION_BOX, PIXEL_BOX, to_source_pixels
 from kalm_lightning.evaluation.studies import SCORE_LABELS
+from kalm_lightning.runs import write_atomic
 
 PRED_COLOUR, TRUE_COLOUR = (255, 64, 64), (64, 255, 64)
 HEAT = matplotlib.colormaps["inferno"]
 HEAT_NAMES = {"global": "CNN_g CAM", "local": "CNN_l CAM (in its box)"}
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """A matplotlib figure written as PNG through the one atomic writer, then closed."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    write_atomic(path, buffer.getvalue())
 
 
 def heat_blend(pixels: np.ndarray, heat: np.ndarray) -> Image.Image:
@@ -191,8 +202,7 @@ def roc_figure(
     )
     axis.legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def reliability_figure(calibration: Mapping, path: Path, title: str) -> None:
@@ -223,5 +233,4 @@ def reliability_figure(calibration: Mapping, path: Path, title: str) -> None:
     )
     axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)

@@ -21,7 +21,7 @@ from kalm_lightning.evaluation.studies import (
     study_table,
     write_submission,
 )
-from kalm_lightning.runs import METRICS_FILE, writing
+from kalm_lightning.runs import METRICS_FILE, write_atomic, writing
 
 TABLE_COLUMNS = ("model", "accuracy", "AUROC", "kappa", "studies")
 ROC, RELIABILITY, BOXES = FIGURES = ("roc.png", "reliability.png", "boxes.png")
@@ -73,7 +73,7 @@ def table_markdown(metrics: Mapping[str, Mapping], model: str) -> str:
 
 
 def write_json(data: Mapping, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+    write_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
 def write_reports(
@@ -104,7 +104,7 @@ def _write_reports(
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(metrics, out / METRICS_FILE)
-    (out / "table.md").write_text(table_markdown(metrics, model))
+    write_atomic(out / "table.md", table_markdown(metrics, model))
     frame.drop(columns=["image"]).to_csv(out / "predictions_images.csv", index=False)
     studies = study_table(frame, aggregation=aggregation)
     studies[["study", "label", "prob"]].to_csv(out / "predictions_studies.csv", index=False)

@@ -16,7 +16,7 @@ import wandb
 from kalm_lightning.errors import UserError
 from kalm_lightning.evaluation.metrics import NAMES
 from kalm_lightning.evaluation.studies import SCORE_LABELS, SCORES
-from kalm_lightning.runs import RESULT_FILE, sweep_jobs
+from kalm_lightning.runs import RESULT_FILE, sweep_jobs, write_atomic
 
 
 def summary_table(jobs: list[dict]) -> pd.DataFrame:
@@ -58,13 +58,13 @@ def summarize(folder: Path) -> pd.DataFrame:
     if not jobs:
         raise UserError(f"{folder} holds no finished job (no {RESULT_FILE} below it)")
     table = summary_table(jobs)
-    table.to_csv(folder / "summary.csv", index=False)
+    write_atomic(folder / "summary.csv", table.to_csv(index=False))
     header = (
         f"# Sweep {folder}\n\n{len(table)} job(s), best first by the validation figure each job "
         "selected its checkpoint on (`best_val`). Study-level figures (g / l / KALM) come from the "
         "job's evaluation, where it ran one.\n\n"
     )
-    (folder / "summary.md").write_text(header + to_markdown(table))
+    write_atomic(folder / "summary.md", header + to_markdown(table))
     return table
 
 

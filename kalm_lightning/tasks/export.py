@@ -24,6 +24,7 @@ from torch import nn
 from kalm_lightning.errors import UserError, check_choice
 from kalm_lightning.evaluation.operating import EPSILON
 from kalm_lightning.models.kalm import KALMNet, resize_view
+from kalm_lightning.runs import write_atomic
 from kalm_lightning.stages import load_stage
 from kalm_lightning.stages.base import StageModule
 from kalm_lightning.tasks.model_card import write_model_card
@@ -160,7 +161,7 @@ def run_export(cfg: DictConfig) -> Path:
         else:
             export_program(model, example, path)
     meta_file = path.with_suffix(path.suffix + ".json")
-    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    write_atomic(meta_file, json.dumps(meta, indent=2) + "\n")
     card = write_model_card(stage, cfg.ckpt_path, meta, path, cfg.get("metrics"))
     print(f"{cfg.format} model written to {path}; preprocessing in {meta_file}; model card {card}")
     return path

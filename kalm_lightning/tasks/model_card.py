@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from kalm_lightning.runs import METRICS_FILE, Run
+from kalm_lightning.runs import METRICS_FILE, Run, write_atomic
 from kalm_lightning.stages.base import StageModule
 
 INTENDED_USE = (
@@ -179,6 +179,6 @@ def write_model_card(
     """model_card.json and model_card.md beside the exported model; returns the Markdown's path."""
     card = card_data(stage, ckpt_path, meta, metrics)
     folder = model_path.parent
-    (folder / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
-    (folder / "model_card.md").write_text(markdown(card))
+    write_atomic(folder / "model_card.json", json.dumps(card, indent=2, default=str) + "\n")
+    write_atomic(folder / "model_card.md", markdown(card))
     return folder / "model_card.md"

@@ -102,7 +102,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
         trainer = build_trainer(cfg, instantiate_all(cfg.get("callbacks")), loggers)
         if trainer.is_global_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
-            run.config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            runs.write_atomic(run.config_file, OmegaConf.to_yaml(cfg, resolve=True))
             for logger in loggers:
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             log_files(loggers, [run.config_file])
