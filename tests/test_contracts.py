@@ -20,6 +20,7 @@ from sklearn.metrics import confusion_matrix, f1_score
 
 from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.data.mura import MURADataModule
+from kalm_lightning.evaluation.predictions import BOX
 from kalm_lightning.runs import HOLDOUT_FILE, Run
 
 SYNTHETIC = [arg for arg in TINY_RUN if arg.startswith("data.synthetic.")]
@@ -71,10 +72,10 @@ def test_evaluate_scores_the_hold_out_the_run_selected_on(padded: dict, tmp_path
     assert metrics["kalm"]["image"]["accuracy"] == pytest.approx(best, abs=1e-6)
     assert "localization" in metrics
     split = MURADataModule(str(root), val_from_train=0.3, num_workers=0, seed=7)
-    held, trained = (set(split.dataset(part).paths) for part in ("val", "train"))
+    held, trained = (set(split.dataset(part).index["image"]) for part in ("val", "train"))
     assert set(scored["path"]) == held and not held & trained  # the patients training never saw
     seed0 = MURADataModule(str(root), val_from_train=0.3, num_workers=0, seed=0)
-    assert set(seed0.dataset("val").paths) != held  # the hold-out evaluate once drew instead
+    assert set(seed0.dataset("val").index["image"]) != held  # what evaluate once drew instead
 
 
 def test_split_holdout_of_a_model_that_held_nothing_out_is_refused(trained: dict) -> None:
@@ -96,12 +97,20 @@ def test_predict_and_onnx_give_the_training_runs_probabilities(padded: dict, tmp
     out = tmp_path / "predict"
     args = [f"ckpt_path={best}", f"images={root}", f"output={out}", "num_workers=0"]
     check(run_cli("predict", args, work))
-    predicted = pd.read_csv(out / "predictions_images.csv")
-    predicted["path"] = [str(root / p) for p in predicted["path"]]
-    predicted = predicted.set_index("path").loc[own.index]
-    # predict writes the calibrated decision score, as evaluate's prob_calibrated column
-    np.testing.assert_allclose(predicted["prob"], own["prob_calibrated"], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(predicted["prob_uncalibrated"], own["prob_kalm"], atol=1e-5, rtol=0)
+    # One prediction table: evaluate's and predict's columns mean the same, their values agree
+    predicted = pd.read_csv(out / "predictions_images.csv").set_index("path").loc[own.index]
+    shared = sorted(set(predicted.columns) & set(own.columns))
+    assert set(shared) >= {"study", "body_part", "prob", "prob_raw", "call", "prob_kalm", "box_x0"}
+    assert "label" not in predicted and "error" not in own  # the truth only where it is known
+    probs = [c for c in shared if c.startswith("prob")]
+    np.testing.assert_allclose(predicted[probs], own[probs], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(predicted[BOX], own[BOX], atol=0.1, rtol=0)
+    rest = [c for c in shared if c not in probs and c not in BOX]
+    pd.testing.assert_frame_equal(predicted[rest], own[rest])
+    assert padded["metrics"]["operating_point"]["temperature"] != 1.0  # so prob != prob_raw
+    assert (own["prob"] - own["prob_raw"]).abs().max() > 1e-3
+    run = padded["run"]
+    assert (out / "submission.csv").read_bytes() == (run.evaluation / "submission.csv").read_bytes()
 
     model = tmp_path / "model.onnx"
     check(run_cli("export", [f"ckpt_path={best}", "format=onnx", f"output={model}"], work))
@@ -111,7 +120,7 @@ def test_predict_and_onnx_give_the_training_runs_probabilities(padded: dict, tmp
     size, mean, std = meta["source_size"], np.array(meta["mean"]), np.array(meta["std"])
     batch = []
     for path in own.index[:6]:
-        grey = Image.fromarray(load_grayscale(path))
+        grey = Image.fromarray(load_grayscale(root / path))
         scale = size / max(grey.size)  # the longer side to the source size, centred on black
         shape = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
         offset = (round((size - grey.width * scale) / 2), round((size - grey.height * scale) / 2))
@@ -121,7 +130,7 @@ def test_predict_and_onnx_give_the_training_runs_probabilities(padded: dict, tmp
         batch.append((np.repeat(pixels[None], 3, 0) - mean[:, None, None]) / std[:, None, None])
     session = onnxruntime.InferenceSession(str(model))
     prob = session.run(["prob"], {"images": np.stack(batch).astype(np.float32)})[0]
-    np.testing.assert_allclose(prob, own["prob_calibrated"].to_numpy()[:6], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prob, own["prob"].to_numpy()[:6], atol=1e-4, rtol=0)
     props = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
     point = torch.load(best, weights_only=True, mmap=True)["operating_point"]
     assert float(props["kalm.threshold"]) == point["threshold"] == meta["threshold"]
@@ -188,7 +197,7 @@ def test_the_operating_point_comes_from_the_hold_out_and_its_figures_match_sklea
     assert point["rule"] == "youden" and "hold-out" in point["fitted_on"]
     block = metrics["operating_point"]
     assert block["threshold"] == point["threshold"] and block["temperature"] == point["temperature"]
-    studies = own.groupby("study").agg(prob=("prob_calibrated", "mean"), label=("label", "first"))
+    studies = own.groupby("study").agg(prob=("prob", "mean"), label=("label", "first"))
     pred = (studies["prob"] >= point["threshold"]).astype(int)
     tn, fp, fn, tp = confusion_matrix(studies["label"], pred, labels=[0, 1]).ravel()
     at = block["study"]

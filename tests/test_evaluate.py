@@ -132,15 +132,17 @@ def test_stage2_checkpoint_writes_every_report(
         assert len(metrics[score]["intervals"]["auroc"]) == 2
     assert 0 <= metrics["localization"]["hit_rate"] <= 1 and metrics["localization"]["n"] > 0
     images = pd.read_csv(run / "predictions_images.csv")
-    assert {"path", "label", "prob_global", "prob_local", "prob", "box_x0", "box_y1"} <= set(
+    assert {"path", "label", "prob", "prob_raw", "call", "prob_global", "prob_local"} <= set(
         images.columns
     )
+    assert {"box_x0", "box_y1", "box_area"} <= set(images.columns)
+    assert images["path"].str.startswith("MURA-v1.1/valid/").all()  # as MURA's CSV lists it
     np.testing.assert_allclose(
         images["prob"], (images["prob_global"] + images["prob_local"]) / 2, atol=1e-6
     )
     studies = pd.read_csv(run / "predictions_studies.csv")
     assert (
-        list(studies.columns) == ["study", "label", "prob"]
+        list(studies.columns) == ["study", "images", "prob", "call", "label"]
         and len(studies) == metrics["kalm"]["study"]["n"]
     )
     table = (run / "table.md").read_text()

@@ -17,7 +17,7 @@ from kalm_lightning.evaluation.operating import (
     fit_temperature,
     operating_scores,
 )
-from kalm_lightning.stages.base import class_weights
+from kalm_lightning.stages.loss import class_weights
 
 
 def sample(seed: int, n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:

@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
         frame = predictions_of(study.run_dir(regime, row, args.seed))
         if frame is None or not set(PIXEL_BOX) <= set(frame.columns):
             continue  # not run here, or no box (a global CNN)
-        frame = frame.merge(index[["path", "image"]], on="path")
+        # `path` as MURA lists it (the prediction table); absolute in runs of earlier versions
+        key = "path" if frame["path"].str.startswith("/").all() else "image"
+        frame = frame.rename(columns={"path": key}).merge(index[["path", "image"]], on=key)
         lesioned = frame["path"].isin(lesions.index)
         boxes = frame[PIXEL_BOX].to_numpy(float)
         on_blob = np.array(

@@ -127,6 +127,7 @@ class MURADataModule(pl.LightningDataModule):
         self.datasets: dict[str, MURADataset] = {}
         self.caches: dict[str, ImageCache] = {}
         self.resume_position: tuple[int, int] | None = None
+        self.predicting: MURADataset | None = None
 
     def _split_indexes(self) -> dict[str, pd.DataFrame]:
         if not self.indexes:
@@ -197,20 +198,44 @@ class MURADataModule(pl.LightningDataModule):
             )
         return self.datasets[part]
 
+    def predict_on(
+        self, images: str | pd.DataFrame = "test", on_bad_image: str | None = None
+    ) -> MURADataset:
+        """What `predict_dataloader` scores (evaluate and predict, through `Trainer.predict`): a
+        part of the splits ('train', 'val', 'test'), as it is, never augmented; or an index of
+        any files (predict's: `path`, `study`, `body_part`, `label`), decoded as the parts are."""
+        if isinstance(images, str):
+            index, cache = self._split_indexes()[images], self._cache(images)
+        else:
+            index, cache = images, None
+        self.predicting = MURADataset(
+            index,
+            source_size=self.source_size,
+            resize=self.resize,
+            mean=self.mean,
+            std=self.std,
+            cache=cache,
+            on_bad_image=on_bad_image or self.on_bad_image,
+            skipped_log=self.skipped_log,
+            pixels=self.device_transforms,
+        )
+        return self.predicting
+
     def setup(self, stage: str | None = None) -> None:
         parts = {
             "fit": ("train", "val"),
             "validate": ("val",),
             "test": ("test",),
-            "predict": ("test",),
+            "predict": (),  # predict_on chooses what is scored
         }
         for part in parts.get(stage or "fit", ("train", "val", "test")):
             self.dataset(part)
         main = self.trainer is None or self.trainer.is_global_zero
         if stage == "fit" and self.run_dir is not None and self.holdout is not None and main:
-            columns = ["path", "patient", "study", "body_part", "label"]
+            columns = ["image", "patient", "study", "body_part", "label"]  # as MURA lists them
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            held = self._split_indexes()["val"][columns].to_csv(index=False)
+            held = self._split_indexes()["val"][columns].rename(columns={"image": "path"})
+            held = held.to_csv(index=False)
             write_atomic(self.run_dir / HOLDOUT_FILE, held)
 
     @staticmethod
@@ -220,8 +245,8 @@ class MURADataModule(pl.LightningDataModule):
             return torch.distributed.get_world_size(), torch.distributed.get_rank()
         return 1, 0
 
-    def _loader(self, part: str, shuffle: bool) -> DataLoader:
-        dataset = self.dataset(part)
+    def _loader(self, part: str | MURADataset, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(part) if isinstance(part, str) else part
         world_size, rank = self._world()
         sampler = None
         if shuffle:  # also on one process: the epoch's order and augmentation follow from the seed
@@ -271,4 +296,4 @@ class MURADataModule(pl.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(self.predicting or self.predict_on("test"), shuffle=False)

@@ -22,16 +22,6 @@ from kalm_lightning.evaluation.operating import (
 )
 from kalm_lightning.evaluation.studies import prob_column, study_means
 
-CALIBRATED = "prob_calibrated"  # the image table's column when the model has a temperature
-
-
-def add_calibrated(frame: pd.DataFrame, score: str, temperature: float) -> pd.DataFrame:
-    """The decision score's calibrated probability beside it, when the model has a temperature."""
-    if temperature != 1.0:
-        prob = torch.tensor(frame[prob_column(score)].to_numpy(float))
-        frame[CALIBRATED] = calibrate(prob, temperature).numpy()
-    return frame
-
 
 def clinical_blocks(
     frame: pd.DataFrame,

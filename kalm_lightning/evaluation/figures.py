@@ -113,16 +113,16 @@ def boxes_figure(
 ) -> Image.Image:
     """Fig. 3: radiographs with their KALM box, images with a known lesion (or abnormal) first.
     heatmaps (the stage's, of uint8 [B, 1, S, S] items): each image once per map, over it."""
-    known = frame["path"].isin(lesions["path"]) if lesions is not None else frame["label"] == 1
+    known = frame["file"].isin(lesions["path"]) if lesions is not None else frame["label"] == 1
     chosen = (list(frame.index[known]) + list(frame.index[~known]))[:count]
     positions = {p: i for i, p in enumerate(dataset.paths)}
-    rows = [positions[frame.at[i, "path"]] for i in chosen]
+    rows = [positions[frame.at[i, "file"]] for i in chosen]
     truth = lesions.set_index("path") if lesions is not None else None
     pred, true = [], []
     for i, row in zip(chosen, rows, strict=True):
         geometry = (*dataset.original_size(row), source_size, dataset.resize)
         pred.append(to_source_pixels(frame.loc[i, PIXEL_BOX], *geometry))
-        path = frame.at[i, "path"]
+        path = frame.at[i, "file"]
         known_box = truth is not None and path in truth.index
         true.append(to_source_pixels(truth.loc[path, LESION_BOX], *geometry) if known_box else None)
     captions = [

@@ -23,9 +23,11 @@ def localization_scores(frame: pd.DataFrame, lesions: pd.DataFrame) -> dict[str,
     """Hit rate (lesion centre inside the KALM box), mean IoU and mean box area (its share of the
     image, where the frame has `box_area`) over the images with a lesion box.
 
-    frame: one row per image with `path` and the KALM box in original pixels (PIXEL_BOX);
-    lesions: `path` and the true box (LESION_BOX) in the same pixels."""
-    merged = frame.merge(lesions[["path", *LESION_BOX]], on="path")
+    frame: the prediction table (its `file`, the image's absolute path, and the KALM box in
+    original pixels, PIXEL_BOX); lesions: `path` (absolute) and the true box (LESION_BOX) in the
+    same pixels."""
+    truth = lesions[["path", *LESION_BOX]].rename(columns={"path": "file"})
+    merged = frame.merge(truth, on="file")
     if merged.empty:
         return {
             "hit_rate": float("nan"),

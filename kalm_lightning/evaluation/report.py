@@ -1,8 +1,9 @@
-"""Reports of an evaluation: metrics.json, the paper's Table 1 (markdown and on the console), the
-predictions CSVs, MURA's submission file and the figures."""
+"""Reports of an evaluation: metrics.json, the paper's Table 1 (markdown and on the console) and
+the figures (the prediction table and MURA's submission file: `evaluation/predictions.py`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,6 @@ from kalm_lightning.evaluation.studies import (
     SCORE_LABELS,
     prob_column,
     study_table,
-    write_submission,
 )
 from kalm_lightning.runs import METRICS_FILE, write_atomic, writing
 
@@ -85,7 +85,7 @@ def write_reports(
     boxes: dict | None = None,
     aggregation: str = "mean",
 ) -> None:
-    """metrics.json, table.md, predictions CSVs, submission.csv, roc.png and (with boxes) boxes.png.
+    """metrics.json, table.md, roc.png, reliability.png and (with boxes) boxes.png.
 
     boxes: the keyword arguments of `boxes_figure` besides the frame (dataset, source_size, lesions,
     count), for an image table that holds KALM boxes."""
@@ -105,10 +105,6 @@ def _write_reports(
     out.mkdir(parents=True, exist_ok=True)
     write_json(metrics, out / METRICS_FILE)
     write_atomic(out / "table.md", table_markdown(metrics, model))
-    frame.drop(columns=["image"]).to_csv(out / "predictions_images.csv", index=False)
-    studies = study_table(frame, aggregation=aggregation)
-    studies[["study", "label", "prob"]].to_csv(out / "predictions_studies.csv", index=False)
-    write_submission(studies, out / "submission.csv")
     curves = {}
     for score in scores:
         per_study = study_table(frame, prob_column(score), aggregation)
@@ -120,7 +116,9 @@ def _write_reports(
     if "calibration" in metrics:
         reliability_figure(metrics["calibration"], out / RELIABILITY, f"{model}: reliability")
     if boxes is not None:
-        boxes_figure(frame, **boxes).save(out / BOXES)
+        buffer = io.BytesIO()
+        boxes_figure(frame, **boxes).save(buffer, format="png")
+        write_atomic(out / BOXES, buffer.getvalue())
 
 
 def print_summary(metrics: dict, model: str, out: Path) -> None:

@@ -3,15 +3,12 @@ carries into every checkpoint, the optimiser and schedule from config, study-lev
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import hydra
 import lightning.pytorch as pl
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kalm_lightning.data.index import BODY_PARTS
@@ -27,11 +24,17 @@ from kalm_lightning.evaluation.studies import GLOBAL, THRESHOLD, study_means
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.preprocessing import Preprocessing
 from kalm_lightning.settings import check
+from kalm_lightning.stages.loss import CLASS_WEIGHTS, body_part_codes, class_weights
+from kalm_lightning.stages.nodes import (
+    OptimizerFactory,
+    SchedulerFactory,
+    check_optimizer,
+    factory,
+    plain,
+)
 from kalm_lightning.training.checkpoints import CHECKPOINT_FORMAT
 
 SELECTION_METRICS = tuple(f"{level}_{name}" for level in ("image", "study") for name in NAMES)
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 PREPROCESSING = {"image_size": 224, "source_size": 448, "resize": "stretch"}  # the paper's
 # model.operating_point: how the decision threshold (and a temperature) are chosen, on the
 # validation split, which must then be a hold-out of train (settings.py refuses otherwise).
@@ -39,76 +42,29 @@ OPERATING_POINT = {"rule": "fixed=0.5", "temperature": False}
 # model.loss: MURA's baseline weights per body part (w_abnormal = N / (A + N)), or balanced
 # overall; label smoothing. The paper's loss is plain cross-entropy.
 LOSS = {"class_weights": None, "label_smoothing": 0.0}
-CLASS_WEIGHTS = (None, "body_part", "balanced")
 LR_SCHEDULE = {"interval": "epoch", "frequency": 1, "monitor": "val/selection"}
 
 
-def plain(node: Any) -> Any:
-    """A config node as plain dicts and lists (what a checkpoint can hold)."""
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return dict(node) if isinstance(node, Mapping) else node
-
-
-def factory(node: Any) -> Any:
-    """An optimiser or scheduler: a `_partial_: true` config node is instantiated into the
-    partial (the model node is instantiated without recursion, so its `net` stays a node)."""
-    if isinstance(node, (DictConfig, Mapping)):
-        return hydra.utils.instantiate(node)
-    return node
-
-
-def check_target(node: Mapping[str, Any], expected: type, setting: str) -> dict[str, Any]:
-    """The node's options, refusing a `_target_` other than the class the stage builds."""
-    target = node.get("_target_")
-    names = {
-        f"{expected.__module__}.{expected.__qualname__}",
-        f"kalm_lightning.models.{expected.__name__}",
-    }
-    if target is not None and target not in names:
-        raise UserError(f"{setting}._target_={target}: this stage builds {sorted(names)[0]}")
-    return {k: v for k, v in node.items() if not k.startswith("_")}
-
-
-def check_optimizer(optimizer: OptimizerFactory | None) -> None:
-    """Refuse a learning rate or weight decay that cannot train, when the module is built."""
-    keywords = getattr(optimizer, "keywords", {})
-    for name in ("lr", "weight_decay"):
-        if name in keywords:
-            check(f"model.optimizer.{name}", keywords[name])
-
-
-def class_weights(index: pd.DataFrame, kind: str) -> torch.Tensor:
-    """[body parts, 2] loss weights (normal, abnormal) from a training index's image counts:
-    MURA's baseline per body part, w_abnormal = N / (A + N) and w_normal = A / (A + N) of that
-    part's normal (N) and abnormal (A) images; or the same from the whole split ("balanced")."""
-    table = torch.ones(len(BODY_PARTS), 2, dtype=torch.float32)
-    groups = {part: index[index["body_part"] == part] for part in BODY_PARTS}
-    for code, part in enumerate(BODY_PARTS):
-        rows = groups[part] if kind == "body_part" else index
-        abnormal, normal = int((rows["label"] == 1).sum()), int((rows["label"] == 0).sum())
-        if abnormal + normal:
-            table[code] = torch.tensor([abnormal, normal], dtype=torch.float32) / (
-                abnormal + normal
-            )
-    return table
-
-
-def body_part_codes(body_part: Sequence[str] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(body_part, torch.Tensor):
-        return body_part.to(device).long()
-    return torch.tensor([BODY_PARTS.index(p) for p in body_part], device=device)
-
-
 class StageModule(pl.LightningModule):
-    """A stage names its scores (e.g. global, local, kalm) and which one selects checkpoints."""
+    """A stage names its scores (e.g. global, local, kalm) and which one selects checkpoints.
+
+    Every stage is `Stage(net, preprocessing, **options)`: `net`, its network's config node;
+    `preprocessing`, the sizes and resize mode it carries into its checkpoints; the options below,
+    shared by all stages and handled here once. The arguments are recorded as hyper-parameters
+    (as plain dicts: a checkpoint holds no config object), but those in `ignore`, which are built
+    into the module rather than recorded. `expected_warnings`: warnings the stage causes on
+    purpose, which training silences around its fit (and nowhere else)."""
 
     stage: int = 0
     scores: tuple[str, ...] = (GLOBAL,)
     selection_score: str = GLOBAL
+    ignore: tuple[str, ...] = ("optimizer", "scheduler", "compile")
+    expected_warnings: tuple[str, ...] = ()
 
     def __init__(
         self,
+        net: Mapping[str, Any],
+        preprocessing: Mapping[str, Any],
         channels_last: bool = False,
         optimizer: OptimizerFactory | Mapping | None = None,
         scheduler: SchedulerFactory | Mapping | None = None,
@@ -119,6 +75,9 @@ class StageModule(pl.LightningModule):
         loss: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters(ignore=list(self.ignore), logger=False)
+        for key, value in list(self.hparams.items()):
+            self.hparams[key] = plain(value)
         optimizer, scheduler = factory(optimizer), factory(scheduler)
         self.operating_rule = {**OPERATING_POINT, **plain(operating_point or {})}
         check_rule(self.operating_rule["rule"])
@@ -129,6 +88,7 @@ class StageModule(pl.LightningModule):
         # The hold-out of train this stage validated on (MURADataModule.holdout), recorded in
         # its checkpoints: evaluate's split=holdout scores exactly those patients.
         self.holdout: dict[str, Any] | None = None
+        self.tta = "none"  # at inference: "hflip" averages each image's scores with its mirror's
         self.register_buffer("class_weight_table", torch.ones(len(BODY_PARTS), 2), persistent=False)
         check_optimizer(optimizer)
         check_choice("model.selection_metric", selection_metric, SELECTION_METRICS)
@@ -171,6 +131,20 @@ class StageModule(pl.LightningModule):
     def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Abnormal probabilities per score name, plus anything else worth keeping (e.g. boxes)."""
         raise NotImplementedError
+
+    def predict_step(self, batch: dict | None, batch_idx: int) -> dict[str, torch.Tensor] | None:
+        """Every score of a batch's images (and their boxes, stage 2) with their ids: what
+        `Trainer.predict` gives evaluate and predict. `tta="hflip"`: each score is the mean of
+        the image's and its mirror's (the boxes are the image's)."""
+        if batch is None:  # every image of the batch was skipped as bad
+            return None
+        images = self.prepare_images(batch["image"])
+        outputs = {key: value.float() for key, value in self.score(images).items()}
+        if self.tta == "hflip":
+            mirrored = self.score(images.flip(-1))
+            for name in self.scores:
+                outputs[name] = (outputs[name] + mirrored[name].float()) / 2
+        return {**outputs, "image_id": batch["image_id"]}
 
     def check_finite(self, loss: torch.Tensor, batch: dict) -> None:
         """Stop at the first NaN or Inf loss, naming the step and the batch's images; the

@@ -11,7 +11,8 @@ from kalm_lightning.evaluation.studies import GLOBAL
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.cam import global_heatmap
 from kalm_lightning.models.kalm import resize_view
-from kalm_lightning.stages.base import StageModule, check_target, plain
+from kalm_lightning.stages.base import StageModule
+from kalm_lightning.stages.nodes import check_target
 
 
 class GlobalStage(StageModule):
@@ -23,33 +24,11 @@ class GlobalStage(StageModule):
     selection_score = GLOBAL
 
     def __init__(
-        self,
-        net: Mapping[str, Any],
-        preprocessing: Mapping[str, Any],
-        channels_last: bool = False,
-        optimizer: Any = None,
-        scheduler: Any = None,
-        lr_schedule: Mapping[str, Any] | None = None,
-        selection_metric: str = "image_accuracy",
-        compile: bool = False,
-        operating_point: Mapping[str, Any] | None = None,
-        loss: Mapping[str, Any] | None = None,
+        self, net: Mapping[str, Any], preprocessing: Mapping[str, Any], **options: Any
     ) -> None:
-        super().__init__(
-            channels_last,
-            optimizer,
-            scheduler,
-            lr_schedule,
-            selection_metric,
-            compile,
-            operating_point,
-            loss,
-        )
-        net, preprocessing, lr_schedule = plain(net), plain(preprocessing), plain(lr_schedule)
-        operating_point, loss = plain(operating_point), plain(loss)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "compile"], logger=False)
-        self.net = Backbone(**check_target(net, Backbone, "model.net"))
-        self.carry(preprocessing, self.net)
+        super().__init__(net, preprocessing, **options)
+        self.net = Backbone(**check_target(self.hparams["net"], Backbone, "model.net"))
+        self.carry(self.hparams["preprocessing"], self.net)
         self.net.feature_size(self.preprocessing.image_size)  # refuse an input too small, now
 
     @property

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,15 +13,12 @@ from kalm_lightning.models.backbone import Backbone, backbone_node
 from kalm_lightning.models.cam import global_heatmap, local_heatmap
 from kalm_lightning.models.kalm import KALMNet
 from kalm_lightning.models.preprocessing import GIVEN, Preprocessing
-from kalm_lightning.stages.base import StageModule, check_target, plain
+from kalm_lightning.stages.base import StageModule
+from kalm_lightning.stages.nodes import check_target
 from kalm_lightning.training.checkpoints import read_trained
 from kalm_lightning.training.loggers import log_box_grid
 
 BOXES_LOGGED = 16
-# CNN_g is in eval mode at the start of stage 2 on purpose (frozen BatchNorm statistics).
-warnings.filterwarnings(
-    "ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training"
-)
 
 
 class KALMStage(StageModule):
@@ -33,38 +29,21 @@ class KALMStage(StageModule):
     stage = 2
     scores = SCORES
     selection_score = KALM
+    ignore = (*StageModule.ignore, "global_ckpt")
+    # CNN_g is in eval mode at the start of stage 2 on purpose (frozen BatchNorm statistics).
+    expected_warnings = (r"Found \d+ module\(s\) in eval mode at the start of training",)
 
     def __init__(
         self,
         net: Mapping[str, Any],
         preprocessing: Mapping[str, Any],
         global_ckpt: str | None = None,
-        channels_last: bool = False,
-        optimizer: Any = None,
-        scheduler: Any = None,
-        lr_schedule: Mapping[str, Any] | None = None,
-        selection_metric: str = "image_accuracy",
-        compile: bool = False,
-        operating_point: Mapping[str, Any] | None = None,
-        loss: Mapping[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            channels_last,
-            optimizer,
-            scheduler,
-            lr_schedule,
-            selection_metric,
-            compile,
-            operating_point,
-            loss,
-        )
-        net, preprocessing, lr_schedule = plain(net), plain(preprocessing), plain(lr_schedule)
-        operating_point, loss = plain(operating_point), plain(loss)
-        self.save_hyperparameters(
-            ignore=["optimizer", "scheduler", "global_ckpt", "compile"], logger=False
-        )
-        options = check_target(net, KALMNet, "model.net")
-        backbone = backbone_node(options["backbone"])
+        super().__init__(net, preprocessing, **options)
+        net, preprocessing = self.hparams["net"], self.hparams["preprocessing"]
+        built = check_target(net, KALMNet, "model.net")
+        backbone = backbone_node(built["backbone"])
         # CNN_g's weights come from stage 1 (no hub call for it), CNN_l's as the backbone says.
         global_cnn = Backbone(backbone["name"], False, None, backbone.get("output_stride"))
         self.carry(preprocessing, global_cnn)
@@ -72,7 +51,7 @@ class KALMStage(StageModule):
             self.load_global(global_ckpt, global_cnn, backbone)
         size = self.preprocessing
         self.net = KALMNet(
-            **options,
+            **built,
             image_size=size.image_size,
             source_size=size.source_size,
             global_cnn=global_cnn,

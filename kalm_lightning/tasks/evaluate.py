@@ -16,9 +16,10 @@ from kalm_lightning.data.geometry import PIXEL_BOX
 from kalm_lightning.data.index import BODY_PARTS, read_lesion_boxes, read_mura_index
 from kalm_lightning.data.mura import MURADataModule
 from kalm_lightning.errors import UserError
-from kalm_lightning.evaluation.clinical import add_calibrated, clinical_blocks
+from kalm_lightning.evaluation.clinical import clinical_blocks
 from kalm_lightning.evaluation.localization import localization_scores
 from kalm_lightning.evaluation.metrics import bootstrap_intervals, score_images
+from kalm_lightning.evaluation.predictions import given_table, image_table, write_predictions
 from kalm_lightning.evaluation.report import (
     FIGURES,
     TABLE_COLUMNS,
@@ -26,12 +27,12 @@ from kalm_lightning.evaluation.report import (
     table_rows,
     write_reports,
 )
-from kalm_lightning.evaluation.studies import PREDICTIONS, SCORE_LABELS, prob_column
+from kalm_lightning.evaluation.studies import PREDICTIONS, SCORE_LABELS, THRESHOLD, prob_column
 from kalm_lightning.models.preprocessing import GIVEN
 from kalm_lightning.runs import METRICS_FILE
 from kalm_lightning.settings import SCORED_SPLITS
 from kalm_lightning.stages import load_stage
-from kalm_lightning.tasks.inference import heatmaps_of, score_dataset
+from kalm_lightning.tasks.inference import heatmaps_of, predict_outputs
 from kalm_lightning.training.loggers import (
     finish_mlflow,
     finish_wandb,
@@ -76,6 +77,7 @@ def holdout_patients(module, ckpt_path: str) -> list[str]:
 def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dict, str]:
     """Run a stage-1 or stage-2 checkpoint over the split and write every report."""
     module = load_stage(ckpt_path, inference=cfg.get("inference"))
+    module.tta = cfg.tta
     carried = module.preprocessing
     carried.refuse_contradictions(cfg.data, ckpt_path)
     data_cfg = {**cfg.data, **{key: getattr(carried, key) for key in GIVEN}}
@@ -85,23 +87,12 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dic
         data_cfg, mean=carried.mean, std=carried.std, run_dir=str(out)
     )
     datamodule.prepare_data()
-    part = SCORED_SPLITS[cfg.split]
-    dataset = datamodule.dataset(part)
-    dataset.train = False
-    dataset.augment = {}
-    frame = score_dataset(
-        module,
-        dataset,
-        datamodule.batch_size,
-        datamodule.num_workers,
-        cfg.device,
-        cfg.precision,
-        tta=cfg.tta,
-    )
+    dataset = datamodule.predict_on(SCORED_SPLITS[cfg.split])
+    outputs = predict_outputs(module, datamodule, cfg.device, cfg.precision, what="evaluate")
+    decision, operating = module.selection_score, module.operating
+    frame = image_table(dataset, outputs, decision, operating)
     scores = [name for name in module.scores if prob_column(name) in frame]
     metrics = score_table(frame, scores, cfg.bootstrap, cfg.seed, cfg.study_aggregation)
-    decision, operating = module.selection_score, module.operating
-    frame = add_calibrated(frame, decision, float(operating["temperature"]))
     metrics.update(
         clinical_blocks(frame, decision, operating, cfg.bootstrap, cfg.seed, cfg.study_aggregation)
     )
@@ -118,7 +109,9 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt_path: str, out: Path) -> tuple[dic
             "count": cfg.box_grid,
             "heatmaps": partial(heatmaps_of, module, dataset=dataset),
         }
+    threshold = float(operating["threshold"])
     write_reports(frame, metrics, out, module.backbone_name, scores, boxes, cfg.study_aggregation)
+    write_predictions(frame, out, threshold, cfg.study_aggregation)
     return metrics, module.backbone_name
 
 
@@ -147,10 +140,10 @@ def evaluate_predictions(cfg: DictConfig, csv_path: str, out: Path) -> dict:
         raise UserError(f"{path}: {given['path'][rows.duplicated()].iloc[0]} is listed twice")
     if len(rows) < len(index):
         log.warning("%s scores %d of the %d images of the split", path, len(rows), len(index))
-    frame = index.loc[rows.astype(int).to_numpy()].reset_index(drop=True)
-    frame["prob"] = given["prob"].to_numpy()
+    frame = given_table(index.loc[rows.astype(int).to_numpy()], given["prob"].to_numpy())
     metrics = score_table(frame, [PREDICTIONS], cfg.bootstrap, cfg.seed, cfg.study_aggregation)
     write_reports(frame, metrics, out, PREDICTIONS, [PREDICTIONS], None, cfg.study_aggregation)
+    write_predictions(frame, out, THRESHOLD, cfg.study_aggregation)
     return metrics
 
 

@@ -1,9 +1,8 @@
 """The predict command: a trained model on new radiographs, every file accounted for.
 
-Outputs (in the shapes evaluate writes, so `evaluate predictions=` reads them):
-predictions_images.csv (path, study, prob_global, prob_local, prob, the KALM box in the original
-image's pixels, error), predictions_studies.csv (study, images, prob, label at the threshold),
-submission.csv (MURA's study,label) and, with overlays=true, overlays/<image>.png.
+Outputs: the prediction table evaluate writes too, one meaning per column
+(`evaluation/predictions.py`: predictions_images.csv, predictions_studies.csv, submission.csv;
+`evaluate predictions=` reads the first), and with overlays=true / heatmaps=true the drawings.
 """
 
 from __future__ import annotations
@@ -24,31 +23,25 @@ from kalm_lightning.data.dicom import DICOM_SUFFIXES
 from kalm_lightning.data.geometry import PIXEL_BOX, to_original_map
 from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.data.index import BODY_PARTS, MURA_DIR, read_mura_index
+from kalm_lightning.data.mura import MURADataModule
 from kalm_lightning.errors import UserError, check_number
 from kalm_lightning.evaluation.figures import overlay_image
-from kalm_lightning.evaluation.operating import calibrate
-from kalm_lightning.evaluation.studies import (
-    SCORES,
-    abnormal,
-    prob_column,
-    study_table,
-    write_submission,
+from kalm_lightning.evaluation.predictions import (
+    IMAGES,
+    STUDIES,
+    SUBMISSION,
+    image_table,
+    write_predictions,
 )
+from kalm_lightning.evaluation.studies import abnormal
 from kalm_lightning.runs import writing
 from kalm_lightning.stages import load_stage
-from kalm_lightning.tasks.inference import heatmap_batches, score_dataset
+from kalm_lightning.tasks.inference import heatmap_batches, predict_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)  # what a header-less CSV lists
-OUTPUTS = (
-    "predictions_images.csv",
-    "predictions_studies.csv",
-    "submission.csv",
-    "skipped_images.csv",
-    "overlays",
-)
+OUTPUTS = (IMAGES, STUDIES, SUBMISSION, "skipped_images.csv", "overlays", "heatmaps")
 VISUALS = {"overlay": "overlays", "heatmap": "heatmaps"}  # column -> folder
 SUFFIX = {"overlay": ".png", "heatmap": ".npy"}
-COLUMNS = ["path", "study", *(prob_column(s) for s in SCORES[:2]), "prob", *PIXEL_BOX, "error"]
 
 
 def _rows(files: list[Path], shown: list[str], studies: list[str]) -> pd.DataFrame:
@@ -172,60 +165,47 @@ def write_visuals(
 
 
 def run_prediction(cfg: DictConfig) -> pd.DataFrame:
-    """Score every file; write the CSVs (and overlays); exit non-zero when any file failed."""
+    """Score every file; write the prediction table (and overlays); exit non-zero when any file
+    failed."""
     if cfg.threshold is not None:
         check_number("threshold", cfg.threshold, 0, 1)
     check_number("batch_size", cfg.batch_size, 1, integer=True)
     out = Path(cfg.paths.run_dir)
     module = load_stage(cfg.ckpt_path)
-    operating = module.operating  # the threshold and temperature chosen on the hold-out
-    threshold = float(cfg.threshold if cfg.threshold is not None else operating["threshold"])
-    temperature = float(operating["temperature"])
+    module.tta = cfg.tta
+    operating = dict(module.operating)  # the threshold and temperature chosen on the hold-out
+    if cfg.threshold is not None:
+        operating["threshold"] = float(cfg.threshold)
+    threshold, temperature = float(operating["threshold"]), float(operating["temperature"])
     carried = module.preprocessing
     carried.refuse_contradictions(cfg.data, cfg.ckpt_path)
     index = collect_images(cfg.images, cfg.split)
     prepare_output(out, cfg.overwrite)
 
     exists = index["path"].map(lambda p: Path(p).is_file())
-    skipped_log = out / "skipped_images.csv"
-    dataset = MURADataset(
-        index[exists],
-        carried.source_size,
+    datamodule = MURADataModule(
+        root=str(out),  # no splits are read: predict_on names the files
+        image_size=carried.image_size,
+        source_size=carried.source_size,
         resize=carried.resize,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        pin_memory=False,
         mean=carried.mean,
         std=carried.std,
-        on_bad_image="skip",
-        skipped_log=skipped_log,
+        run_dir=str(out),
     )
-    scored = pd.DataFrame(columns=["path", "prob"])
+    dataset = datamodule.predict_on(index[exists], on_bad_image="skip")
     if len(dataset):
-        scored = score_dataset(
-            module,
-            dataset,
-            cfg.batch_size,
-            cfg.num_workers,
-            cfg.device,
-            cfg.precision,
-            progress=True,
-            tta=cfg.tta,
-        )
+        outputs = predict_outputs(module, datamodule, cfg.device, cfg.precision, what="predict")
+    else:
+        outputs = {"image_id": torch.zeros(0, dtype=torch.long)}
+    scored = image_table(dataset, outputs, module.selection_score, operating)
+    skipped_log = out / "skipped_images.csv"
     reasons = pd.read_csv(skipped_log).set_index("path")["reason"] if skipped_log.is_file() else {}
-    frame = index.rename(columns={"path": "file"}).merge(
-        scored.drop(columns=["image", "study", "body_part", "label"], errors="ignore").rename(
-            columns={"path": "file"}
-        ),
-        on="file",
-        how="left",
-    )
-    frame["path"] = frame["image"]
-    for column in COLUMNS:
-        if column not in frame:
-            frame[column] = np.nan
-    columns = list(COLUMNS)
-    if temperature != 1.0:  # the decision score as the model's temperature calibrates it
-        frame["prob_uncalibrated"] = frame["prob"]
-        frame["prob"] = calibrate(torch.tensor(frame["prob"].to_numpy(float)), temperature).numpy()
-        columns.insert(columns.index("prob") + 1, "prob_uncalibrated")
+    shown = index[["path", "image", "study", "body_part"]].rename(columns={"path": "file"})
+    frame = shown.merge(scored.drop(columns=["path", "study", "body_part"]), on="file", how="left")
+    frame = frame.rename(columns={"image": "path"})
     frame["error"] = [
         None
         if pd.notna(prob)
@@ -234,8 +214,6 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
         else reasons.get(file, "not scored")
         for prob, ok, file in zip(frame["prob"], exists, frame["file"], strict=True)
     ]
-    studies = study_table(frame, aggregation=cfg.study_aggregation)
-    studies["label"] = np.where(studies["prob"].notna(), abnormal(studies["prob"], threshold), -1)
     for column, wanted in (("overlay", cfg.overlays), ("heatmap", cfg.heatmaps)):
         if wanted:  # the file each scored image gets, relative to the output folder
             taken: set[str] = set()
@@ -245,19 +223,14 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
                 else None
                 for p, prob in zip(frame["path"], frame["prob"], strict=True)
             ]
-            columns.append(column)
     with writing(out):
         if cfg.overlays or cfg.heatmaps:
             batches = heatmap_batches(module, dataset, cfg.batch_size, cfg.num_workers, cfg.device)
             write_visuals(frame, out, threshold, batches, dataset, cfg.overlays, cfg.heatmaps)
-        frame[columns].to_csv(out / "predictions_images.csv", index=False)
-        studies[["study", "images", "prob", "label"]].to_csv(
-            out / "predictions_studies.csv", index=False
-        )
-        write_submission(studies, out / "submission.csv", threshold)
+        studies = write_predictions(frame, out, threshold, cfg.study_aggregation)
 
     failed = int(frame["error"].notna().sum())
-    called = int((studies["label"] == 1).sum())
+    called = int((studies["call"] == 1).sum())
     chosen = "given" if cfg.threshold is not None else f"the model's, {operating['rule']}"
     Console().print(
         f"{len(frame) - failed} of {len(frame)} files scored by {module.backbone_name} (stage "
@@ -281,6 +254,6 @@ def run_prediction(cfg: DictConfig) -> pd.DataFrame:
     if failed:
         raise UserError(
             f"{failed} of {len(frame)} files could not be scored: see the error column of "
-            f"{out / 'predictions_images.csv'}"
+            f"{out / IMAGES}"
         )
     return frame

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +107,15 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
             for logger in loggers:
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             log_files(loggers, [run.config_file])
-        trainer.fit(
-            model,
-            datamodule=datamodule,
-            ckpt_path=resume_checkpoint(cfg, run),
-            weights_only=WEIGHTS_ONLY,
-        )
+        with warnings.catch_warnings():
+            for message in model.expected_warnings:  # what the stage causes on purpose
+                warnings.filterwarnings("ignore", message=message)
+            trainer.fit(
+                model,
+                datamodule=datamodule,
+                ckpt_path=resume_checkpoint(cfg, run),
+                weights_only=WEIGHTS_ONLY,
+            )
         exit_code = 0
     except Preempted as stop:
         exit_code = stop.exit_code

@@ -1,0 +1,116 @@
+"""The prediction table, one owner: the files evaluate and predict both write, one meaning per
+column whichever command wrote them.
+
+`predictions_images.csv`, one row per image:
+
+| column | meaning |
+|---|---|
+| `path` | the image as MURA's image CSV lists it (a MURA root or a CSV of paths), else its absolute path |
+| `study` | the study key: MURA's study path, or the folder holding the image |
+| `body_part` | `XR_...` where the path names one |
+| `label` | the truth, 1 = abnormal; only where it is known (evaluate) |
+| `prob` | the model's decision score, the abnormal probability it decides by: KALM's fused score (CNN_g's for a stage-1 model), calibrated by the model's temperature where it has one |
+| `prob_raw` | the same score before calibration (equal to `prob` at temperature 1) |
+| `call` | 1 (abnormal) where `prob` >= the model's threshold, else 0 |
+| `prob_global`, `prob_local`, `prob_kalm` | CNN_g's, CNN_l's and the fused abnormal probability, uncalibrated: the paper's Table 1 |
+| `box_x0`, `box_y0`, `box_x1`, `box_y1` | the KALM box in the original image's pixels (stage 2) |
+| `box_area` | the box's share of the image (stage 2) |
+| `error` | why a file was not scored (predict; empty for the scored ones) |
+| `overlay`, `heatmap` | the files predict drew for it (`overlays=true`, `heatmaps=true`) |
+
+`predictions_studies.csv`, one row per study: `study`, `images` (how many were scored), `prob`
+(its images' `prob`, by their mean or max: `study_aggregation`), `call` (at the threshold), and
+`label` (the truth, evaluate). `submission.csv`: MURA's submission file, `study,call` without a
+header: the same file from evaluate and predict for the same checkpoint and images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kalm_lightning.data.dataset import MURADataset
+from kalm_lightning.data.geometry import PIXEL_BOX, box_to_pixels, to_original_pixels
+from kalm_lightning.evaluation.operating import calibrate
+from kalm_lightning.evaluation.studies import (
+    SCORES,
+    THRESHOLD,
+    abnormal,
+    prob_column,
+    study_table,
+)
+from kalm_lightning.runs import write_atomic
+
+IMAGES, STUDIES, SUBMISSION = "predictions_images.csv", "predictions_studies.csv", "submission.csv"
+DECISION = ["prob", "prob_raw", "call"]
+BOX = [*PIXEL_BOX, "box_area"]
+
+
+def image_table(
+    dataset: MURADataset,
+    outputs: dict[str, torch.Tensor],
+    decision: str,
+    operating: dict,
+) -> pd.DataFrame:
+    """One row per scored image of the dataset (its index's `image` column is what `path`
+    shows): the columns above. outputs: `predict_step`'s, joined and in image-id order."""
+    if decision not in outputs:  # no image could be scored
+        return pd.DataFrame(columns=["file", "path", "study", "body_part", *DECISION])
+    ids = outputs["image_id"].numpy()
+    rows = dataset.index.iloc[ids].reset_index(drop=True)
+    frame = pd.DataFrame({"path": rows["image"], "study": rows["study"]})
+    frame["body_part"] = rows["body_part"]
+    if (rows["label"] >= 0).all():
+        frame["label"] = rows["label"]
+    raw = outputs[decision].float()
+    prob = calibrate(raw.double(), float(operating["temperature"])).float()
+    frame["prob"], frame["prob_raw"] = prob.numpy(), raw.numpy()
+    frame["call"] = abnormal(frame["prob"], float(operating["threshold"]))
+    for name in SCORES:
+        if name in outputs:
+            frame[prob_column(name)] = outputs[name].numpy()
+    if "boxes" in outputs:
+        boxes, size = outputs["boxes"], dataset.source_size
+        pixels = box_to_pixels(boxes, size).tolist()
+        original = [
+            to_original_pixels(box, *dataset.original_size(i), size, dataset.resize)
+            for box, i in zip(pixels, ids, strict=True)
+        ]
+        frame[PIXEL_BOX] = np.round(np.array(original), 1)
+        frame["box_area"] = (boxes[:, 2] * boxes[:, 3]).numpy()  # w * h in [-1, 1] units
+    frame.insert(0, "file", rows["path"])  # what was read: the key of a run's own bookkeeping
+    return frame
+
+
+def given_table(rows: pd.DataFrame, prob: np.ndarray) -> pd.DataFrame:
+    """The table of a predictions CSV given to evaluate (`path,prob` of a split's images): its
+    `prob` is the decision score as given, called at the paper's 0.5 (no model to say more)."""
+    rows = rows.reset_index(drop=True)
+    frame = pd.DataFrame({"file": rows["path"], "path": rows["image"], "study": rows["study"]})
+    frame["body_part"], frame["label"] = rows["body_part"], rows["label"]
+    frame["prob"] = frame["prob_raw"] = prob
+    frame["call"] = abnormal(frame["prob"], THRESHOLD)
+    return frame
+
+
+def studies_of(frame: pd.DataFrame, threshold: float, aggregation: str) -> pd.DataFrame:
+    """predictions_studies.csv's rows: each study's `prob` from its scored images, and its call."""
+    studies = study_table(frame, "prob", aggregation)
+    studies["call"] = np.where(studies["prob"].notna(), abnormal(studies["prob"], threshold), -1)
+    columns = ["study", "images", "prob", "call"] + (["label"] if "label" in frame else [])
+    return studies[columns]
+
+
+def write_predictions(
+    frame: pd.DataFrame, out: Path, threshold: float, aggregation: str
+) -> pd.DataFrame:
+    """predictions_images.csv, predictions_studies.csv and submission.csv into out; the studies."""
+    studies = studies_of(frame, threshold, aggregation)
+    write_atomic(out / IMAGES, frame.drop(columns=["file"]).to_csv(index=False))
+    write_atomic(out / STUDIES, studies.to_csv(index=False))
+    scored = studies[studies["prob"].notna()]
+    write_atomic(out / SUBMISSION, scored[["study", "call"]].to_csv(index=False, header=False))
+    return studies
