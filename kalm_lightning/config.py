@@ -10,7 +10,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kalm_lightning.resolvers import register_resolvers
 from kalm_lightning.settings import check_config
@@ -105,3 +105,28 @@ def print_config(cfg: DictConfig) -> None:
 
     text = OmegaConf.to_yaml(cfg, resolve=True)
     Console(stderr=False).print(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
+
+
+def stage2_config(global_ckpt: str, overrides: list[str]) -> DictConfig:
+    """The same run as stage 2: conf/train.yaml composed again with stage=2 on a stage-1 checkpoint."""
+    replaced = ("stage", "stage.global_ckpt", "pipeline")
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in replaced]
+    return compose_config("train", [*kept, "stage=2", f"stage.global_ckpt={global_ckpt}"])
+
+
+def evaluation_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
+    """conf/evaluate.yaml for a checkpoint of this run, on the data, device and precision it trained with."""
+    evaluation = compose_config("evaluate")
+    with open_dict(evaluation):
+        evaluation.merge_with(
+            {
+                "ckpt_path": ckpt_path,
+                # Resolved here: its interpolations (data.root under paths.data_root) are this run's.
+                "data": OmegaConf.to_container(cfg.data, resolve=True),
+                "device": "cuda" if cfg.trainer.accelerator == "gpu" else "cpu",
+                "precision": str(cfg.trainer.precision),
+                "seed": cfg.seed,
+                **cfg.evaluate,
+            }
+        )
+    return evaluation

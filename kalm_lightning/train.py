@@ -2,7 +2,7 @@
 
 from kalm_lightning.cli import hydra_entry
 
-main = hydra_entry("train", "kalm-train", "kalm_lightning.tasks.train:run_training")
+main = hydra_entry("train", "kalm-train", "kalm_lightning.pipeline:run_training")
 
 if __name__ == "__main__":
     main()

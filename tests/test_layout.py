@@ -80,3 +80,40 @@ def test_the_readme_map_names_modules_that_exist() -> None:
     listed = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
     unmapped = sorted(listed - named - {"conf/__init__.py"})
     assert not unmapped, f"modules the README's map does not name: {unmapped}"
+
+
+# The layers, from the top: the command layer and entry points (the package's own modules but
+# the base ones), tasks/, stages/, then training/ beside evaluation/ (neither imports the other),
+# models/ beside data/, and the base (runs, settings, errors, progress) that every layer may use.
+BASE = {"runs", "settings", "errors", "progress"}
+BELOW = {
+    "tasks": {"stages", "training", "evaluation", "models", "data", "base"},
+    "stages": {"training", "evaluation", "models", "data", "base"},
+    "training": {"models", "data", "base"},
+    "evaluation": {"models", "data", "base"},
+    "models": {"models", "data", "base"},
+    "data": {"data", "base"},
+    "base": {"base"},
+}
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in BELOW:
+        return parts[1]
+    return "base" if len(parts) == 2 and parts[1] in BASE else "command"
+
+
+def test_imports_go_down_the_layers_only() -> None:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    upward = []
+    for name, path in files.items():
+        if layer(name) == "command":
+            continue
+        allowed = BELOW[layer(name)] | {layer(name)}
+        upward += [
+            f"{name} -> {m}"
+            for m in imports(path, set(files))
+            if m != "kalm_lightning" and layer(m) not in allowed
+        ]
+    assert not upward

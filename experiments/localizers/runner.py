@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from rows import GLOBAL_INPUT, STAGE2, Regime, Row, pinned, quick, slug
 from torch.utils.flop_counter import FlopCounterMode
 
-from kalm_lightning.config import compose_config
+from kalm_lightning.config import compose_config, evaluation_config
 from kalm_lightning.evaluation.report import BOXES
 from kalm_lightning.runs import Run, write_atomic
 from kalm_lightning.stages import load_stage
 from kalm_lightning.tasks.evaluate import run_evaluation
-from kalm_lightning.tasks.train import evaluation_config, train_stage
+from kalm_lightning.tasks.train import train_stage
 
 QUICK = (
     "data.image_size=64",

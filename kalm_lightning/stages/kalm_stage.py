@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
+from kalm_lightning.data.geometry import box_to_pixels
 from kalm_lightning.errors import UserError
+from kalm_lightning.evaluation.figures import box_grid, to_uint8
 from kalm_lightning.evaluation.studies import GLOBAL, KALM, LOCAL, SCORES
 from kalm_lightning.models.backbone import Backbone, backbone_node
 from kalm_lightning.models.cam import global_heatmap, local_heatmap
@@ -16,7 +19,7 @@ from kalm_lightning.models.preprocessing import GIVEN, Preprocessing
 from kalm_lightning.stages.base import StageModule
 from kalm_lightning.stages.nodes import check_target
 from kalm_lightning.training.checkpoints import read_trained
-from kalm_lightning.training.loggers import log_box_grid
+from kalm_lightning.training.loggers import log_image
 
 BOXES_LOGGED = 16
 
@@ -179,5 +182,13 @@ class KALMStage(StageModule):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         if self._boxes_to_draw and self.trainer.is_global_zero:
-            log_box_grid(self.loggers, self._boxes_to_draw, self.current_epoch)
+            drawn = self._boxes_to_draw
+            images = to_uint8(drawn["images"])
+            boxes = box_to_pixels(drawn["boxes"], images.shape[-1]).tolist()
+            captions = [
+                f"y={int(y)} p={float(p):.2f}"
+                for y, p in zip(drawn["label"], drawn["prob"], strict=True)
+            ]
+            grid = np.asarray(box_grid(images, boxes, captions))
+            log_image(self.loggers, "val/kalm_boxes", grid, self.current_epoch)
         self._boxes_to_draw = {}

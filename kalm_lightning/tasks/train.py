@@ -10,15 +10,11 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kalm_lightning import runs
-from kalm_lightning.config import compose_config, print_config, task_overrides
 from kalm_lightning.errors import Preempted, UserError
-from kalm_lightning.tasks.evaluate import run_evaluation
 from kalm_lightning.training.checkpoints import WEIGHTS_ONLY, read_trained
-from kalm_lightning.training.ddp import one_ddp_job
 from kalm_lightning.training.loggers import finish_wandb, log_files
 
 log = logging.getLogger(__name__)
@@ -143,56 +139,3 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> dict:
     if trainer.is_global_zero and not trainer.interrupted:
         run.write_result(result)  # atomically: `auto` never reads half a file
     return result
-
-
-def stage2_config(global_ckpt: str, overrides: list[str]) -> DictConfig:
-    """The same run as stage 2: conf/train.yaml composed again with stage=2 on a stage-1 checkpoint."""
-    replaced = ("stage", "stage.global_ckpt", "pipeline")
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in replaced]
-    return compose_config("train", [*kept, "stage=2", f"stage.global_ckpt={global_ckpt}"])
-
-
-def evaluation_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
-    """conf/evaluate.yaml for a checkpoint of this run, on the data, device and precision it trained with."""
-    evaluation = compose_config("evaluate")
-    with open_dict(evaluation):
-        evaluation.merge_with(
-            {
-                "ckpt_path": ckpt_path,
-                # Resolved here: its interpolations (data.root under paths.data_root) are this run's.
-                "data": OmegaConf.to_container(cfg.data, resolve=True),
-                "device": "cuda" if cfg.trainer.accelerator == "gpu" else "cpu",
-                "precision": str(cfg.trainer.precision),
-                "seed": cfg.seed,
-                **cfg.evaluate,
-            }
-        )
-    return evaluation
-
-
-def run_pipeline(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
-    """Stage 1, stage 2 on its best checkpoint, then evaluation: the demo in one command."""
-    run = runs.Run(run_dir)
-    first = train_stage(cfg, run.stage(1).path)
-    if not first["best_ckpt"]:
-        raise UserError(f"stage 1 in {run.stage(1).path} saved no best checkpoint")
-    second = train_stage(stage2_config(first["best_ckpt"], overrides), run.stage(2).path)
-    if rank_zero_only.rank != 0 or not second["best_ckpt"]:
-        return second
-    run_evaluation(evaluation_config(cfg, second["best_ckpt"]), run.evaluation)
-    print(f"KALM boxes drawn in {run.evaluation / 'boxes.png'}")
-    return second
-
-
-def run_training(cfg: DictConfig) -> float | None:
-    """The train command: print the config, then one stage or the whole pipeline."""
-    if rank_zero_only.rank == 0:
-        print_config(cfg)
-    run_dir = Path(cfg.paths.run_dir)
-    with one_ddp_job():
-        result = (
-            run_pipeline(cfg, run_dir, task_overrides())
-            if cfg.pipeline
-            else train_stage(cfg, run_dir)
-        )
-    return result.get("best_val_score")  # what a sweeper (Optuna) optimises

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict, read_write
-
-from kalm_lightning.config import quote_numeric_choices
 
 DDP_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -21,7 +19,7 @@ def multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def pin_job_for_other_ranks() -> None:
+def pin_job_for_other_ranks(quote: Callable[[list[str]], list[str]]) -> None:
     """In a multirun, make DDP's further ranks join this job instead of re-running the sweep.
 
     Lightning starts each further rank as `python -m kalm_lightning.train <sys.argv[1:]>
@@ -31,20 +29,20 @@ def pin_job_for_other_ranks() -> None:
     if not multirun():
         return
     hydra_cfg = HydraConfig.get()
-    sys.argv[1:] = quote_numeric_choices(list(hydra_cfg.overrides.task))
+    sys.argv[1:] = quote(list(hydra_cfg.overrides.task))
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
 @contextmanager
-def one_ddp_job() -> Iterator[None]:
+def one_ddp_job(quote: Callable[[list[str]], list[str]]) -> Iterator[None]:
     """A multirun job's DDP ranks belong to that job alone.
 
     The further ranks are pointed at this job (`pin_job_for_other_ranks`); afterwards the process
     group is closed and the variables Lightning's launcher set in this process are removed, so the
     next job of the sweep starts its own ranks instead of talking to the finished job's."""
     before = {key: os.environ.get(key) for key in DDP_ENVIRONMENT}
-    pin_job_for_other_ranks()
+    pin_job_for_other_ranks(quote)
     try:
         yield
     finally:

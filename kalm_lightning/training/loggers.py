@@ -3,15 +3,10 @@ W&B and MLflow, files (config, reports, figures) as MLflow artefacts."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import numpy as np
-import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
-
-from kalm_lightning.data.geometry import box_to_pixels
-from kalm_lightning.evaluation.figures import box_grid, to_uint8
 
 
 def wandb_loggers(loggers: Iterable[Logger]) -> list[WandbLogger]:
@@ -67,13 +62,3 @@ def finish_mlflow(loggers: Iterable[Logger], exit_code: int = 0) -> None:
     for logger in loggers:
         if isinstance(logger, MLFlowLogger):
             logger.finalize("success" if exit_code == 0 else "failed")
-
-
-def log_box_grid(loggers: Sequence, batch: Mapping[str, torch.Tensor], step: int) -> None:
-    """Send a validation box grid to the loggers that take images (TensorBoard, W&B)."""
-    images = to_uint8(batch["images"])
-    boxes = box_to_pixels(batch["boxes"], images.shape[-1]).tolist()
-    captions = [
-        f"y={int(y)} p={float(p):.2f}" for y, p in zip(batch["label"], batch["prob"], strict=True)
-    ]
-    log_image(loggers, "val/kalm_boxes", np.asarray(box_grid(images, boxes, captions)), step)
