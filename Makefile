@@ -49,10 +49,10 @@ demo: $(STAMP)  ## stage 1 -> stage 2 -> evaluation on synthetic data, ResNet18 
 	$(BIN)/python -m kalm_lightning.train experiment=demo
 
 test: $(STAMP)  ## the quick tier: every feature once, CPU only (~9 min on 2 cores after the install)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 test-slow: $(STAMP)  ## the slow tier: resume after kill, DDP faults, sweeps, the study, ... (~25 min)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -n auto -m slow
 
 lint: $(STAMP)  ## ruff check and ruff format --check
 	$(BIN)/ruff check .

@@ -11,12 +11,16 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 
 import importlib.util
+import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
 
 from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura
@@ -117,11 +121,28 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Stage 1, then stage 2 with stage.global_ckpt=auto, through the real command line; each
-    logs to CSV and to more loggers (W&B offline; TensorBoard and MLflow) that tests read back."""
-    work = tmp_path_factory.mktemp("train")
+def shared(
+    factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict[str, str]]
+) -> dict[str, str]:
+    """What `build(folder)` makes, made once per test session however many pytest-xdist workers
+    run it: the first worker to ask builds it under a file lock, the others wait and read what it
+    recorded (plain strings: paths, text). A build that fails is tried again by the next asker."""
+    root = factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the workers' common
+    folder, record = root / f"shared-{name}", root / f"shared-{name}.json"
+    with FileLock(str(record) + ".lock"):
+        if not record.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            record.write_text(json.dumps({k: str(v) for k, v in build(folder).items()}))
+        return json.loads(record.read_text())
+
+
+def paths(built: dict[str, str]) -> dict[str, Path]:
+    return {key: Path(value) for key, value in built.items()}
+
+
+def train_both_stages(work: Path) -> dict[str, Path]:
     check(run_cli("train", ["stage=1", "logger=[csv,wandb]", *TINY_RUN], work))
     stage2 = [
         "stage=2",
@@ -136,10 +157,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def navigator_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`experiment=paper` with `localizer=navigator` as a multirun through the real command line,
-    as `make table1` adds a row (tiny sizes, no weights to fetch): the sweep directory."""
-    work = tmp_path_factory.mktemp("table1")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Stage 1, then stage 2 with stage.global_ckpt=auto, through the real command line, once per
+    session (the tiny models resume, predict, export, evaluate, the overlays and the server read);
+    each logs to CSV and to more loggers (W&B offline; TensorBoard and MLflow) read back."""
+    return paths(shared(tmp_path_factory, "train", train_both_stages))
+
+
+def table1_variant(work: Path) -> dict[str, Path]:
     sweep = work / "table1" / "variant"
     args = [
         "-m",
@@ -156,7 +181,14 @@ def navigator_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "paths.data_root=generated",
     ]
     check(run_cli("train", args, work))
-    return sweep
+    return {"sweep": sweep}
+
+
+@pytest.fixture(scope="session")
+def navigator_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`experiment=paper` with `localizer=navigator` as a multirun through the real command line,
+    as `make table1` adds a row (tiny sizes, no weights to fetch): the sweep directory."""
+    return paths(shared(tmp_path_factory, "table1", table1_variant))["sweep"]
 
 
 def dicom_dataset(path: Path, rows: int, columns: int, bits: int, photometric: str):

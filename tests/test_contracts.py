@@ -14,7 +14,7 @@ import onnxruntime
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_RUN, check, run_cli
+from conftest import TINY_RUN, check, paths, run_cli, shared
 from PIL import Image
 from sklearn.metrics import confusion_matrix, f1_score
 
@@ -26,11 +26,7 @@ from kalm_lightning.runs import HOLDOUT_FILE, Run
 SYNTHETIC = [arg for arg in TINY_RUN if arg.startswith("data.synthetic.")]
 
 
-@pytest.fixture(scope="module")
-def padded(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A data.resize=pad model trained stage 1 -> 2 -> evaluation in one command, its operating
-    point and temperature chosen on a hold-out of train."""
-    work = tmp_path_factory.mktemp("pad")
+def train_padded(work: Path) -> dict[str, Path]:
     clinic = [
         "data.val_from_train=0.3",
         "seed=7",  # the hold-out is drawn with the run's seed; evaluate must not draw its own
@@ -40,7 +36,15 @@ def padded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ]
     args = ["pipeline=true", "run_name=pad", "data.resize=pad", *clinic, *TINY_RUN]
     check(run_cli("train", args, work))
-    run = Run(next((work / "outputs/synthetic/resnet18/pad").iterdir()))
+    return {"work": work, "run": next((work / "outputs/synthetic/resnet18/pad").iterdir())}
+
+
+@pytest.fixture(scope="session")
+def padded(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A data.resize=pad model trained stage 1 -> 2 -> evaluation in one command, its operating
+    point and temperature chosen on a hold-out of train."""
+    built = paths(shared(tmp_path_factory, "pad", train_padded))
+    work, run = built["work"], Run(built["run"])
     best = run.stage(2).read_result()["best_ckpt"]
     own = pd.read_csv(run.evaluation / "predictions_images.csv").set_index("path")
     metrics = json.loads((run.evaluation / "metrics.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_RUN, check, run_cli, sklearn_scores
+from conftest import TINY_RUN, check, run_cli, shared, sklearn_scores
 from PIL import Image
 
 from kalm_lightning.data.mura import read_mura_index
@@ -95,19 +95,28 @@ def test_bad_predictions_give_one_line(
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="module")
-def stage2_report(trained: dict[str, Path]) -> tuple[Path, subprocess.CompletedProcess]:
-    """Evaluate of the stage-2 checkpoint with bootstrap intervals, logged to MLflow: its folder."""
-    best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
-    args = [f"ckpt_path={best}", "bootstrap=20", "paths.output_root=eval2", "logger=mlflow"]
-    result = check(run_cli("evaluate", [*args, *DATA], trained["work"]))
-    return next((trained["work"] / "eval2/synthetic/evaluate").iterdir()), result
+@pytest.fixture(scope="session")
+def stage2_report(
+    trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    """Evaluate of the stage-2 checkpoint with bootstrap intervals, logged to MLflow: its folder
+    and what it printed."""
+
+    def evaluate(_: Path) -> dict[str, str]:
+        best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
+        args = [f"ckpt_path={best}", "bootstrap=20", "paths.output_root=eval2", "logger=mlflow"]
+        result = check(run_cli("evaluate", [*args, *DATA], trained["work"]))
+        run = next((trained["work"] / "eval2/synthetic/evaluate").iterdir())
+        return {"run": run, "stdout": result.stdout}
+
+    built = shared(tmp_path_factory, "stage2_report", evaluate)
+    return Path(built["run"]), built["stdout"]
 
 
 def test_stage2_checkpoint_writes_every_report(
-    stage2_report: tuple[Path, subprocess.CompletedProcess],
+    stage2_report: tuple[Path, str],
 ) -> None:
-    run, result = stage2_report
+    run, printed = stage2_report
     for name in (
         "metrics.json",
         "table.md",
@@ -147,7 +156,7 @@ def test_stage2_checkpoint_writes_every_report(
     )
     table = (run / "table.md").read_text()
     assert "resnet18_g" in table and "resnet18_l" in table and "resnet18_KALM" in table
-    assert "resnet18_KALM" in result.stdout
+    assert "resnet18_KALM" in printed
 
 
 def test_stage1_checkpoint_reports_the_global_score_only(trained: dict[str, Path]) -> None:
@@ -219,7 +228,7 @@ def test_table1_aggregation_of_a_paper_pipeline_run(
 
 
 def test_mlflow_store_holds_the_training_and_the_evaluation(
-    trained: dict[str, Path], stage2_report: tuple[Path, subprocess.CompletedProcess]
+    trained: dict[str, Path], stage2_report: tuple[Path, str]
 ) -> None:
     """logger=mlflow, read back with MLflow's own client from the SQLite stores it wrote: stage 2's
     training run (params, per-epoch metrics, config, checkpoints and box grids) and evaluate's run

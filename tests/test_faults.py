@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, TINY_RUN, check, run_cli, running_trainings
+from conftest import TINY, TINY_RUN, check, paths, run_cli, running_trainings, shared
 
 from kalm_lightning.config import compose_config
 from kalm_lightning.data.synthetic import generate_synthetic_mura
@@ -120,11 +120,14 @@ RESUMABLE = [
 ]
 
 
-@pytest.fixture(scope="module")
+def train_straight(work: Path, *extra: str) -> dict[str, Path]:
+    check(run_cli("train", [*RESUMABLE, *extra], work))
+    return {"work": work}
+
+
+@pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, pd.Series]:
-    work = tmp_path_factory.mktemp("straight")
-    check(run_cli("train", RESUMABLE, work))
-    return final_state(work)
+    return final_state(paths(shared(tmp_path_factory, "straight", train_straight))["work"])
 
 
 def interrupt_in_epoch_1(
@@ -465,11 +468,12 @@ def test_a_read_only_output_folder_gives_one_line_before_anything_loads(tmp_path
     ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted_ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, pd.Series]:
-    work = tmp_path_factory.mktemp("straight_ddp")
-    check(run_cli("train", [*RESUMABLE, "hardware=ddp_cpu"], work))
-    return final_state(work)
+    built = shared(
+        tmp_path_factory, "straight_ddp", lambda w: train_straight(w, "hardware=ddp_cpu")
+    )
+    return final_state(paths(built)["work"])
 
 
 def rank_process(work: Path, rank: int) -> int:

@@ -12,7 +12,7 @@ import pandas as pd
 import pydicom
 import pytest
 import torch
-from conftest import TINY_RUN, check, dicom_dataset, run_cli
+from conftest import TINY_RUN, check, dicom_dataset, run_cli, shared
 from PIL import Image
 
 from kalm_lightning.data.geometry import PIXEL_BOX
@@ -246,10 +246,17 @@ def dicom_predictions(
 ) -> tuple[int, pd.DataFrame]:
     """One predict run over a folder of DICOMs: each kind beside the PNG exported from it, and
     one DICOM without pixel data. Returns the exit code and the rows by file name."""
+    built = shared(
+        tmp_path_factory, "dicoms", lambda work: predict_dicoms(trained, new_images, work)
+    )
+    rows = pd.read_csv(built["csv"])
+    return int(built["code"]), rows.set_index(rows["path"].map(lambda p: Path(p).name))
+
+
+def predict_dicoms(trained: dict[str, Path], new_images: Path, work: Path) -> dict[str, str]:
     png = new_images / "patient0" / "study1" / "view0.png"
     pixels = np.asarray(Image.open(png).convert("L")).copy()
     pixels[0, 0], pixels[0, 1] = 0, 255  # the full range: an unwindowed DICOM is shown min to max
-    work = tmp_path_factory.mktemp("dicoms")
     folder = work / "in"
     folder.mkdir()
     for kind in DICOM_KINDS:
@@ -270,8 +277,7 @@ def dicom_predictions(
     ds.save_as(folder / "nopixels.dcm")
     best = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
     result = predict(best, folder, work / "out")
-    rows = pd.read_csv(work / "out" / "predictions_images.csv")
-    return result.returncode, rows.set_index(rows["path"].map(lambda p: Path(p).name))
+    return {"code": result.returncode, "csv": work / "out" / "predictions_images.csv"}
 
 
 @pytest.mark.parametrize(("monochrome1", "bits", "windowed"), DICOM_KINDS)
