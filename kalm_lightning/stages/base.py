@@ -73,9 +73,15 @@ class StageModule(pl.LightningModule):
         compile: bool = False,
         operating_point: Mapping[str, Any] | None = None,
         loss: Mapping[str, Any] | None = None,
+        **recorded: Any,
     ) -> None:
+        """recorded: what a checkpoint's hyper-parameters hold besides the arguments (`stage`,
+        `format`), which `load_from_checkpoint` hands back; the class's own values stand."""
         super().__init__()
-        self.save_hyperparameters(ignore=list(self.ignore), logger=False)
+        unknown = set(recorded) - {"stage", "format"}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(unknown)}")
+        self.save_hyperparameters(ignore=[*self.ignore, "recorded"], logger=False)
         for key, value in list(self.hparams.items()):
             self.hparams[key] = plain(value)
         optimizer, scheduler = factory(optimizer), factory(scheduler)
