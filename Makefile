@@ -18,7 +18,7 @@ STUDY_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install demo test test-slow lint format sweep study table1 bench clean
+.PHONY: help install demo test test-slow docs lint format sweep study table1 bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -48,11 +48,14 @@ install: $(STAMP)  ## create .venv and install the package with the dev extra (a
 demo: $(STAMP)  ## stage 1 -> stage 2 -> evaluation on synthetic data, ResNet18 on the CPU (~6 min)
 	$(BIN)/python -m kalm_lightning.train experiment=demo
 
-test: $(STAMP)  ## the quick tier: every feature once, CPU only (~9 min on 2 cores after the install)
+test: $(STAMP)  ## the quick tier: every feature once, CPU only, on every core (~5 min on 2 cores)
 	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
-test-slow: $(STAMP)  ## the slow tier: resume after kill, DDP faults, sweeps, the study, ... (~25 min)
+test-slow: $(STAMP)  ## the slow tier: resume after kill, DDP faults, sweeps, the study, ... (~12 min)
 	$(BIN)/python -m pytest -q -n auto -m slow
+
+docs: $(STAMP)  ## the documentation site (mkdocs-material + mkdocstrings) into build/site, warnings as errors
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 lint: $(STAMP)  ## ruff check and ruff format --check
 	$(BIN)/ruff check .

@@ -547,7 +547,7 @@ def test_a_dead_ddp_rank_ends_the_other_with_one_line_and_the_run_resumes(
     assert process.returncode == 1, stderr[-3000:]
     assert (
         stopped_after < 30
-    )  # README: at once for a dead rank, hardware.timeout_s for a silent one
+    )  # docs/faults.md: at once for a dead rank, hardware.timeout_s for a silent one
     line = stderr.strip().splitlines()[-1]
     assert re.fullmatch(DEAD_PEER, line), line
     assert "Traceback" not in stderr

@@ -1,5 +1,6 @@
 """The package's shape: no import cycle (imports inside functions included), no module over the
-house's 300 lines, and the README's map naming only modules that exist."""
+house's 300 lines, imports down the layers only, and the code's map (docs/development.md) naming
+every module and only modules that exist."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kalm_lightning"
-README = PACKAGE.parent / "README.md"
+MAP = PACKAGE.parent / "docs" / "development.md"
 
 
 def module_name(path: Path) -> str:
@@ -69,8 +70,8 @@ def test_no_package_module_is_over_300_lines() -> None:
     assert not long
 
 
-def test_the_readme_map_names_modules_that_exist() -> None:
-    text = README.read_text()
+def test_the_map_of_the_code_names_every_module_and_only_those_that_exist() -> None:
+    text = MAP.read_text()
     section = text[text.index("### Where each idea lives") :]
     named = set(re.findall(r"`((?:[a-z_]+/)*[a-z_]+\.py)`", section))
     named = {p for p in named if not p.startswith("experiments/")}  # scripts, not the package
@@ -79,7 +80,7 @@ def test_the_readme_map_names_modules_that_exist() -> None:
     assert not missing
     listed = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
     unmapped = sorted(listed - named - {"conf/__init__.py"})
-    assert not unmapped, f"modules the README's map does not name: {unmapped}"
+    assert not unmapped, f"modules docs/development.md's map does not name: {unmapped}"
 
 
 # The layers, from the top: the command layer and entry points (the package's own modules but
