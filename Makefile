@@ -70,7 +70,7 @@ sweep: $(STAMP)  ## the paper's three backbones on MURA in one multirun (MURA_RO
 		backbone=resnet18,vgg16,inception_v4
 
 study: $(STAMP)  ## the localizer study on synthetic data, resumable (experiments/localizers/RESULTS.md)
-	$(BIN)/python experiments/localizers/study.py $(STUDY_ARGS)
+	$(BIN)/python -m experiments.localizers.study $(STUDY_ARGS)
 
 table1: $(STAMP)  ## the paper's Table 1 on MURA: 3 backbones + the best variant, then RESULTS.md (MURA_ROOT=/path)
 	$(BIN)/python -m kalm_lightning.train -m experiment=paper hardware=$(HARDWARE) data.root=$(MURA_ROOT) \

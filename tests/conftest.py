@@ -94,6 +94,22 @@ def run_script(
     )
 
 
+def run_module(
+    module: str, args: list[str], cwd: Path, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """Run one of the repository's experiment modules (`python -m experiments.X`) as `make`
+    does from the repository root, here from anywhere (the root on PYTHONPATH)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path},
+    )
+
+
 def load_script(script: str):
     """A repository script imported as a module (its constants), without running its main."""
     spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)

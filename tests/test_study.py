@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import run_module
+
+from experiments.localizers.plan import NAVIGATORS, everything, main_regime, sweep_regime
 from PIL import Image
 
-STUDY = "experiments/localizers/study.py"
+STUDY = "experiments.localizers.study"
 
 
 def records_of(out: Path) -> dict[str, dict]:
@@ -23,7 +25,7 @@ def records_of(out: Path) -> dict[str, dict]:
 
 
 def run_study(out: Path, work: Path):
-    return run_script(STUDY, ["--quick", "--out", str(out), "--work", str(work)], work.parent)
+    return run_module(STUDY, ["--quick", "--out", str(out), "--work", str(work)], work.parent)
 
 
 @pytest.mark.slow
@@ -31,22 +33,19 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     first = run_study(out, work)
     assert first.returncode == 0, first.stderr[-4000:]
-    # the main regime: 3 stage-1 and 13 stage-2 runs (3 of them the p(abnormal) ablation; MIL
-    # re-scores the best navigator's run); the sweep's c = 1: 5 reduced rows; c = 0.5 is read
-    # back from the main regime
-    assert "21 runs trained; done" in first.stdout
-
     summary = json.loads((out / "summary.json").read_text())
+    best = next(row for row in NAVIGATORS if row.name == summary["best"]["row"])
+    plan = everything(best, quick=True)
+    # every planned run trained once (the MIL ceiling re-scores a trained run: no training), and
+    # each has its record; every row of a regime is in its table
+    trained = [run for run in plan if run[1].inference is None]
+    assert f"{len(trained)} runs trained; done" in first.stdout
+    assert len(records_of(out)) == len(plan)
     main = {s["row"]: s for s in summary["c0.5"]}
     text = (out / "RESULTS.md").read_text()
-    assert len(main) == 17 and all(f"| {name} | 1 |" in text for name in main)
-    assert {s["row"] for s in summary["sweep-c1"]} == {
-        "global CNN @ input (80 px)",
-        "global CNN @ source (160 px)",
-        "KALM (paper)",
-        "control: fixed centred box",
-        next(s["row"] for s in summary["sweep-c1"] if s["kind"] == "learned"),
-    }
+    assert set(main) == {row.name for row in main_regime().rows(best)}
+    assert all(f"| {name} | 1 |" in text for name in main)
+    assert {s["row"] for s in summary["sweep-c1"]} == {r.name for r in sweep_regime(1.0).rows(best)}
     # what the generator leaves of the texture, under the main regime and each point of c
     assert len(re.findall(r"texture keeps \d+% of its amplitude", text)) == 3
     boxed = [s for s in main.values() if s["score"] == "kalm"]
@@ -92,8 +91,8 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     # folder: the study's runs and records are left as they were
     runs = sorted(str(p) for p in (work / "runs").rglob("*"))
     args = ["--quick", "--work", str(work), "--results", str(out), "--out", str(work / "probes")]
-    probe = run_script(
-        "experiments/localizers/probe.py",
+    probe = run_module(
+        "experiments.localizers.probe",
         [*args, "localizer=navigator", "localizer.teacher_score=abnormal"],
         work.parent,
     )
@@ -107,7 +106,7 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     # where the boxes sit in views without a lesion: the blobs found by drawing the seed's data
     # again without them; its hit rates are the records'
     args = ["--quick", "--work", str(work), "--out", str(out), "--regime", "c1", "--seed", "0"]
-    views = run_script("experiments/localizers/views.py", args, work.parent)
+    views = run_module("experiments.localizers.views", args, work.parent)
     assert views.returncode == 0, views.stderr[-4000:]
     table = [line.split(" | ") for line in views.stdout.splitlines() if line.startswith("| ")]
     hits = {s["row"]: s["hit_rate"] for s in summary["sweep-c1"] if s["hit_rate"] is not None}
@@ -128,8 +127,8 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     (c1 / "s2-localizer-fixed-seed0.json").unlink()
     stage1 = json.loads((c1 / "s1-seed0.json").read_text())
     (c1 / "s1-seed0.json").write_text(json.dumps({**stage1, "heldout": -1.0}))
-    made_from_old = sorted(p.stem for p in c1.glob("s2-*.json"))  # KALM's, the navigator's
-    assert len(made_from_old) == 2
+    made_from_old = sorted(p.stem for p in c1.glob("s2-*.json"))
+    assert made_from_old
     third = run_study(out, work)
     assert third.returncode == 0, third.stderr[-4000:]
     assert "c0.5 s1 seed 0: checkpoint not on this machine, trained again: the same figures\n" in (
@@ -139,7 +138,8 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
         "c1 s1 seed 0: checkpoint not on this machine, trained again: figures differ (record "
         f"replaced); stage-2 runs to train again from it: {', '.join(made_from_old)}\n"
     ) in third.stdout
-    assert "6 runs trained; done" in third.stdout  # c0.5: stage 1, fixed; c1: stage 1 and 3
+    # c0.5: its stage 1 and the fixed box; c1: its stage 1, the fixed box and those made from it
+    assert f"{4 + len(made_from_old)} runs trained; done" in third.stdout
     for path in [fixed, c1 / "s1-seed0.json", *c1.glob("s2-*.json")]:
         again = json.loads(path.read_text())
         for key in ("study", "localization", "heldout", "heldout_study", "heldout_localization"):

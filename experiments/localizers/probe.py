@@ -1,7 +1,7 @@
 """One stage-2 run of the localizer study's main regime with extra overrides, scored on the hold-out
 of train it selected on: how the study's navigator settings were chosen, never looking at valid.
 
-    python experiments/localizers/probe.py --seed 0 localizer=navigator localizer.reads=view \
+    python -m experiments.localizers.probe --seed 0 localizer=navigator localizer.reads=view \
         localizer.teacher_score=label
 
 It trains exactly as the study does (`runner.Study`: the preset, the regime, the seed's own data
@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from experiments.localizers.plan import GLOBAL_INPUT, Row, main_regime
+from experiments.localizers.runner import Study
 
-from rows import GLOBAL_INPUT, Row  # noqa: E402
-from runner import Study  # noqa: E402
-from study import main_regime  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,10 +13,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from rows import GLOBAL_INPUT, STAGE2, Regime, Row, pinned, quick, slug
 from torch.utils.flop_counter import FlopCounterMode
 
+from experiments.localizers.plan import (
+    GLOBAL_INPUT,
+    STAGE2,
+    Regime,
+    Row,
+    pinned,
+    quick,
+    run_name,
+)
 from kalm_lightning.config import compose_config, evaluation_config
 from kalm_lightning.evaluation.report import BOXES
 from kalm_lightning.runs import Run, write_atomic
@@ -158,7 +165,7 @@ class Study:
         heldout = holdout_figures(evaluation, run_dir / "holdout")
         record = {
             "regime": regime.name,
-            "run": slug(row),
+            "run": run_name(row),
             "seed": seed,
             "overrides": [*row.stage1, *(row.stage2 or ())],
             "stage": result["stage"],
@@ -246,11 +253,6 @@ class Study:
         return (run if row.inference else Run(run).evaluation) / BOXES
 
 
-def run_name(row: Row) -> str:
-    """A row's name in the study's folders and records: its overrides, then its inference."""
-    return f"{slug(row)}-{row.inference}" if row.inference else slug(row)
-
-
 def study_blocks(metrics: dict) -> dict:
     """The study-level figures of each score (global, local, fused) of one evaluation."""
     return {k: v["study"] for k, v in metrics.items() if "study" in v}
@@ -270,9 +272,21 @@ def holdout_figures(evaluation, out: Path) -> dict:
 
 
 def reproduced(old: dict, new: dict) -> bool:
-    """Whether a run trained again reproduced its record's figures (valid, and the selection)."""
-    figures = ("study", "heldout", "localization")  # compared as JSON text: NaN is NaN
-    return all(json.dumps(old.get(k)) == json.dumps(new.get(k)) for k in figures)
+    """Whether a run trained again reproduced its record's figures: the study-level figures of
+    each score on valid, the localization and the selection figure (what an older record holds
+    of them: a record of an earlier version lacks blocks added since)."""
+
+    def figures(record: dict) -> str:
+        study = {
+            score: {m: block.get(m) for m in ("accuracy", "auroc", "kappa", "n")}
+            for score, block in (record.get("study") or {}).items()
+            if score in ("global", "local", "kalm")
+        }
+        shown = {"study": study, "heldout": record.get("heldout")}
+        shown["localization"] = record.get("localization")
+        return json.dumps(shown, sort_keys=True)  # as JSON text: NaN is NaN
+
+    return figures(old) == figures(new)
 
 
 def inference_flops(ckpt: str, cfg, inference: str | None = None) -> float:
@@ -285,28 +299,23 @@ def inference_flops(ckpt: str, cfg, inference: str | None = None) -> float:
 
 
 def training_flops(ckpt: str, cfg) -> float:
-    """Floating-point operations of training on one image (forward and backward), averaged over
-    the run's epochs (a navigator's warm-up costs less than its distillation)."""
+    """Floating-point operations of training on one image (forward and backward of the stage's
+    own `training_loss`), averaged over the run's epochs (a navigator's warm-up costs less than
+    its distillation)."""
     module = load_stage(ckpt).train()
     size, epochs = cfg.data.source_size, int(cfg.trainer.max_epochs)
-    images = torch.zeros(2, 3, size, size)  # two: BatchNorm trains on a batch
-    labels = torch.zeros(2, dtype=torch.long)
+    batch = {  # two images: BatchNorm trains on a batch
+        "image": torch.zeros(2, 3, size, size),
+        "label": torch.zeros(2, dtype=torch.long),
+        "body_part": ["XR_WRIST", "XR_WRIST"],
+    }
     total = 0.0
     for epoch in range(epochs):
         with FlopCounterMode(display=False) as counter:
-            if module.stage == 1:
-                loss = F.cross_entropy(module(images), labels)
-            else:
-                generator = torch.Generator().manual_seed(epoch)
-                logits, crops = module.net.training_outputs(images, epoch, generator, labels)
-                loss = F.cross_entropy(
-                    logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1])
-                )
-                if crops.loss is not None:
-                    loss = loss + crops.loss
+            loss, _ = module.training_loss(batch, epoch)
             loss.backward()
         module.zero_grad()
-        total += counter.get_total_flops() / len(images)
+        total += counter.get_total_flops() / len(batch["label"])
     return total / epochs
 
 

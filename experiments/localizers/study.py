@@ -1,7 +1,7 @@
 """The localizer study: when does a localizer find the key area, and which one learns to?
 
-    python experiments/localizers/study.py [--max-minutes 85]   # or: make study; resumable
-    python experiments/localizers/study.py --quick --out DIR --work DIR   # tiny sizes, for the tests
+    python -m experiments.localizers.study [--max-minutes 85]   # or: make study; resumable
+    python -m experiments.localizers.study --quick --out DIR --work DIR   # tiny sizes, for the tests
 
 Every row trains and evaluates through the project's own code on the `experiment=localizer`
 preset (rows.py: rows and regimes; runner.py: training and records; report.py: RESULTS.md). The
@@ -14,120 +14,35 @@ c on the reduced rows, each with the best navigator, its REINFORCE refinement an
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from omegaconf import OmegaConf
 
-from omegaconf import OmegaConf  # noqa: E402
-from report import mean, side_by_side, summarize, write  # noqa: E402
-from rows import (  # noqa: E402
-    BASELINES,
-    CONTROLS,
-    KEY,
-    NAVIGATORS,
+from experiments.localizers.plan import (
     PAPER,
-    REGIMES,
     STAGE2,
-    SWEEP_CUES,
     Regime,
-    Row,
-    mil_of,
+    best_navigator,
+    collect,
+    cues,
+    everything,
+    main_regime,
+    regimes_of,
+    sweep_regime,
 )
-from runner import OutOfTime, Study  # noqa: E402
+from experiments.localizers.report import side_by_side, summarize, write
+from experiments.localizers.runner import OutOfTime, Study
+from kalm_lightning.data.blobs import texture_kept
+from kalm_lightning.data.synthetic import SyntheticSettings
 
-from kalm_lightning.data.blobs import texture_kept  # noqa: E402
-from kalm_lightning.data.synthetic import SyntheticSettings  # noqa: E402
-
-Plan = list[tuple[Regime, Row, int]]
-
-
-def seeds_of(regime: Regime, row: Row, best: Row, quick: bool) -> list[int]:
-    """5 seeds for the rows the main regime's conclusions rest on, 3 for the others."""
-    if quick:
-        return [0]
-    if row.seeds is not None:
-        return list(range(row.seeds))
-    key = regime.main and (row in KEY or row in (best, mil_of(best)))
-    return list(range(5 if key else 3))
-
-
-def cues(quick: bool) -> tuple[float, ...]:
-    return (0.5, 1.0) if quick else SWEEP_CUES  # --quick: the main regime and one more c
-
-
-def main_regime() -> Regime:
-    return next(r for r in REGIMES if r.main)
-
-
-def regimes_of(quick: bool) -> list[Regime]:
-    """The main regime first: the goal is judged there; --quick runs it alone."""
-    ordered = sorted(REGIMES, key=lambda r: not r.main)
-    return ordered[:1] if quick else ordered
-
-
-def sweep_regime(cue: float) -> Regime:
-    known = {r.cue: r for r in REGIMES if not r.decoys and not r.attribute}
-    name = known[cue].name if cue in known else f"c{cue:g}"
-    return Regime(name, f"c = {cue:g}, D = 0", cue, sweep=True)
-
-
-def best_navigator(study: Study, quick: bool) -> Row:
-    """Where the navigator reads from: the variant whose boxes hold the most lesion centres of
-    the hold-out of train (never valid), then the best hold-out AUROC, over the main regime's
-    first seeds. The hit rate comes first: the study asks which localizer finds the key area,
-    and the hold-out AUROC of the navigators reaches 1.0 on some seeds, where it cannot choose."""
-    scored = []
-    for row in NAVIGATORS:
-        runs = [study.read(main_regime(), row, s) for s in ([0] if quick else range(3))]
-        runs = [r for r in runs if r is not None]
-        if runs:
-            hits = [(r.get("heldout_localization") or {}).get("hit_rate", 0.0) for r in runs]
-            scored.append((mean(hits), mean([r["heldout"] for r in runs]), row.name, row))
-    return max(scored)[-1] if scored else NAVIGATORS[1]
-
-
-def planned(regime: Regime, rows: list[Row], best: Row, quick: bool) -> Plan:
-    """The regime's runs of these rows, seed by seed: each seed's whole row set comes early."""
-    runs = [(regime, row, s) for row in rows for s in seeds_of(regime, row, best, quick)]
-    return sorted(runs, key=lambda run: run[2])
-
-
-def everything(best: Row, quick: bool) -> Plan:
-    """Every run of the study, in the order they run. First the main regime's rows that decide
-    which navigator is best (every variant, the baselines and controls), seed by seed; then the
-    runs that depend on it (its refinement, its MIL ceiling, its further seeds); then the other
-    regimes and the sweep of c with it, seed by seed across them: a part that stops early leaves
-    one seed of every regime and point of c rather than every seed of the first."""
-    main = main_regime()
-    deciding = [*BASELINES, *NAVIGATORS, *CONTROLS]
-    plan = planned(main, deciding, best, quick) + planned(main, main.rows(best), best, quick)
-    rest: Plan = []
-    for regime in [*regimes_of(quick)[1:], *(sweep_regime(c) for c in cues(quick))]:
-        rest += planned(regime, regime.rows(best), best, quick)
-    plan += sorted(rest, key=lambda run: run[2])  # stable: regime order within a seed
-    # one run per record: a point of the sweep that is a regime of its own (c = 0, c = 0.5) shares
-    # its records, and its runs are planned once
-    once: dict[tuple[str, Row, int], tuple[Regime, Row, int]] = {}
-    for regime, row, seed in plan:
-        once.setdefault((regime.name, row, seed), (regime, row, seed))
-    return list(once.values())
+HERE = Path(__file__).resolve().parent
 
 
 def texture_kept_in(study: Study, regime: Regime) -> float:
     """How much of the lesion's texture the generator leaves in its blob in this regime."""
     s = SyntheticSettings(**OmegaConf.to_container(study.config(regime, 0, 1, ()).data.synthetic))
     return texture_kept(s.blobs(), s.max_size, s.conspicuity, s.layout_jitter)
-
-
-def collect(study: Study, regime: Regime, best: Row, quick: bool) -> dict[str, list[dict]]:
-    records = {}
-    for row in regime.rows(best):
-        runs = [study.read(regime, row, s) for s in seeds_of(regime, row, best, quick)]
-        records[row.name] = [r for r in runs if r is not None]
-    return records
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         or (study.out / "boxes.png").is_file()
     )
-    command = "python experiments/localizers/study.py" + (" --quick" if args.quick else "")
+    command = "python -m experiments.localizers.study" + (" --quick" if args.quick else "")
     write(
         study.out, summaries, sweeps, sweep[0].rows(best), best, setting, command, left, boxes, kept
     )

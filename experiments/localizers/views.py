@@ -2,7 +2,7 @@
 there: the study's records say how often a box holds the lesion; this says what it looks at
 otherwise, and whether CNN_l can tell the lesion's blob from a decoy once it looks at a blob.
 
-    python experiments/localizers/views.py --work /work/study-work --regime c1 --seed 2
+    python -m experiments.localizers.views --work /work/study-work --regime c1 --seed 2
 
 For one regime and seed whose runs are in the work folder (each run's predictions_images.csv on
 valid), the seed's data is drawn again with cue 0 and no lesions, with the same random draws:
@@ -22,26 +22,24 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+from scipy import ndimage
+from torchmetrics.functional.classification import binary_auroc
+
+from experiments.localizers.plan import REGIMES, SWEEP_CUES, best_navigator, sweep_regime
+from experiments.localizers.runner import Study
+from kalm_lightning.data.blobs import BLOB_CONTRAST
+from kalm_lightning.data.geometry import LESION_BOX, PIXEL_BOX
+from kalm_lightning.data.images import load_grayscale
+from kalm_lightning.data.index import read_lesion_boxes, read_mura_index
+from kalm_lightning.data.synthetic import SyntheticSettings, ensure_synthetic_mura
+from kalm_lightning.evaluation.localization import hits, inside
+from kalm_lightning.runs import Run
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from rows import REGIMES  # noqa: E402
-from runner import Study  # noqa: E402
-from scipy import ndimage  # noqa: E402
-from study import SWEEP_CUES, best_navigator, sweep_regime  # noqa: E402
-from torchmetrics.functional.classification import binary_auroc  # noqa: E402
-
-from kalm_lightning.data.blobs import BLOB_CONTRAST  # noqa: E402
-from kalm_lightning.data.geometry import LESION_BOX, PIXEL_BOX  # noqa: E402
-from kalm_lightning.data.images import load_grayscale  # noqa: E402
-from kalm_lightning.data.index import read_lesion_boxes, read_mura_index  # noqa: E402
-from kalm_lightning.data.synthetic import SyntheticSettings, ensure_synthetic_mura  # noqa: E402
-from kalm_lightning.evaluation.localization import hits, inside  # noqa: E402
-from kalm_lightning.runs import Run  # noqa: E402
 
 
 def blob_centres(root: Path, twin: Path, images: list[str], cue: float) -> dict[str, np.ndarray]:

@@ -169,6 +169,24 @@ class StageModule(pl.LightningModule):
             "or check those images"
         )
 
+    def training_loss(
+        self, batch: dict, epoch: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The stage's loss on a batch, and what else to log: what `training_step` optimises,
+        and what the localizer study counts the FLOPs of."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every image of the batch was skipped as bad
+            return None
+        loss, logs = self.training_loss(batch)
+        size = len(batch["label"])
+        self.check_finite(loss, batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if logs:
+            self.log_dict(logs, batch_size=size)
+        return loss
+
     def validation_step(self, batch: dict | None, batch_idx: int) -> None:
         if batch is None:
             return

@@ -50,11 +50,9 @@ class GlobalStage(StageModule):
         """CNN_g's class activation map [B, S, S] of source images (models/cam.py)."""
         return {GLOBAL: global_heatmap(self.net, images, self.preprocessing.image_size)}
 
-    def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
-        if batch is None:
-            return None
+    def training_loss(
+        self, batch: dict, epoch: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Stage 1's loss on a batch: cross-entropy of S_g (nothing else to log)."""
         logits = self(self.prepare_images(batch["image"]))
-        loss = self.classification_loss(logits, batch["label"], batch["body_part"])
-        self.check_finite(loss, batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
-        return loss
+        return self.classification_loss(logits, batch["label"], batch["body_part"]), {}

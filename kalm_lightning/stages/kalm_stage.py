@@ -144,12 +144,16 @@ class KALMStage(StageModule):
         seed = (self.run_seed * 1_000_003 + self.global_step) % (2**63)
         return torch.Generator(self.device).manual_seed(seed)
 
-    def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
-        if batch is None:
-            return None
+    def training_loss(
+        self, batch: dict, epoch: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Stage 2's loss on a batch: cross-entropy of S_l on every box CNN_l trains on (the
+        located box, or the localizer's training crops), plus the localizer's own loss; and what
+        is worth logging of the boxes. epoch: the training epoch (default: the trainer's)."""
         images = self.prepare_images(batch["image"])
+        epoch = self.current_epoch if epoch is None else epoch
         logits, crops = self.net.training_outputs(
-            images, self.current_epoch, self.step_generator(), batch["label"]
+            images, epoch, self.step_generator(), batch["label"]
         )
         many = logits.shape[1]
         parts = [p for p in batch["body_part"] for _ in range(many)]
@@ -157,18 +161,12 @@ class KALMStage(StageModule):
         loss = self.classification_loss(logits.flatten(0, 1), labels, parts)
         if crops.loss is not None:
             loss = loss + crops.loss
-        size = len(batch["label"])
-        self.check_finite(loss, batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log_dict(
-            {
-                "train/box_w": crops.boxes[..., 2].mean(),
-                "train/box_h": crops.boxes[..., 3].mean(),
-                **crops.logs,
-            },
-            batch_size=size,
-        )
-        return loss
+        logs = {
+            "train/box_w": crops.boxes[..., 2].mean(),
+            "train/box_h": crops.boxes[..., 3].mean(),
+            **crops.logs,
+        }
+        return loss, logs
 
     def on_validation_outputs(self, batch: dict, outputs: dict, batch_idx: int) -> None:
         if batch_idx == 0:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from experiments.localizers.stats import mean
+
 INPUT, SOURCE, MATCHED = 80, 160, 113  # CNN input, source, and the side whose FLOPs match KALM's
 QUICK_INPUT, QUICK_SOURCE, QUICK_MATCHED = 64, 128, 90
 # Every stage-2 row (navigator warm-up included) trains 5 epochs at batch 8, the preset's stage 1
@@ -194,10 +196,95 @@ REGIMES = [
 SWEEP_CUES = (0.0, 0.2, 0.5, 1.0)  # 0 and 0.5 are the full regimes' runs, read back
 
 
-def slug(row: Row) -> str:
-    """A run's file name from its overrides: the same overrides are the same run."""
+def run_name(row: Row) -> str:
+    """A run's one name, in the study's folders and records: its overrides (the same overrides are
+    the same run), then its inference where it has one (the MIL ceiling of a trained run)."""
     if row.stage2 is None:
         name = "-".join(["s1", *row.stage1])
     else:
         name = "-".join(["s2", *row.stage1, *row.stage2])
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", name.replace("=", "-"))
+    name = re.sub(r"[^A-Za-z0-9.-]+", "_", name.replace("=", "-"))
+    return f"{name}-{row.inference}" if row.inference else name
+
+
+Plan = list[tuple[Regime, Row, int]]
+
+
+def seeds_of(regime: Regime, row: Row, best: Row, quick: bool) -> list[int]:
+    """5 seeds for the rows the main regime's conclusions rest on, 3 for the others."""
+    if quick:
+        return [0]
+    if row.seeds is not None:
+        return list(range(row.seeds))
+    key = regime.main and (row in KEY or row in (best, mil_of(best)))
+    return list(range(5 if key else 3))
+
+
+def cues(quick: bool) -> tuple[float, ...]:
+    return (0.5, 1.0) if quick else SWEEP_CUES  # --quick: the main regime and one more c
+
+
+def main_regime() -> Regime:
+    return next(r for r in REGIMES if r.main)
+
+
+def regimes_of(quick: bool) -> list[Regime]:
+    """The main regime first: the goal is judged there; --quick runs it alone."""
+    ordered = sorted(REGIMES, key=lambda r: not r.main)
+    return ordered[:1] if quick else ordered
+
+
+def sweep_regime(cue: float) -> Regime:
+    known = {r.cue: r for r in REGIMES if not r.decoys and not r.attribute}
+    name = known[cue].name if cue in known else f"c{cue:g}"
+    return Regime(name, f"c = {cue:g}, D = 0", cue, sweep=True)
+
+
+def best_navigator(study, quick: bool) -> Row:
+    """Where the navigator reads from: the variant whose boxes hold the most lesion centres of
+    the hold-out of train (never valid), then the best hold-out AUROC, over the main regime's
+    first seeds. The hit rate comes first: the study asks which localizer finds the key area,
+    and the hold-out AUROC of the navigators reaches 1.0 on some seeds, where it cannot choose."""
+    scored = []
+    for row in NAVIGATORS:
+        runs = [study.read(main_regime(), row, s) for s in ([0] if quick else range(3))]
+        runs = [r for r in runs if r is not None]
+        if runs:
+            hits = [(r.get("heldout_localization") or {}).get("hit_rate", 0.0) for r in runs]
+            scored.append((mean(hits), mean([r["heldout"] for r in runs]), row.name, row))
+    return max(scored)[-1] if scored else NAVIGATORS[1]
+
+
+def planned(regime: Regime, rows: list[Row], best: Row, quick: bool) -> Plan:
+    """The regime's runs of these rows, seed by seed: each seed's whole row set comes early."""
+    runs = [(regime, row, s) for row in rows for s in seeds_of(regime, row, best, quick)]
+    return sorted(runs, key=lambda run: run[2])
+
+
+def everything(best: Row, quick: bool) -> Plan:
+    """Every run of the study, in the order they run. First the main regime's rows that decide
+    which navigator is best (every variant, the baselines and controls), seed by seed; then the
+    runs that depend on it (its refinement, its MIL ceiling, its further seeds); then the other
+    regimes and the sweep of c with it, seed by seed across them: a part that stops early leaves
+    one seed of every regime and point of c rather than every seed of the first."""
+    main = main_regime()
+    deciding = [*BASELINES, *NAVIGATORS, *CONTROLS]
+    plan = planned(main, deciding, best, quick) + planned(main, main.rows(best), best, quick)
+    rest: Plan = []
+    for regime in [*regimes_of(quick)[1:], *(sweep_regime(c) for c in cues(quick))]:
+        rest += planned(regime, regime.rows(best), best, quick)
+    plan += sorted(rest, key=lambda run: run[2])  # stable: regime order within a seed
+    # one run per record: a point of the sweep that is a regime of its own (c = 0, c = 0.5) shares
+    # its records, and its runs are planned once
+    once: dict[tuple[str, Row, int], tuple[Regime, Row, int]] = {}
+    for regime, row, seed in plan:
+        once.setdefault((regime.name, row, seed), (regime, row, seed))
+    return list(once.values())
+
+
+def collect(study, regime: Regime, best: Row, quick: bool) -> dict[str, list[dict]]:
+    records = {}
+    for row in regime.rows(best):
+        runs = [study.read(regime, row, s) for s in seeds_of(regime, row, best, quick)]
+        records[row.name] = [r for r in runs if r is not None]
+    return records
