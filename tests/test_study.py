@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import run_module
+from PIL import Image
 
 from experiments.localizers.plan import NAVIGATORS, everything, main_regime, sweep_regime
-from PIL import Image
 
 STUDY = "experiments.localizers.study"
 
