@@ -49,10 +49,10 @@ demo: $(STAMP)  ## stage 1 -> stage 2 -> evaluation on synthetic data, ResNet18 
 	$(BIN)/python -m kalm_lightning.train experiment=demo
 
 test: $(STAMP)  ## the quick tier: every feature once, CPU only, on every core (~5 min on 2 cores)
-	$(BIN)/python -m pytest -q -n auto -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 test-slow: $(STAMP)  ## the slow tier: resume after kill, DDP faults, sweeps, the study, ... (~12 min)
-	$(BIN)/python -m pytest -q -n auto -m slow
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m slow
 
 docs: $(STAMP)  ## the documentation site (mkdocs-material + mkdocstrings) into build/site, warnings as errors
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -87,6 +88,8 @@ def hydra_entry(config_name: str, program: str, task: str) -> Callable[[], None]
     )
 
     def main() -> None:
+        # Nothing leaves the machine: MLflow (logger=mlflow) sends usage events unless told not to.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         prepare_argv(program)
         app()
 

@@ -78,6 +78,13 @@ RULES = {
     "evaluate.tta": Choice(TTA),
     "split": Choice(SCORED_SPLITS),
     "inference": Choice(("mil",)),  # null: the localizer's own box
+    # serve
+    "port": Number(1, 65535, integer=True),
+    "max_batch_size": Number(1, integer=True),
+    "batch_timeout": Number(0),
+    "max_upload_mb": Number(0, exclusive_minimum=True),
+    "timeout_s": Number(0, exclusive_minimum=True),
+    "dicom.port": Number(1, 65535, integer=True),
 }
 
 
@@ -88,6 +95,22 @@ def blob_regime(cue: float | None, decoys: int, attribute: float) -> None:
             f"data.synthetic.decoys={decoys} and data.synthetic.attribute={attribute} need "
             "data.synthetic.cue=c (the blobs' contrast, 0 to 1)"
         )
+
+
+def serving(cfg: DictConfig) -> None:
+    """The serve command's extras are installed, and its DICOM node has where to write."""
+    if importlib.util.find_spec("litserve") is None:
+        raise UserError("serve needs the serve extra: pip install 'kalm-lightning[serve]'")
+    if OmegaConf.select(cfg, "dicom.port", default=None) is not None:
+        if (
+            importlib.util.find_spec("pynetdicom") is None
+            or importlib.util.find_spec("highdicom") is None
+        ):
+            raise UserError(
+                "dicom.port needs the DICOM node's packages: pip install 'kalm-lightning[serve,dicom]'"
+            )
+        if not OmegaConf.select(cfg, "dicom.output", default=None):
+            raise UserError("dicom.port needs dicom.output=DIR, where its structured reports go")
 
 
 def check(setting: str, value: object) -> None:
@@ -127,6 +150,8 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(
             "logger=mlflow needs the mlflow extra: pip install 'kalm-lightning[mlflow]'"
         )
+    if OmegaConf.select(cfg, "task_name", default=None) == "serve":
+        serving(cfg)
     searched = OmegaConf.select(cfg, "hparams_search.stage", default=None)
     stage = OmegaConf.select(cfg, "stage.number", default=None)
     if searched is not None and stage is not None and searched != stage:

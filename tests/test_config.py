@@ -310,3 +310,27 @@ def test_table1s_extra_row_is_the_localizer_the_study_names_best() -> None:
     for key, value in (o.split("=", 1) for o in variant if "." in o.split("=")[0]):
         assert str(OmegaConf.select(cfg, key)) == value
     assert (cfg.data.image_size, cfg.data.source_size) == (224, 448)  # still the paper's protocol
+
+
+@pytest.mark.slow
+def test_serve_without_its_extra_is_refused_in_one_line(tmp_path: Path) -> None:
+    """In an environment with the package and what composing needs, but not the serve extra:
+    one line naming the extra, before torch would load."""
+    repo = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "hydra-core", "omegaconf", "setuptools>=77"], check=True)
+    subprocess.run([*pip, "--no-deps", "--no-build-isolation", "-e", str(repo)], check=True)
+    lacking = subprocess.run([str(venv / "bin" / "python"), "-c", "import litserve"])
+    assert lacking.returncode != 0  # the environment this test is about
+    result = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "kalm_lightning.serve", "ckpt_path=model.ckpt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "kalm-serve: serve needs the serve extra: pip install 'kalm-lightning[serve]'"
+    )

@@ -7,6 +7,7 @@ thing, so never twice). Needs the `dicom` extra."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -18,6 +19,11 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     pydicom = None
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def is_dicom_bytes(data: bytes, name: str = "") -> bool:
+    """An uploaded file's bytes are DICOM: its name ends .dcm/.dicom, or 'DICM' is at byte 128."""
+    return Path(name).suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM"
 
 
 def is_dicom(path: str | Path) -> bool:
@@ -65,7 +71,7 @@ def inverted(ds) -> bool:
     )
 
 
-def read_dicom(path: str | Path) -> np.ndarray:
+def read_dicom(path: str | Path | BinaryIO) -> np.ndarray:
     """uint8 [H, W] pixels of a DICOM image; ValueError (with the reason) when it has none to show."""
     if pydicom is None:
         raise ValueError("reading DICOM needs pydicom: pip install 'kalm-lightning[dicom]'")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from kalm_lightning.data.dicom import dicom_size, is_dicom, read_dicom
+from kalm_lightning.data.dicom import dicom_size, is_dicom, is_dicom_bytes, read_dicom
 from kalm_lightning.data.geometry import fit_geometry
 from kalm_lightning.errors import UserError
 from kalm_lightning.settings import check
@@ -40,21 +43,33 @@ def load_grayscale(path: str | Path) -> np.ndarray:
     raises BadImageError naming the file."""
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         raise BadImageError(f"{path}: the file is empty (0 bytes)")
-    if is_dicom(path):
+    return _decode(path, str(path), is_dicom(path))
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """An uploaded file's bytes decoded exactly as `load_grayscale` decodes a file (the server's
+    path): uint8 [H, W], or BadImageError naming the upload. Nothing but the bytes is read."""
+    if not data:
+        raise BadImageError(f"{name}: the file is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name, is_dicom_bytes(data, name))
+
+
+def _decode(source: str | Path | BinaryIO, name: str, dicom: bool) -> np.ndarray:
+    if dicom:
         try:
-            pixels = read_dicom(path)
+            pixels = read_dicom(source)
         except Exception as error:  # pydicom's parser and decoders raise many types
-            raise BadImageError(f"{path}: cannot read DICOM image ({error})") from error
+            raise BadImageError(f"{name}: cannot read DICOM image ({error})") from error
         if pixels.size == 0:
-            raise BadImageError(f"{path}: the image has no pixels")
+            raise BadImageError(f"{name}: the image has no pixels")
         return pixels
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             width, height = image.size
             limit = Image.MAX_IMAGE_PIXELS
             if limit and width * height > limit:
                 raise BadImageError(
-                    f"{path}: {width}x{height} pixels is over PIL's limit of {limit}; "
+                    f"{name}: {width}x{height} pixels is over PIL's limit of {limit}; "
                     "downscale the image or raise PIL.Image.MAX_IMAGE_PIXELS"
                 )
             image.load()
@@ -64,13 +79,14 @@ def load_grayscale(path: str | Path) -> np.ndarray:
         raise
     except Image.DecompressionBombError as error:  # PIL refuses these before reading the size out
         raise BadImageError(
-            f"{path}: more than twice PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels, refused as a "
+            f"{name}: more than twice PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels, refused as a "
             "possible decompression bomb; downscale the image or raise PIL.Image.MAX_IMAGE_PIXELS"
         ) from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise BadImageError(f"{path}: cannot decode image ({error})") from error
+        why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the upload", str(error))
+        raise BadImageError(f"{name}: cannot decode image ({why})") from error
     if pixels.size == 0:
-        raise BadImageError(f"{path}: the image has no pixels")
+        raise BadImageError(f"{name}: the image has no pixels")
     return pixels
 
 

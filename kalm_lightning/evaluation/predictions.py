@@ -65,24 +65,44 @@ def image_table(
     frame["body_part"] = rows["body_part"]
     if (rows["label"] >= 0).all():
         frame["label"] = rows["label"]
-    raw = outputs[decision].float()
-    prob = calibrate(raw.double(), float(operating["temperature"])).float()
-    frame["prob"], frame["prob_raw"] = prob.numpy(), raw.numpy()
-    frame["call"] = abnormal(frame["prob"], float(operating["threshold"]))
-    for name in SCORES:
-        if name in outputs:
-            frame[prob_column(name)] = outputs[name].numpy()
+    for column, values in decided(outputs, decision, operating).items():
+        frame[column] = values
     if "boxes" in outputs:
-        boxes, size = outputs["boxes"], dataset.source_size
-        pixels = box_to_pixels(boxes, size).tolist()
-        original = [
-            to_original_pixels(box, *dataset.original_size(i), size, dataset.resize)
-            for box, i in zip(pixels, ids, strict=True)
-        ]
-        frame[PIXEL_BOX] = np.round(np.array(original), 1)
-        frame["box_area"] = (boxes[:, 2] * boxes[:, 3]).numpy()  # w * h in [-1, 1] units
+        sizes = [dataset.original_size(i) for i in ids]
+        frame[PIXEL_BOX] = original_boxes(
+            outputs["boxes"], sizes, dataset.source_size, dataset.resize
+        )
+        frame["box_area"] = (outputs["boxes"][:, 2] * outputs["boxes"][:, 3]).numpy()
     frame.insert(0, "file", rows["path"])  # what was read: the key of a run's own bookkeeping
     return frame
+
+
+def decided(
+    outputs: dict[str, torch.Tensor], decision: str, operating: dict
+) -> dict[str, np.ndarray]:
+    """The decision columns (prob, prob_raw, call) and each score's, from `predict_step`'s
+    outputs and the model's operating point (threshold, temperature)."""
+    raw = outputs[decision].float()
+    prob = calibrate(raw.double(), float(operating["temperature"])).float().numpy()
+    columns = {"prob": prob, "prob_raw": raw.numpy()}
+    columns["call"] = abnormal(prob, float(operating["threshold"]))
+    for name in SCORES:
+        if name in outputs:
+            columns[prob_column(name)] = outputs[name].numpy()
+    return columns
+
+
+def original_boxes(
+    boxes: torch.Tensor, sizes: list[tuple[int, int]], source_size: int, resize: str
+) -> np.ndarray:
+    """[N, 4] boxes ([-1, 1] units on the source image) as x0, y0, x1, y1 in each image's own
+    pixels ((height, width) in sizes), to a tenth of a pixel."""
+    pixels = box_to_pixels(boxes, source_size).tolist()
+    original = [
+        to_original_pixels(box, *size, source_size, resize)
+        for box, size in zip(pixels, sizes, strict=True)
+    ]
+    return np.round(np.array(original, dtype=float).reshape(-1, 4), 1)
 
 
 def given_table(rows: pd.DataFrame, prob: np.ndarray) -> pd.DataFrame:
