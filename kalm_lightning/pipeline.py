@@ -19,7 +19,7 @@ from kalm_lightning.config import (
 from kalm_lightning.errors import UserError
 from kalm_lightning.tasks.evaluate import run_evaluation
 from kalm_lightning.tasks.train import train_stage
-from kalm_lightning.training.ddp import one_ddp_job
+from kalm_lightning.training.ddp import leave_process_group, one_ddp_job
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
@@ -31,6 +31,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     second = train_stage(stage2_config(first["best_ckpt"], overrides), run.stage(2).path)
     if rank_zero_only.rank != 0 or not second["best_ckpt"]:
         return second
+    leave_process_group()  # training is over: the evaluation is this process's alone
     run_evaluation(evaluation_config(cfg, second["best_ckpt"]), run.evaluation)
     print(f"KALM boxes drawn in {run.evaluation / 'boxes.png'}")
     return second

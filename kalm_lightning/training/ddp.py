@@ -34,6 +34,14 @@ def pin_job_for_other_ranks(quote: Callable[[list[str]], list[str]]) -> None:
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
+def leave_process_group() -> None:
+    """Close this process's DDP group, where training opened one: what runs next on rank 0
+    alone (a pipeline's evaluation) must not wait for the ranks that have left (Lightning's
+    `Trainer.predict` would, at its prepare_data barrier) nor shard its images among them."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @contextmanager
 def one_ddp_job(quote: Callable[[list[str]], list[str]]) -> Iterator[None]:
     """A multirun job's DDP ranks belong to that job alone.
@@ -47,8 +55,7 @@ def one_ddp_job(quote: Callable[[list[str]], list[str]]) -> Iterator[None]:
         yield
     finally:
         if multirun():
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            leave_process_group()
             for key, value in before.items():
                 if value is None:
                     os.environ.pop(key, None)
