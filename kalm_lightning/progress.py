@@ -47,7 +47,7 @@ class Progress:
     def end(self) -> None:
         elapsed = time.monotonic() - self.start
         if elapsed >= 1.0:
-            log.info(f"{self.what}: {self.done}{self.unit} done in {elapsed:.0f} s")
+            log.info(f"{self.what}: {self.done}{self.unit} done in {elapsed:.1f} s")
 
 
 def progress(

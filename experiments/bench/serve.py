@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--images", type=int, default=200, help="distinct images sent (cycled)")
+    parser.add_argument("--images", type=int, default=200, help="distinct images (cycled)")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=Path("serve.json"))
@@ -108,8 +108,10 @@ def main() -> None:
     images = sorted(root.rglob("*.png"))[: args.images]
     folder = work / "images"
     folder.mkdir(exist_ok=True)
-    for i, path in enumerate(images):
-        (folder / f"{i:04d}.png").write_bytes(path.read_bytes())
+    for i in range(
+        args.requests
+    ):  # the images the requests send, each once: offline scores them all
+        (folder / f"{i:05d}.png").write_bytes(images[i % len(images)].read_bytes())
     payloads = [(p.name, p.read_bytes()) for p in sorted(folder.iterdir())]
 
     offline = cli(
@@ -123,7 +125,7 @@ def main() -> None:
         ],
         work,
     )
-    scored = re.search(r"predict: \d+ batches done in (\d+) s", offline.stdout + offline.stderr)
+    scored = re.search(r"predict: \d+ batches done in ([\d.]+) s", offline.stdout + offline.stderr)
     seconds = float(scored.group(1)) if scored else float("nan")
     offline_rate = len(payloads) / seconds
 
