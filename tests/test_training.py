@@ -4,6 +4,7 @@ DDP on two CPU processes, W&B offline and resuming."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -289,3 +290,19 @@ def test_optuna_search_runs_three_trials_and_the_summary_sorts_them(
     assert len(summary) == 3 and summary["best_val"].is_monotonic_decreasing
     assert summary["best_val"].iloc[0] == pytest.approx(best.best_value)
     assert summary["overrides"].str.contains("localizer.centre=").all()
+
+
+def test_train_log_has_one_line_per_epoch(trained: dict[str, Path]) -> None:
+    """SLURM logs have no terminal: train.log says where each epoch ended, one line each."""
+    for stage in ("stage1", "stage2"):
+        lines = [
+            line
+            for line in (trained[stage] / "train.log").read_text().splitlines()
+            if "] - epoch " in line
+        ]
+        assert len(lines) == 1, lines  # the tiny runs train one epoch
+        assert re.search(
+            r"\] - epoch 0/1: train/loss \d+\.\d{3}, val/selection \d+\.\d{3} \(best \d+\.\d{3}\), "
+            r"\d+ s$",
+            lines[0],
+        ), lines[0]

@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> None:
             ]
             if not pending:
                 break
+            regime, row, seed = pending[0]
+            elapsed = (time.perf_counter() - start) / 60
+            print(
+                f"study: {len(pending)} run(s) left; next {regime.name} {row.name} seed {seed} "
+                f"({study.trained} trained in this part, {elapsed:.0f} min)",
+                flush=True,
+            )
             study.run(*pending[0])
     except OutOfTime:
         stopped = True

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kalm_lightning.data.images import BadImageError, load_grayscale, resize_square
+from kalm_lightning.progress import progress
 
 CACHE_VERSION = 1
 
@@ -70,7 +71,7 @@ class ImageCache:
             num_workers=num_workers,
             collate_fn=lambda item: item,
         )
-        for i, image, shape, reason in loader:
+        for i, image, shape, reason in progress(loader, "decode cache", n, "images"):
             if image is None:
                 if on_bad_image != "skip":
                     self.pixels_file.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from torchmetrics.functional.classification import (
 
 from kalm_lightning.data.index import BODY_PARTS
 from kalm_lightning.evaluation.studies import abnormal, study_means
+from kalm_lightning.progress import progress
 
 NAMES = ("accuracy", "auroc", "kappa")
 
@@ -88,7 +89,7 @@ def bootstrap_intervals(
     draws: dict[str, list[float]] = {name: [] for name in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(samples):
+        for _ in progress(range(samples), "bootstrap", samples, "resamples"):
             pick = torch.from_numpy(rng.integers(0, len(study_prob), len(study_prob)))
             for name, value in scores(study_prob[pick], study_label[pick]).items():
                 if name in draws and not math.isnan(value):

@@ -33,9 +33,10 @@ class EpochLines(pl.Callback):
             for name in ("train/loss", "val/selection")
             if name in metrics and math.isfinite(float(metrics[name]))
         ]
-        best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
-        if best is not None and shown and shown[-1].startswith("val/"):
-            shown[-1] += f" (best {float(best):.3f})"
+        selection = metrics.get("val/selection")
+        if selection is not None and math.isfinite(float(selection)):
+            self.best = max(getattr(self, "best", -math.inf), float(selection))
+            shown[-1] += f" (best {self.best:.3f})"  # the checkpoint kept: the highest so far
         total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
         seconds = time.monotonic() - getattr(self, "start", time.monotonic())
         log.info(f"epoch {trainer.current_epoch}/{total}: {', '.join(shown)}, {seconds:.0f} s")
