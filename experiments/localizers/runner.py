@@ -61,9 +61,11 @@ class Study:
         quick_sizes: bool,
         max_minutes: float | None,
         runs: Path | None = None,
+        pin: bool = True,
     ) -> None:
-        """Records in out/results, data in work/data, runs in `runs` (default work/runs)."""
-        self.out, self.work, self.quick = out, work, quick_sizes
+        """Records in out/results, data in work/data, runs in `runs` (default work/runs); `pin`:
+        navigator rows run with the navigator defaults study 2 ran with (`pinned`), else as shipped."""
+        self.out, self.work, self.quick, self.pin = out, work, quick_sizes, pin
         self.runs = runs or work / "runs"
         self.deadline = None if max_minutes is None else time.monotonic() + max_minutes * 60
         self.trained = 0
@@ -87,7 +89,7 @@ class Study:
                 f"data.root={self.work / 'data' / f'{regime.name}-seed{seed}'}",
                 f"stage={stage}",
                 f"seed={seed}",
-                *pinned(quick(overrides) if self.quick else overrides),
+                *(pinned if self.pin else tuple)(quick(overrides) if self.quick else overrides),
             ],
         )
 
