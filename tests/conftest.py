@@ -180,6 +180,30 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths(shared(tmp_path_factory, "train", train_both_stages))
 
 
+def train_multicrop(work: Path, stage1_ckpt: str) -> dict[str, Path]:
+    args = [
+        "stage=2",
+        f"stage.global_ckpt={stage1_ckpt}",
+        "localizer=multicrop",
+        "localizer.k=2",
+        *TINY_RUN,
+        "trainer.limit_train_batches=4",
+    ]
+    check(run_cli("train", args, work))
+    stage2 = next((work / "outputs/synthetic/resnet18/stage2").iterdir())
+    return {"work": work, "stage2": stage2}
+
+
+@pytest.fixture(scope="session")
+def multicrop(
+    trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Stage 2 with `localizer=multicrop` (k = 2) on the shared stage-1 run, through the real
+    command line, once per session."""
+    stage1 = json.loads((trained["stage1"] / "result.json").read_text())["best_ckpt"]
+    return paths(shared(tmp_path_factory, "multicrop", lambda work: train_multicrop(work, stage1)))
+
+
 def table1_variant(work: Path) -> dict[str, Path]:
     sweep = work / "table1" / "variant"
     args = [

@@ -315,14 +315,15 @@ def test_dicom_without_pixel_data_gets_its_own_error(
     [
         ("onnx", "kalm"),
         ("export", "kalm"),
+        ("onnx", "multicrop"),
         pytest.param("onnx", "navigator", marks=pytest.mark.slow),  # trains the Table 1 kit
     ],
 )
 def test_export_matches_eager_pytorch(
     request: pytest.FixtureRequest, tmp_path: Path, fmt: str, model: str
 ) -> None:
-    if model == "kalm":
-        stage2 = request.getfixturevalue("trained")["stage2"]
+    if model in ("kalm", "multicrop"):
+        stage2 = request.getfixturevalue("trained" if model == "kalm" else model)["stage2"]
         best = json.loads((stage2 / "result.json").read_text())["best_ckpt"]
     else:  # a navigator trained in experiment=paper (the Table 1 fixture)
         sweep = request.getfixturevalue("navigator_pipeline")
@@ -330,14 +331,15 @@ def test_export_matches_eager_pytorch(
     target = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt2")
     check(run_cli("export", [f"ckpt_path={best}", f"format={fmt}", f"output={target}"], tmp_path))
     meta = json.loads(target.with_suffix(target.suffix + ".json").read_text())
-    assert meta["outputs"] == ["prob", "prob_global", "prob_local", "boxes"]
+    windows = ["crops", "attention"] if model == "multicrop" else []
+    assert meta["outputs"] == ["prob", "prob_global", "prob_local", "boxes", *windows]
     size = meta["source_size"]
     module = load_stage(best)
     for batch in (1, 3):
         images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             eager = module.score(images)
-        expected = [eager["kalm"], eager["global"], eager["local"], eager["boxes"]]
+        expected = [eager[k] for k in ("kalm", "global", "local", "boxes", *windows)]
         if fmt == "onnx":
             session = onnxruntime.InferenceSession(str(target))
             got = [torch.from_numpy(v) for v in session.run(None, {"images": images.numpy()})]

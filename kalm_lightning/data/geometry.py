@@ -18,6 +18,16 @@ PIXEL_BOX = ["box_x0", "box_y0", "box_x1", "box_y1"]
 LESION_BOX = ["x0", "y0", "x1", "y1"]
 
 
+def crop_box(k: int) -> list[str]:
+    """The pixel-box columns of window k (1, 2, ...) of a model whose CNN_l reads K windows."""
+    return [f"crop{k}_{side}" for side in ("x0", "y0", "x1", "y1")]
+
+
+def crop_weight(k: int) -> str:
+    """The column of window k's attention weight."""
+    return f"crop{k}_weight"
+
+
 def fit_geometry(
     height: int, width: int, size: int, mode: str
 ) -> tuple[float, float, float, float]:

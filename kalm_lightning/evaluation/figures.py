@@ -151,10 +151,12 @@ def overlay_image(
     caption: str,
     longest: int = 768,
     heatmaps: Mapping[str, np.ndarray] | None = None,
+    windows: Sequence[tuple[Sequence[float], float]] = (),
 ) -> Image.Image:
     """A radiograph (uint8 [H, W], shown at most `longest` px) with its KALM box and a caption;
     with heatmaps ({score: [H, W] in [0, 1]}), one panel per map under the box and the colour
-    scale at the right."""
+    scale at the right; windows: every (box, attention weight) of a model that reads K windows,
+    drawn thinner, each with its weight."""
     scale = min(1.0, longest / max(pixels.shape))
     size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
     shown = np.asarray(Image.fromarray(pixels).resize(size, Image.BILINEAR))
@@ -166,6 +168,10 @@ def overlay_image(
             heat = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(size, Image.BILINEAR))
             image = heat_blend(shown, heat)
         draw = ImageDraw.Draw(image)
+        for window, weight in windows:
+            corners = [v * scale for v in window]
+            draw.rectangle(corners, outline=PRED_COLOUR, width=1)
+            draw.text((corners[0] + 3, corners[1] + 2), f"a={weight:.2f}", fill=PRED_COLOUR)
         if box is not None:
             draw.rectangle([v * scale for v in box], outline=PRED_COLOUR, width=3)
         label = caption if name is None else f"{caption}  {HEAT_NAMES.get(name, name)}"

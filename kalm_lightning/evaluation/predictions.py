@@ -15,6 +15,8 @@ column whichever command wrote them.
 | `prob_global`, `prob_local`, `prob_kalm` | CNN_g's, CNN_l's and the fused abnormal probability, uncalibrated: the paper's Table 1 |
 | `box_x0`, `box_y0`, `box_x1`, `box_y1` | the KALM box in the original image's pixels (stage 2) |
 | `box_area` | the box's share of the image (stage 2) |
+| `crop1_x0` ... `cropK_y1`, `cropK_weight` | every window and its attention weight, best first by the scout, where CNN_l reads K windows together (`localizer=multicrop`); the `box_*` columns are then the window weighed most |
+| `crops_area` | the K windows' total share of the image (`localizer=multicrop`) |
 | `error` | why a file was not scored (predict; empty for the scored ones) |
 | `overlay`, `heatmap` | the files predict drew for it (`overlays=true`, `heatmaps=true`) |
 
@@ -33,7 +35,13 @@ import pandas as pd
 import torch
 
 from kalm_lightning.data.dataset import MURADataset
-from kalm_lightning.data.geometry import PIXEL_BOX, box_to_pixels, to_original_pixels
+from kalm_lightning.data.geometry import (
+    PIXEL_BOX,
+    box_to_pixels,
+    crop_box,
+    crop_weight,
+    to_original_pixels,
+)
 from kalm_lightning.evaluation.operating import calibrate
 from kalm_lightning.evaluation.studies import (
     SCORES,
@@ -73,6 +81,13 @@ def image_table(
             outputs["boxes"], sizes, dataset.source_size, dataset.resize
         )
         frame["box_area"] = (outputs["boxes"][:, 2] * outputs["boxes"][:, 3]).numpy()
+    if "crops" in outputs:
+        for k in range(outputs["crops"].shape[1]):
+            frame[crop_box(k + 1)] = original_boxes(
+                outputs["crops"][:, k], sizes, dataset.source_size, dataset.resize
+            )
+            frame[crop_weight(k + 1)] = outputs["attention"][:, k].numpy()
+        frame["crops_area"] = (outputs["crops"][..., 2] * outputs["crops"][..., 3]).sum(1).numpy()
     frame.insert(0, "file", rows["path"])  # what was read: the key of a run's own bookkeeping
     return frame
 

@@ -132,11 +132,19 @@ def print_summary(metrics: dict, model: str, out: Path) -> None:
     console.print(table)
     if "localization" in metrics:
         loc = metrics["localization"]
-        console.print(
-            f"localization: lesion centre inside the KALM box {loc['hit_rate']:.1%}, "
-            f"mean IoU {loc['mean_iou']:.3f}, mean box area {loc['mean_area']:.1%} of the image, "
-            f"over {loc['n']} images"
-        )
+        if "windows" in loc:
+            console.print(
+                f"localization: lesion centre inside any of the {loc['windows']} windows "
+                f"{loc['hit_rate']:.1%}, inside the one weighed most {loc['hit_rate_top']:.1%}; "
+                f"best window's mean IoU {loc['mean_best_iou']:.3f}, windows' total area "
+                f"{loc['mean_total_area']:.1%} of the image, over {loc['n']} images"
+            )
+        else:
+            console.print(
+                f"localization: lesion centre inside the KALM box {loc['hit_rate']:.1%}, "
+                f"mean IoU {loc['mean_iou']:.3f}, mean box area {loc['mean_area']:.1%} of the "
+                f"image, over {loc['n']} images"
+            )
     if "operating_point" in metrics:
         point, calibration = metrics["operating_point"], metrics["calibration"]
         at = point["study"]

@@ -58,8 +58,10 @@ class KALMOutput:
 
     global_logits: torch.Tensor
     local_logits: torch.Tensor
-    boxes: torch.Tensor
+    boxes: torch.Tensor  # [B, 4]: the box CNN_l read (of several: the one weighed most)
     prob: torch.Tensor
+    crops: torch.Tensor | None = None  # [B, K, 4]: every window, where CNN_l reads K together
+    attention: torch.Tensor | None = None  # [B, K]: their weights in S_l
 
     @property
     def global_prob(self) -> torch.Tensor:
@@ -169,8 +171,27 @@ class KALMNet(nn.Module):
                 .softmax(-1)[..., 1]
             )
 
+    def pooled_logits(
+        self, images: torch.Tensor, windows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """S_l [B, 2] of K windows read together [B, K, 4]: each crop's pooled CNN_l features
+        (eq. 8-9, then GAP), the localizer's pooling over the K, CNN_l's classifier; and the
+        windows' weights [B, K]."""
+        batch, many = windows.shape[:2]
+        crops = crop(images.repeat_interleave(many, 0), windows.flatten(0, 1), self.image_size)
+        features = self.local_cnn.forward_features(crops).mean(dim=(2, 3))
+        pooled, weights = self.localizer.pool(features.view(batch, many, -1))
+        return self.local_cnn.fc(pooled), weights
+
     def forward(self, images: torch.Tensor) -> KALMOutput:
         inputs = self.inputs(images)
+        if self.localizer.windowed:
+            windows = self.localizer.windows(inputs)
+            logits, weights = self.pooled_logits(images, windows)
+            top = weights.argmax(dim=1)[:, None, None].expand(-1, 1, 4)
+            out = self.fused(inputs, windows.gather(1, top)[:, 0], logits)
+            out.crops, out.attention = windows, weights
+            return out
         boxes = self.localizer.locate(inputs)
         return self.fused(inputs, boxes, self.local_logits(images, boxes[:, None])[:, 0])
 
@@ -205,6 +226,8 @@ class KALMNet(nn.Module):
         inputs = self.inputs(images, generator, labels)
         scorer = Scorer(self.crop_scores, self.pooled_scores, images)
         crops = self.localizer.training_crops(inputs, scorer, epoch)
+        if crops.together:
+            return self.pooled_logits(images, crops.boxes)[0][:, None], crops
         return self.local_logits(images, crops.boxes), crops
 
 

@@ -122,12 +122,15 @@ class KALMStage(StageModule):
 
     def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.net.mil(images) if self.inference == "mil" else self(images)
-        return {
+        scores = {
             GLOBAL: out.global_prob,
             LOCAL: out.local_prob,
             KALM: out.prob,
             "boxes": out.boxes,
         }
+        if out.crops is not None:  # K windows read together: each with its attention weight
+            scores.update(crops=out.crops, attention=out.attention)
+        return scores
 
     def heatmaps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """CNN_g's and CNN_l's class activation maps [B, S, S] of source images (models/cam.py),

@@ -4,7 +4,8 @@ with its preprocessing, its operating point and a model card beside it.
 The graph takes the normalised source image [N, 3, S, S] (N free) and returns, for a stage-2
 checkpoint, `prob` (KALM's fused probability, calibrated at the model's temperature when it has
 one), `prob_global`, `prob_local` and `boxes` (x, y, w, h in [-1, 1] units, see
-`kalm_lightning.data.geometry`); for a stage-1 checkpoint `prob` and `prob_global`.
+`kalm_lightning.data.geometry`), and where CNN_l reads K windows (`localizer=multicrop`) `crops`
+[N, K, 4] and their `attention` weights [N, K]; for a stage-1 checkpoint `prob` and `prob_global`.
 `<file>.json` beside it says how to make the input from a radiograph; ONNX files carry the same in
 their `metadata_props`. TorchScript is gone: `torch.jit.trace` is deprecated in PyTorch 2.14
 (it warns), and torch.export is its successor; prefer ONNX to serve, .pt2 to stay in PyTorch.
@@ -41,11 +42,12 @@ class ExportedModel(nn.Module):
         self.image_size = stage.preprocessing.image_size
         self.two_stage = isinstance(self.net, KALMNet)
         self.temperature = float(stage.operating["temperature"])
+        self.windowed = self.two_stage and self.net.localizer.windowed
         self.outputs = (
             ["prob", "prob_global", "prob_local", "boxes"]
             if self.two_stage
             else ["prob", "prob_global"]
-        )
+        ) + (["crops", "attention"] if self.windowed else [])
 
     def calibrated(self, prob: torch.Tensor) -> torch.Tensor:
         """operating.calibrate in the graph: sigmoid(logit(p) / T)."""
@@ -57,7 +59,8 @@ class ExportedModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.two_stage:
             out = self.net(images)
-            return self.calibrated(out.prob), out.global_prob, out.local_prob, out.boxes
+            main = self.calibrated(out.prob), out.global_prob, out.local_prob, out.boxes
+            return (*main, out.crops, out.attention) if self.windowed else main
         # GlobalStage.forward and .score: CNN_g on the resized view, softmax's abnormal column.
         prob = self.net(resize_view(images, self.image_size)).float().softmax(dim=1)[:, 1]
         return self.calibrated(prob), prob

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from kalm_lightning.data.dataset import MURADataset
 from kalm_lightning.data.dicom import DICOM_SUFFIXES
-from kalm_lightning.data.geometry import PIXEL_BOX, to_original_map
+from kalm_lightning.data.geometry import PIXEL_BOX, crop_box, crop_weight, to_original_map
 from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.data.index import BODY_PARTS, MURA_DIR, read_mura_index
 from kalm_lightning.data.mura import MURADataModule
@@ -119,6 +119,16 @@ def prepare_output(out: Path, overwrite: bool) -> None:
             target.unlink(missing_ok=True)
 
 
+def windows_of(row: pd.Series) -> list[tuple[list[float], float]]:
+    """Every window of a row of the prediction table with its attention weight (none for a
+    model that reads one crop)."""
+    found, k = [], 1
+    while crop_weight(k) in row and not np.isnan(row[crop_weight(k)]):
+        found.append(([row[c] for c in crop_box(k)], float(row[crop_weight(k)])))
+        k += 1
+    return found
+
+
 def overlay_name(path: str, taken: set[str]) -> str:
     """A file name for an image's overlay, unique in the run."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.strip("/")).strip("_") or "image"
@@ -160,7 +170,9 @@ def write_visuals(
                 box = None if np.isnan(row["box_x0"]) else [row[c] for c in PIXEL_BOX]
                 verdict = "abnormal" if abnormal(row["prob"], threshold) else "normal"
                 caption = f"p={row['prob']:.3f} {verdict}"
-                image = overlay_image(load_grayscale(file), box, caption, heatmaps=heat)
+                image = overlay_image(
+                    load_grayscale(file), box, caption, heatmaps=heat, windows=windows_of(row)
+                )
                 image.save(out / row["overlay"])
 
 

@@ -1,6 +1,6 @@
 """Every localizer, one file each, on one interface (`base.py`): the paper's (`kalm.py`,
 `KeyAreaLocalizer`), the controls (`full`, `fixed`, `random`) and the navigators that learn where
-to look from the local branch. Each has its YAML under `conf/localizer/` and its formula in its
+to look from the local branch, one crop (`navigator`) or K read by attention (`multicrop`). Each has its YAML under `conf/localizer/` and its formula in its
 docstring."""
 
 from kalm_lightning.models.localizers.base import (
@@ -13,6 +13,7 @@ from kalm_lightning.models.localizers.base import (
 from kalm_lightning.models.localizers.fixed import FixedBox
 from kalm_lightning.models.localizers.full import FullImage
 from kalm_lightning.models.localizers.kalm import KeyAreaLocalizer
+from kalm_lightning.models.localizers.multicrop import MultiCrop
 from kalm_lightning.models.localizers.navigator import Navigator
 from kalm_lightning.models.localizers.random_anchor import RandomAnchor
 
@@ -22,6 +23,7 @@ __all__ = [
     "KeyAreaLocalizer",
     "Localizer",
     "LocalizerInputs",
+    "MultiCrop",
     "Navigator",
     "RandomAnchor",
     "Scorer",

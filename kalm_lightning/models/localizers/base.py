@@ -11,7 +11,11 @@ it answers:
   it has none): what `evaluate inference=mil` scores, keeping the one CNN_l finds most abnormal;
 - `training_crops(inputs, scorer, epoch)`: the boxes [B, M, 4] CNN_l trains on in a
   training step and the localizer's own loss, if it has one. By default the located box, through
-  which the bilinear crop's gradient reaches the localizer (the paper's eq. 8-9).
+  which the bilinear crop's gradient reaches the localizer (the paper's eq. 8-9);
+- `windows(inputs)` and `pool(features)`, for a localizer whose CNN_l reads several crops at once
+  (`MultiCrop`): the windows [B, K, 4], and how their K crop features [B, K, C] pool into the one
+  [B, C] CNN_l's classifier scores, with each window's weight [B, K]; such a localizer says
+  `windowed = True`. The others' CNN_l reads one crop, the box `locate` gives.
 
 `scorer` scores boxes with CNN_l without gradients: a localizer that learns from the local branch
 (`Navigator`) asks it which of its anchors looks most abnormal.
@@ -55,6 +59,7 @@ class TrainingCrops:
     boxes: torch.Tensor  # [B, M, 4]
     loss: torch.Tensor | None = None
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    together: bool = False  # True: the M crops are one input, pooled (`Localizer.pool`), one score
 
 
 class Scorer:
@@ -76,6 +81,8 @@ class Localizer(nn.Module):
     """The shared base: the feature map's shape, and `lr`, the localizer's own learning rate
     (None: the optimiser's)."""
 
+    windowed = False  # True: CNN_l reads `windows` together, pooled by `pool` (one score)
+
     def __init__(self, height: int, width: int, channels: int, lr: float | None = None) -> None:
         super().__init__()
         if lr is not None:
@@ -93,6 +100,15 @@ class Localizer(nn.Module):
 
     def training_crops(self, inputs: LocalizerInputs, scorer: Scorer, epoch: int) -> TrainingCrops:
         return TrainingCrops(self.locate(inputs)[:, None])
+
+    def windows(self, inputs: LocalizerInputs) -> torch.Tensor:
+        """`windowed` localizers: the windows [B, K, 4] CNN_l reads together."""
+        raise NotImplementedError(f"{type(self).__name__} reads one crop, the box `locate` gives")
+
+    def pool(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`windowed` localizers: K crop features [B, K, C] as one [B, C], and each crop's
+        weight [B, K]."""
+        raise NotImplementedError(f"{type(self).__name__} reads one crop: it has nothing to pool")
 
 
 def centred(batch: int, half: float, reference: torch.Tensor) -> torch.Tensor:
@@ -140,6 +156,16 @@ def box_pooling(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     across = overlap(b[:, 0] - b[:, 2], b[:, 0] + b[:, 2], width)
     down = overlap(b[:, 1] - b[:, 3], b[:, 1] + b[:, 3], height)
     return (down[:, :, None] * across[:, None, :]).reshape(len(boxes), -1).float()
+
+
+def anchor_means(anchors: torch.Tensor, maps: torch.Tensor, cache: dict) -> torch.Tensor:
+    """[B, K]: each one-channel map [B, h, w] (or [B, 1, h, w]) averaged inside each anchor
+    [K, 4] (`box_pooling`), the pooling matrix kept in `cache` per map size and device."""
+    height, width = maps.shape[-2:]
+    key = (height, width, maps.device)
+    if key not in cache:
+        cache[key] = box_pooling(anchors.cpu(), height, width).to(maps.device)
+    return maps.flatten(1) @ cache[key].T
 
 
 def _resolve(target: str) -> type[Localizer]:

@@ -16,7 +16,7 @@ from kalm_lightning.models.localizers.base import (
     Scorer,
     TrainingCrops,
     anchor_grid,
-    box_pooling,
+    anchor_means,
 )
 
 READS = ("map", "view", "source")
@@ -134,11 +134,7 @@ class Navigator(Localizer):
         else:
             seen = inputs.view if self.reads == "view" else inputs.source
         score = self.head(seen.to(self.head[0].weight.dtype)).float()
-        _, _, height, width = score.shape
-        key = (height, width, score.device)
-        if key not in self._pooling:
-            self._pooling[key] = box_pooling(self.anchors.cpu(), height, width).to(score.device)
-        return score.flatten(1) @ self._pooling[key].T
+        return anchor_means(self.anchors, score, self._pooling)
 
     def locate(self, inputs: LocalizerInputs) -> torch.Tensor:
         return self.anchors[self.anchor_logits(inputs).argmax(dim=1)]

@@ -1,0 +1,146 @@
+"""`localizer=multicrop`: K windows from a scout's saliency map, read by CNN_l together and
+pooled by gated attention (after GMIC, Shen et al. 2021, and NTS-Net; the pooling is Ilse et al.
+2018's gated attention MIL)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kalm_lightning.errors import UserError, check_number
+from kalm_lightning.models.localizers.base import (
+    Localizer,
+    LocalizerInputs,
+    Scorer,
+    TrainingCrops,
+    anchor_grid,
+    anchor_means,
+)
+from kalm_lightning.models.localizers.navigator import scout
+
+
+def top_pooling(saliency: torch.Tensor, fraction: float) -> torch.Tensor:
+    """[B] the mean of the highest `fraction` of each map's cells [B, N] (GMIC's top-t% pooling):
+    the image's logit, high where a small part of the image looks abnormal."""
+    count = max(1, round(fraction * saliency.shape[1]))
+    return saliency.topk(count, dim=1).values.mean(dim=1)
+
+
+def greedy_windows(scores: torch.Tensor, anchors: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k] anchor indices: the best-scoring anchor, then the best one that overlaps none chosen
+    so far, k times (non-maximum suppression at overlap 0). scores [B, A], anchors [A, 4]. Where
+    fewer than k anchors are disjoint, the best overlapping ones fill the rest."""
+    x, y, w, h = anchors.unbind(dim=1)
+    overlaps = ((x[:, None] - x[None]).abs() < w[:, None] + w[None] - 1e-6) & (
+        (y[:, None] - y[None]).abs() < h[:, None] + h[None] - 1e-6
+    )  # [A, A]: boxes i and j share area
+    left = scores.detach().float().clone()
+    chosen = []
+    for _ in range(k):  # k is small and fixed: a loop over windows, not over the batch
+        pick = left.argmax(dim=1)
+        chosen.append(pick)
+        left = left - 1e4 * overlaps[pick].to(left.dtype)  # a chosen window and its overlaps
+    return torch.stack(chosen, dim=1)
+
+
+class GatedAttention(nn.Module):
+    """a_k = softmax_k(w^T (tanh(V h_k) * sigmoid(U h_k))), pooled = sum_k a_k h_k (Ilse et al.
+    2018, eq. 9): K crop features [B, K, C] to one [B, C] and the weights [B, K]."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.V, self.U = nn.Linear(channels, hidden), nn.Linear(channels, hidden)
+        self.w = nn.Linear(hidden, 1)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = torch.tanh(self.V(features)) * torch.sigmoid(self.U(features))
+        weights = self.w(gate).squeeze(-1).float().softmax(dim=1)
+        return (weights[..., None].to(features.dtype) * features).sum(dim=1), weights
+
+
+class MultiCrop(Localizer):
+    """K windows from a saliency map, read by CNN_l together.
+
+    - The scout (`navigator.scout`, a few percent of a ResNet18) reads the source image and gives
+      a saliency map s (stride 16). It is taught by the image label alone: the image's logit is
+      the mean of the top `t` share of s's cells (top-t% pooling), loss BCE(top_t(s), y); no
+      teacher pass of CNN_l.
+    - Windows: the anchors (`grid` x `grid` centres of half-extent `half`) scored by s averaged
+      inside each (`box_pooling`); the best k taken greedily with no overlap (`greedy_windows`).
+    - CNN_l reads each window's crop; gated attention MIL pools the k crop features into one,
+      which CNN_l's classifier turns into the local score S_l, fused with S_g as in the paper.
+      CNN_l trains on that pooled score, the attention with it.
+
+    `locate` is the scout's best window; the model's box (KALMOutput.boxes) is the window the
+    attention weighs most, and all k windows come with their weights (`crops`, `attention`).
+    """
+
+    windowed = True
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        channels: int,
+        k: int = 4,
+        half: float = 0.25,
+        grid: int = 7,
+        t: float = 0.05,
+        scout_width: int = 32,
+        hidden: int = 128,
+        lr: float | None = None,
+    ) -> None:
+        super().__init__(height, width, channels, lr)
+        check_number("localizer.k", k, 1, integer=True)
+        check_number("localizer.t", t, 0, 1, exclusive_minimum=True)
+        check_number("localizer.scout_width", scout_width, 2, integer=True)
+        check_number("localizer.hidden", hidden, 1, integer=True)
+        self.register_buffer("anchors", anchor_grid(grid, half), persistent=False)
+        if k > len(self.anchors):
+            raise UserError(
+                f"localizer.k={k} windows but localizer.grid={grid} has {len(self.anchors)} "
+                "anchors: lower k or raise grid"
+            )
+        self.k, self.t = k, float(t)
+        self.head = scout(scout_width)
+        self.attention = GatedAttention(channels, hidden)
+        self._pooling: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+    def saliency(self, inputs: LocalizerInputs) -> torch.Tensor:
+        """s [B, h, w]: the scout's map over the source image (logits)."""
+        source = inputs.source.to(self.head[0].weight.dtype)
+        return self.head(source).float()[:, 0]
+
+    def anchor_scores(self, saliency: torch.Tensor) -> torch.Tensor:
+        """[B, A]: s averaged inside each anchor."""
+        return anchor_means(self.anchors, saliency, self._pooling)
+
+    def windows_of(self, saliency: torch.Tensor) -> torch.Tensor:
+        """[B, k, 4] the greedy, disjoint windows of a saliency map, best first."""
+        return self.anchors[greedy_windows(self.anchor_scores(saliency), self.anchors, self.k)]
+
+    def windows(self, inputs: LocalizerInputs) -> torch.Tensor:
+        return self.windows_of(self.saliency(inputs))
+
+    def pool(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attention(features)
+
+    def locate(self, inputs: LocalizerInputs) -> torch.Tensor:
+        return self.windows(inputs)[:, 0]
+
+    def candidates(self, inputs: LocalizerInputs) -> torch.Tensor:
+        return self.windows(inputs)
+
+    def training_crops(self, inputs: LocalizerInputs, scorer: Scorer, epoch: int) -> TrainingCrops:
+        if inputs.labels is None:
+            raise ValueError("localizer=multicrop trains on the labels of the batch")
+        saliency = self.saliency(inputs)
+        image_logit = top_pooling(saliency.flatten(1), self.t)
+        loss = F.binary_cross_entropy_with_logits(image_logit, inputs.labels.float())
+        return TrainingCrops(
+            self.windows_of(saliency.detach()),
+            loss,
+            {"train/scout_loss": loss.detach()},
+            together=True,
+        )

@@ -1,0 +1,102 @@
+"""`localizer=multicrop`: K disjoint windows from a scout's saliency map, read by CNN_l together and
+pooled by gated attention; through the CLI in stage 2, evaluate and predict (export: test_predict)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_RUN, check, run_cli
+
+from kalm_lightning.data.geometry import PIXEL_BOX, crop_box, crop_weight
+from kalm_lightning.errors import UserError
+from kalm_lightning.models import KALMNet, MultiCrop
+from kalm_lightning.models.localizers.base import anchor_grid, build_localizer, node_of
+from kalm_lightning.models.localizers.multicrop import greedy_windows, top_pooling
+
+DATA = [arg for arg in TINY_RUN if arg.startswith("data.")]
+
+
+def net(**options) -> KALMNet:
+    torch.manual_seed(0)
+    return KALMNet("resnet18", 64, 256, localizer=node_of(MultiCrop, **options))
+
+
+def test_the_greedy_windows_are_the_best_disjoint_anchors_best_first() -> None:
+    anchors = anchor_grid(7, 0.25)
+    scores = torch.randn(5, len(anchors), generator=torch.Generator().manual_seed(1))
+    picked = greedy_windows(scores, anchors, 4)
+    assert (picked[:, 0] == scores.argmax(1)).all()
+    for row in range(5):
+        boxes = anchors[picked[row]]
+        for i in range(4):
+            for j in range(i):  # no two windows share area
+                apart = (boxes[i, :2] - boxes[j, :2]).abs() >= boxes[i, 2:] + boxes[j, 2:] - 1e-6
+                assert apart.any()
+        chosen = scores[row, picked[row]]
+        assert (chosen[:-1] >= chosen[1:]).all()  # each the best of what was left
+
+
+def test_top_pooling_is_the_mean_of_the_highest_share_of_cells() -> None:
+    maps = torch.tensor([[0.0, 1.0, 5.0, 3.0, 2.0, -1.0, 4.0, 0.5, 0.2, 0.1]])
+    assert top_pooling(maps, 0.2).item() == pytest.approx(4.5)
+    assert top_pooling(maps, 0.01).item() == pytest.approx(5.0)  # at least one cell
+
+
+def test_cnn_l_reads_k_windows_whose_attention_weighs_them_and_trains_scout_and_attention() -> None:
+    model = net(k=3)
+    images = torch.randn(2, 3, 256, 256)
+    out = model(images)
+    assert out.boxes.shape == (2, 4) and out.crops.shape == (2, 3, 4)
+    torch.testing.assert_close(out.attention.sum(1), torch.ones(2))
+    top = out.crops[torch.arange(2), out.attention.argmax(1)]
+    assert torch.equal(out.boxes, top)
+    assert model.localizer.locate(model.inputs(images)).shape == (2, 4)  # one box, always
+    logits, crops = model.training_outputs(images, 0, None, torch.tensor([0, 1]))
+    assert logits.shape == (2, 1, 2) and crops.together and crops.loss is not None
+    (torch.nn.functional.cross_entropy(logits[:, 0], torch.tensor([0, 1])) + crops.loss).backward()
+    for part in (model.localizer.head, model.localizer.attention, model.local_cnn.fc):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    assert (
+        model.local_cnn.conv.conv1.weight.grad.abs().sum() > 0
+    )  # (timm zeroes each block's last BN)
+
+
+def test_more_windows_than_anchors_are_refused_in_one_line() -> None:
+    with pytest.raises(UserError, match=r"localizer.k=10 windows but localizer.grid=3 has 9"):
+        build_localizer(node_of(MultiCrop, k=10, grid=3), 4, 4, 512)
+
+
+def best(run: Path) -> str:
+    return json.loads((run / "result.json").read_text())["best_ckpt"]
+
+
+def test_evaluate_scores_every_window_and_the_one_weighed_most(
+    multicrop: dict[str, Path], tmp_path: Path
+) -> None:
+    check(run_cli("evaluate", [f"ckpt_path={best(multicrop['stage2'])}", *DATA], tmp_path))
+    metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
+    loc = metrics["localization"]
+    assert loc["windows"] == 2 and loc["n"] > 0
+    assert loc["hit_rate"] >= loc["hit_rate_top"]
+    frame = pd.read_csv(next(tmp_path.rglob("predictions_images.csv")))
+    weights = frame[[crop_weight(1), crop_weight(2)]].to_numpy()
+    np.testing.assert_allclose(weights.sum(1), 1, atol=1e-5)
+    top = np.where(weights[:, :1] >= weights[:, 1:], frame[crop_box(1)], frame[crop_box(2)])
+    np.testing.assert_array_equal(frame[PIXEL_BOX].to_numpy(), top)
+
+
+def test_predict_writes_every_window_and_draws_them(
+    multicrop: dict[str, Path], tmp_path: Path
+) -> None:
+    images = next((multicrop["work"] / "data").rglob("valid/XR_*/*/*"))
+    args = [f"ckpt_path={best(multicrop['stage2'])}", f"images={images}", "overlays=true"]
+    check(run_cli("predict", [*args, f"output={tmp_path / 'out'}"], tmp_path))
+    frame = pd.read_csv(tmp_path / "out" / "predictions_images.csv")
+    assert frame["error"].isna().all()
+    assert {*crop_box(1), *crop_box(2), crop_weight(1), crop_weight(2), "crops_area"} <= set(frame)
+    assert all((tmp_path / "out" / name).is_file() for name in frame["overlay"])
