@@ -28,6 +28,14 @@ def crop_weight(k: int) -> str:
     return f"crop{k}_weight"
 
 
+def windows_in(columns) -> int:
+    """How many windows (K) a prediction table's columns hold (0 for a one-crop model)."""
+    k = 0
+    while crop_weight(k + 1) in columns:
+        k += 1
+    return k
+
+
 def fit_geometry(
     height: int, width: int, size: int, mode: str
 ) -> tuple[float, float, float, float]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kalm_lightning.data.geometry import LESION_BOX, PIXEL_BOX, box_iou, crop_box, crop_weight
+from kalm_lightning.data.geometry import LESION_BOX, PIXEL_BOX, box_iou, crop_box, windows_in
 
 
 def inside(boxes: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -48,9 +48,7 @@ def localization_scores(frame: pd.DataFrame, lesions: pd.DataFrame) -> dict[str,
         "mean_area": float(merged["box_area"].mean()) if "box_area" in merged else float("nan"),
         "n": len(merged),
     }
-    windows = []
-    while crop_weight(len(windows) + 1) in merged:
-        windows.append(crop_box(len(windows) + 1))
+    windows = [crop_box(k) for k in range(1, windows_in(merged) + 1)]
     if windows:  # K windows: hit_rate over any of them, hit_rate_top the one weighed most
         crops = np.stack([merged[w].to_numpy(float) for w in windows])  # [K, N, 4]
         scores.update(

@@ -20,7 +20,13 @@ from rich.console import Console
 
 from kalm_lightning.data.dataset import MURADataset
 from kalm_lightning.data.dicom import DICOM_SUFFIXES
-from kalm_lightning.data.geometry import PIXEL_BOX, crop_box, crop_weight, to_original_map
+from kalm_lightning.data.geometry import (
+    PIXEL_BOX,
+    crop_box,
+    crop_weight,
+    to_original_map,
+    windows_in,
+)
 from kalm_lightning.data.images import load_grayscale
 from kalm_lightning.data.index import BODY_PARTS, MURA_DIR, read_mura_index
 from kalm_lightning.data.mura import MURADataModule
@@ -122,11 +128,12 @@ def prepare_output(out: Path, overwrite: bool) -> None:
 def windows_of(row: pd.Series) -> list[tuple[list[float], float]]:
     """Every window of a row of the prediction table with its attention weight (none for a
     model that reads one crop)."""
-    found, k = [], 1
-    while crop_weight(k) in row and not np.isnan(row[crop_weight(k)]):
-        found.append(([row[c] for c in crop_box(k)], float(row[crop_weight(k)])))
-        k += 1
-    return found
+    windows = range(1, windows_in(row.index) + 1)
+    return [
+        ([row[c] for c in crop_box(k)], float(row[crop_weight(k)]))
+        for k in windows
+        if not np.isnan(row[crop_weight(k)])
+    ]
 
 
 def overlay_name(path: str, taken: set[str]) -> str:
