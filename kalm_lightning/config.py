@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -13,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kalm_lightning.resolvers import register_resolvers
-from kalm_lightning.settings import check_config
+from kalm_lightning.settings import check_config, config_dir, group_choices
 
 GROUPS = (
     "backbone",
@@ -29,19 +27,6 @@ GROUPS = (
     "debug",
     "hparams_search",
 )
-
-
-def config_dir() -> Path:
-    """The config folder: packaged as kalm_lightning.conf when installed, else the checkout's conf/."""
-    spec = importlib.util.find_spec("kalm_lightning.conf")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    return Path(__file__).resolve().parent.parent / "conf"
-
-
-def group_choices(group: str) -> list[str]:
-    """The config names available in a group, e.g. ['inception_v4', 'resnet18', 'vgg16']."""
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
 def quote_numeric_choices(argv: list[str]) -> list[str]:

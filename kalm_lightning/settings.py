@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +26,19 @@ TTA = ("none", "hflip")  # test-time augmentation: hflip averages each image wit
 # What evaluate scores: MURA valid (the paper's test set), train, or the hold-out of train that a
 # training run selected on (its patients recorded in the checkpoint)
 SCORED_SPLITS = {"valid": "test", "train": "train", "holdout": "val"}  # -> the DataModule's part
+
+
+def config_dir() -> Path:
+    """The config folder: packaged as kalm_lightning.conf when installed, else the checkout's conf/."""
+    spec = importlib.util.find_spec("kalm_lightning.conf")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def group_choices(group: str) -> list[str]:
+    """The config names available in a group, e.g. ['inception_v4', 'resnet18', 'vgg16']."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
 @dataclass(frozen=True)

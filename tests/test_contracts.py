@@ -14,7 +14,7 @@ import onnxruntime
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_RUN, check, paths, run_cli, shared
+from conftest import RUNS, TINY_RUN, check, paths, run_cli, shared
 from PIL import Image
 from sklearn.metrics import confusion_matrix, f1_score
 
@@ -36,7 +36,7 @@ def train_padded(work: Path) -> dict[str, Path]:
     ]
     args = ["pipeline=true", "run_name=pad", "data.resize=pad", *clinic, *TINY_RUN]
     check(run_cli("train", args, work))
-    return {"work": work, "run": next((work / "outputs/synthetic/resnet18/pad").iterdir())}
+    return {"work": work, "run": next((work / RUNS / "pad").iterdir())}
 
 
 @pytest.fixture(scope="session")

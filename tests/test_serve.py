@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from conftest import check, dicom_dataset, run_cli
+from conftest import TINY_NET, check, dicom_dataset, run_cli
 from PIL import Image
 
 pytestmark = pytest.mark.xdist_group("serve")  # one worker: one server for the module
@@ -132,7 +132,7 @@ def still_serving(server: dict, study: dict) -> None:
 def test_health_and_info_say_what_model_is_served(server: dict) -> None:
     assert httpx.get(f"{server['url']}/health", timeout=10).text == "ok"  # no key needed
     info = httpx.get(f"{server['url']}/info", headers=HEADERS, timeout=10).json()["model"]
-    assert info["name"] == "kalm-lightning resnet18 stage 2"
+    assert info["name"] == f"kalm-lightning {TINY_NET} stage 2"
     assert info["preprocessing"]["source_size"] == 128 and "resize" in info["preprocessing"]
     assert {"threshold", "temperature"} <= set(info["operating_point"])
     assert info["software"]["torch"] and info["training_data"]["name"] == "synthetic"

@@ -11,11 +11,14 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_RUN, check, run_cli, running_trainings
+from conftest import RUNS, TINY_NET, TINY_RUN, check, run_cli, running_trainings
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from kalm_lightning.config import compose_config
+from kalm_lightning.errors import UserError
 from kalm_lightning.runs import Run
+from kalm_lightning.tasks.train import find_stage1_checkpoint
 
 
 def state(path: Path) -> dict[str, torch.Tensor]:
@@ -46,9 +49,18 @@ def test_stage2_finds_stage1_and_keeps_cnn_g_bit_identical(trained: dict[str, Pa
         "net.localizer.fc_w.weight",
         "net.localizer.fc_h.weight",
         "net.local_cnn.fc.weight",
-        "net.local_cnn.conv.conv1.weight",
+        "net.local_cnn.conv.conv1.0.weight",  # the stem
     ):
         assert not torch.equal(initial[key], after[key]), key
+
+
+def test_stage2_without_stage1_names_the_backbone_as_it_is_chosen(tmp_path: Path) -> None:
+    """A backbone of the config group by its option, any other timm model by backbone.name."""
+    cfg = compose_config("train", ["stage=2", f"paths.output_root={tmp_path}"])
+    with pytest.raises(
+        UserError, match=r"run `python -m kalm_lightning\.train stage=1 backbone=resnet18 "
+    ):
+        find_stage1_checkpoint(cfg)
 
 
 def test_stage2_without_stage1_says_what_to_run(tmp_path: Path) -> None:
@@ -58,15 +70,16 @@ def test_stage2_without_stage1_says_what_to_run(tmp_path: Path) -> None:
         result.stderr.strip()
         .splitlines()[-1]
         .startswith(
-            "kalm-train: no finished stage-1 run for backbone=resnet18 data=synthetic under outputs: "
-            "run `python -m kalm_lightning.train stage=1 backbone=resnet18 data=synthetic` first"
+            f"kalm-train: no finished stage-1 run for backbone.name={TINY_NET} data=synthetic under "
+            f"outputs: run `python -m kalm_lightning.train stage=1 backbone.name={TINY_NET} "
+            "data=synthetic` first"
         )
     )
 
 
 def test_run_directory_holds_config_checkpoints_logs_metrics(trained: dict[str, Path]) -> None:
     run = trained["stage2"]
-    assert run.parent.name == "stage2" and run.parent.parent.name == "resnet18"
+    assert run.parent.name == "stage2" and run.parent.parent.name == TINY_NET
     for name in (
         "config.yaml",
         "result.json",
@@ -97,7 +110,7 @@ def test_multirun_over_two_backbones(tmp_path: Path) -> None:
             [
                 "-m",
                 "backbone=resnet18,vgg16",
-                *TINY_RUN,
+                *(a for a in TINY_RUN if not a.startswith("backbone.name")),  # the two CNNs
                 "trainer.limit_train_batches=2",
                 "trainer.limit_val_batches=2",
             ],
@@ -202,13 +215,13 @@ def test_ddp_cpu_runs_the_whole_pipeline(tmp_path: Path) -> None:
             tmp_path,
         )
     )
-    run = next((tmp_path / "outputs/synthetic/resnet18/demo").iterdir())
+    run = next((tmp_path / RUNS / "demo").iterdir())
     for stage in ("stage1", "stage2"):
         assert (run / stage / "checkpoints/last.ckpt").is_file() and (
             run / stage / "result.json"
         ).is_file()
     assert (run / "evaluate/metrics.json").is_file() and (run / "evaluate/boxes.png").is_file()
-    assert "resnet18_KALM" in result.stdout and "boxes.png" in result.stdout
+    assert f"{TINY_NET}_KALM" in result.stdout and "boxes.png" in result.stdout
 
 
 def test_wandb_offline_leaves_a_run_file(trained: dict[str, Path]) -> None:
@@ -220,7 +233,7 @@ def test_wandb_offline_leaves_a_run_file(trained: dict[str, Path]) -> None:
     assert "got exitcode: 0" in next(run.glob("wandb/offline-run-*/logs/debug.log")).read_text()
     for key in (
         b"backbone",
-        b"resnet18",
+        TINY_NET.encode(),
         b"model_checkpoint",
         b"train/loss",
         b"val/image_acc",

@@ -32,6 +32,7 @@ from kalm_lightning.tasks.evaluate import run_evaluation
 from kalm_lightning.tasks.train import train_stage
 
 QUICK = (
+    "backbone.name=test_resnet",  # timm's test ResNet: the tests' tiny CNN (tests/conftest.py)
     "data.image_size=64",
     "data.source_size=128",
     "data.batch_size=8",

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kalm_lightning import runs
 from kalm_lightning.errors import Preempted, UserError
+from kalm_lightning.settings import group_choices
 from kalm_lightning.training.checkpoints import WEIGHTS_ONLY, read_trained
 from kalm_lightning.training.loggers import finish_wandb, log_files
 
@@ -34,10 +35,14 @@ def find_stage1_checkpoint(cfg: DictConfig) -> str:
     root = Path(cfg.paths.output_root)
     found = runs.newest_stage1(root, cfg.backbone.name, cfg.backbone.output_stride, data_root(cfg))
     if found is None:
+        name = cfg.backbone.name  # a config of the backbone group, or any timm model by its name
+        backbone = (
+            f"backbone={name}" if name in group_choices("backbone") else f"backbone.name={name}"
+        )
         raise UserError(
-            f"no finished stage-1 run for backbone={cfg.backbone.name} data={cfg.data.name} under "
-            f"{root}: run `python -m kalm_lightning.train stage=1 backbone={cfg.backbone.name} "
-            f"data={cfg.data.name}` first, or set stage.global_ckpt=PATH"
+            f"no finished stage-1 run for {backbone} data={cfg.data.name} under {root}: run "
+            f"`python -m kalm_lightning.train stage=1 {backbone} data={cfg.data.name}` first, or "
+            "set stage.global_ckpt=PATH"
         )
     return found
 
