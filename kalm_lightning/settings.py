@@ -158,6 +158,17 @@ def check_config(cfg: DictConfig) -> None:
             "split=holdout scores the hold-out of train a checkpoint records (ckpt_path=CKPT); "
             "a predictions CSV records none: score it with split=valid or split=train"
         )
+    if OmegaConf.select(cfg, "stage.cache_global", default=False):
+        augment = OmegaConf.select(cfg, "data.augment", default=None) or {}
+        on = [f"data.augment.{key}={value}" for key, value in augment.items() if value]
+        if on:
+            off = " ".join(f"{setting.split('=')[0]}=0" for setting in on)
+            raise UserError(
+                f"stage.cache_global=true computes CNN_g's outputs once per image, but "
+                f"{' and '.join(on)} change{'s' if len(on) == 1 else ''} CNN_g's input in every "
+                f"epoch: set {off}, or "
+                "stage.cache_global=false"
+            )
     loggers = OmegaConf.select(cfg, "logger", default=None) or {}
     targets = {str(node.get("_target_", "")) for node in loggers.values() if node}
     if any(t.endswith("MLFlowLogger") for t in targets) and not importlib.util.find_spec("mlflow"):

@@ -19,6 +19,26 @@ from kalm_lightning.progress import progress
 CACHE_VERSION = 1
 
 
+def files_digest(version: int, paths: Sequence[str], *key: object) -> str:
+    """A cache's key: its format's version, every file's path, size and modification time, and
+    what else it follows from; any change, and the key is another (a stale cache is never read)."""
+    stats = [(st.st_size, st.st_mtime_ns) for st in map(os.stat, paths)]
+    return hashlib.sha1(json.dumps([version, list(paths), stats, *key]).encode()).hexdigest()[:16]
+
+
+def reserve(path: Path) -> None:
+    """Claim a file's blocks before writing it through a memory map: a disk too small fails here,
+    with its errno and the file's name, not with a SIGBUS when a page of the map is written."""
+    try:
+        with open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return  # a file system without fallocate: written as it goes
+        path.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from error
+
+
 class _DecodeOnce(Dataset):
     def __init__(self, paths: Sequence[str], size: int, resize: str) -> None:
         self.paths, self.size, self.resize = paths, size, resize
@@ -39,10 +59,7 @@ class ImageCache:
 
     def __init__(self, directory: str | Path, paths: Sequence[str], size: int, resize: str) -> None:
         self.paths, self.size, self.resize = list(paths), size, resize
-        stats = [(st.st_size, st.st_mtime_ns) for st in map(os.stat, self.paths)]
-        digest = hashlib.sha1(
-            json.dumps([CACHE_VERSION, self.paths, stats, size, resize]).encode()
-        ).hexdigest()[:16]
+        digest = files_digest(CACHE_VERSION, self.paths, size, resize)
         self.pixels_file = Path(directory) / f"{digest}-{size}-{resize}.u8"
         self.meta_file = self.pixels_file.with_suffix(".npz")
         self._pixels: np.memmap | None = None
@@ -87,16 +104,7 @@ class ImageCache:
         return skipped
 
     def reserve(self) -> None:
-        """Claim the whole file's blocks before writing: a disk too small fails here, with its
-        errno and the file's name, not with a SIGBUS when a page of the memory map is written."""
-        try:
-            with open(self.pixels_file, "r+b") as handle:
-                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
-        except OSError as error:
-            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                return  # a file system without fallocate: written as it goes
-            self.pixels_file.unlink(missing_ok=True)
-            raise OSError(error.errno, error.strerror, str(self.pixels_file)) from error
+        reserve(self.pixels_file)
 
     def _load(self) -> tuple[np.memmap, dict[str, np.ndarray]]:
         if self._pixels is None:

@@ -18,6 +18,7 @@ from torch.utils.data._utils.collate import default_collate
 from torchvision.transforms.v2 import functional as TF
 
 from kalm_lightning.data.cache import ImageCache
+from kalm_lightning.data.features import GLOBAL_FEATURES, FeatureCache
 from kalm_lightning.data.images import BadImageError, image_size, load_grayscale, resize_square
 from kalm_lightning.settings import check
 
@@ -44,7 +45,9 @@ class MURADataset(Dataset):
 
     pixels=True (what MURADataModule uses): `image` is the uint8 [1, source_size, source_size]
     greyscale instead, with the augmentation drawn for it (`hflip`, `angle`) beside it;
-    `data.transfer.model_input` turns a batch of these into the documented output on the device."""
+    `data.transfer.model_input` turns a batch of these into the documented output on the device.
+    `features`: CNN_g's cached feature maps (stage.cache_global), set by stage 2 once built; each
+    item then carries its image's beside the pixels, as `GLOBAL_FEATURES`."""
 
     def __init__(
         self,
@@ -76,6 +79,7 @@ class MURADataset(Dataset):
         self.cache, self.on_bad_image = cache, on_bad_image
         self.skipped_log = Path(skipped_log) if skipped_log else None
         self.seed, self.pixels = seed, pixels
+        self.features: FeatureCache | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -112,6 +116,8 @@ class MURADataset(Dataset):
             "study_id": int(self.study_codes[i]),
             "body_part": self.body_parts[i],
         }
+        if self.features is not None:
+            item[GLOBAL_FEATURES] = self.features.get(i)
         drawn = self._draw(self._generator(i, epoch)) if self.augment else {}
         if self.pixels:  # augmented and normalised later, batched on the device
             return {"image": pixels.unsqueeze(0), **item, **drawn}

@@ -106,15 +106,9 @@ class MURADataModule(pl.LightningDataModule):
         self.root, self.name = Path(root).expanduser(), name
         self.image_size, self.source_size, self.resize = image_size, source_size, resize
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.pin_memory, self.persistent_workers = (
-            pin_memory,
-            persistent_workers and num_workers > 0,
-        )
-        self.val_from_train, self.on_missing, self.on_bad_image = (
-            val_from_train,
-            on_missing,
-            on_bad_image,
-        )
+        self.pin_memory, self.val_from_train = pin_memory, val_from_train
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.on_missing, self.on_bad_image = on_missing, on_bad_image
         self.use_cache, self.augment = cache, dict(augment or {})
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".kalm_cache"
         self.synthetic = dict(synthetic) if synthetic else None
@@ -245,7 +239,7 @@ class MURADataModule(pl.LightningDataModule):
             return torch.distributed.get_world_size(), torch.distributed.get_rank()
         return 1, 0
 
-    def _loader(self, part: str | MURADataset, shuffle: bool) -> DataLoader:
+    def _loader(self, part: str | MURADataset, shuffle: bool, whole: bool = False) -> DataLoader:
         dataset = self.dataset(part) if isinstance(part, str) else part
         world_size, rank = self._world()
         sampler = None
@@ -254,7 +248,7 @@ class MURADataModule(pl.LightningDataModule):
             if self.resume_position is not None:
                 epoch, batches = self.resume_position
                 sampler.resume_at(epoch, batches * self.batch_size)
-        elif world_size > 1:
+        elif world_size > 1 and not whole:
             # Lightning's default sampler pads shards, counting images twice; this one does not.
             sampler = UnrepeatedDistributedSampler(dataset, world_size, rank, shuffle=False)
         return DataLoader(
@@ -267,7 +261,13 @@ class MURADataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers,
             collate_fn=collate_skipping_bad,
             drop_last=False,
+            generator=torch.Generator() if whole else None,  # whole: the global state untouched
         )
+
+    def every_image(self, part: str) -> DataLoader:
+        """Every image of a part in order, on this process whatever the world size, drawing
+        nothing from the global random state: what stage.cache_global computes CNN_g's maps of."""
+        return self._loader(part, shuffle=False, whole=True)
 
     def on_after_batch_transfer(self, batch: dict | None, dataloader_idx: int) -> dict | None:
         """data.device_transforms: augment, normalise and expand the uint8 pixels on the device."""

@@ -133,10 +133,14 @@ class KALMNet(nn.Module):
         images: torch.Tensor,
         generator: torch.Generator | None = None,
         labels: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> LocalizerInputs:
-        """CNN_g's view of a batch: what the localizer reads (and, in training, the labels)."""
+        """CNN_g's view of a batch: what the localizer reads (and, in training, the labels).
+        features: CNN_g's feature maps of these images where they are known already (a frozen
+        CNN_g's, cached: `stage.cache_global`), instead of running CNN_g."""
         view = resize_view(images, self.image_size)
-        features = self.global_cnn.forward_features(view)
+        if features is None:
+            features = self.global_cnn.forward_features(view)
         return LocalizerInputs(features, self.class_weights(), view, images, generator, labels)
 
     def local_logits(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -221,9 +225,11 @@ class KALMNet(nn.Module):
         epoch: int,
         generator: torch.Generator | None = None,
         labels: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, TrainingCrops]:
-        """A training step's S_l [B, M, 2] on the boxes the localizer trains CNN_l on."""
-        inputs = self.inputs(images, generator, labels)
+        """A training step's S_l [B, M, 2] on the boxes the localizer trains CNN_l on (features:
+        CNN_g's, where cached)."""
+        inputs = self.inputs(images, generator, labels, features)
         scorer = Scorer(self.crop_scores, self.pooled_scores, images)
         crops = self.localizer.training_crops(inputs, scorer, epoch)
         if crops.together:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from kalm_lightning.data.features import GLOBAL_FEATURES, FeatureCache, weights_digest
 from kalm_lightning.data.geometry import box_to_pixels
 from kalm_lightning.errors import UserError
 from kalm_lightning.evaluation.figures import box_grid, to_uint8
 from kalm_lightning.evaluation.studies import GLOBAL, KALM, LOCAL, SCORES
 from kalm_lightning.models.backbone import Backbone, backbone_node
 from kalm_lightning.models.cam import global_heatmap, local_heatmap
-from kalm_lightning.models.kalm import KALMNet
+from kalm_lightning.models.kalm import KALMNet, resize_view
 from kalm_lightning.models.preprocessing import GIVEN, Preprocessing
 from kalm_lightning.stages.base import StageModule
 from kalm_lightning.stages.nodes import check_target
@@ -22,17 +25,20 @@ from kalm_lightning.training.checkpoints import read_trained
 from kalm_lightning.training.loggers import log_image
 
 BOXES_LOGGED = 16
+log = logging.getLogger(__name__)
 
 
 class KALMStage(StageModule):
     """net: KALMNet's config node (`backbone`: the backbone's node, `localizer`: the localizer's
     node from `conf/localizer/`, `local_init`); preprocessing as in stage 1; global_ckpt: the
-    stage-1 checkpoint CNN_g comes from (None when a stage-2 checkpoint is loaded: it holds CNN_g)."""
+    stage-1 checkpoint CNN_g comes from (None when a stage-2 checkpoint is loaded: it holds CNN_g);
+    cache_global: read CNN_g's feature maps of the training images from a cache made once
+    (`data/features.py`) instead of running the frozen CNN_g in every training step."""
 
     stage = 2
     scores = SCORES
     selection_score = KALM
-    ignore = (*StageModule.ignore, "global_ckpt")
+    ignore = (*StageModule.ignore, "global_ckpt", "cache_global")
     # CNN_g is in eval mode at the start of stage 2 on purpose (frozen BatchNorm statistics).
     expected_warnings = (r"Found \d+ module\(s\) in eval mode at the start of training",)
 
@@ -41,9 +47,11 @@ class KALMStage(StageModule):
         net: Mapping[str, Any],
         preprocessing: Mapping[str, Any],
         global_ckpt: str | None = None,
+        cache_global: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(net, preprocessing, **options)
+        self.cache_global = cache_global
         net, preprocessing = self.hparams["net"], self.hparams["preprocessing"]
         built = check_target(net, KALMNet, "model.net")
         backbone = backbone_node(built["backbone"])
@@ -141,6 +149,47 @@ class KALMStage(StageModule):
             LOCAL: local_heatmap(self.net, images, boxes),
         }
 
+    def on_fit_start(self) -> None:
+        if self.cache_global:
+            self.read_global_from_cache()
+
+    def read_global_from_cache(self) -> None:
+        """stage.cache_global: CNN_g's feature map of every training image, computed once (on
+        the main process; the others wait) unless a cache of these weights, this preprocessing
+        and these image files is there already; the train loader then carries each image's."""
+        data, cnn = self.trainer.datamodule, self.net.global_cnn
+        train = data.dataset("train")
+        height, width = cnn.feature_size(self.preprocessing.image_size)
+        key = {"cnn_g": weights_digest(cnn), "preprocessing": self.preprocessing.to_dict()}
+        cache = FeatureCache(data.cache_dir, train.paths, key, (cnn.num_features, height, width))
+        if self.trainer.is_global_zero and not cache.ready:
+            train.features = None
+            loader = data.every_image("train")
+            cache.build(self.global_features(loader), len(loader))
+        self.trainer.strategy.barrier("stage.cache_global")
+        train.features = cache
+        per_thousand = cache.nbytes / max(cache.count, 1) * 1000 / 2**20
+        log.info(
+            "CNN_g's feature maps of %d training images read from %s (%.0f MB per 1,000 images)",
+            cache.count,
+            cache.file,
+            per_thousand,
+        )
+
+    @torch.no_grad()
+    def global_features(self, loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(image_id, CNN_g's feature maps) of each batch of loader, made as a training step
+        makes them: the same device transform, precision and view."""
+        data = self.trainer.datamodule
+        for batch in loader:
+            if batch is None:
+                continue
+            batch = data.on_after_batch_transfer(move_data_to_device(batch, self.device), 0)
+            images = self.prepare_images(batch["image"])
+            with self.trainer.precision_plugin.forward_context():
+                view = resize_view(images, self.net.image_size)
+                yield batch["image_id"], self.net.global_cnn.forward_features(view)
+
     def step_generator(self) -> torch.Generator:
         """What a localizer draws from in this step (random anchors): seeded by the run's seed
         and the step, so a resumed run draws as the uninterrupted one did."""
@@ -156,7 +205,7 @@ class KALMStage(StageModule):
         images = self.prepare_images(batch["image"])
         epoch = self.current_epoch if epoch is None else epoch
         logits, crops = self.net.training_outputs(
-            images, epoch, self.step_generator(), batch["label"]
+            images, epoch, self.step_generator(), batch["label"], batch.get(GLOBAL_FEATURES)
         )
         many = logits.shape[1]
         parts = [p for p in batch["body_part"] for _ in range(many)]
