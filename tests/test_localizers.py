@@ -90,6 +90,29 @@ def test_the_navigator_learns_every_anchors_teacher_score_and_trains_cnn_l_on_th
             net.training_outputs(images, 1, torch.Generator().manual_seed(3))
 
 
+def test_the_cheaper_teacher_sees_the_crops_scale_and_cnn_l_one_crop_per_image() -> None:
+    """teacher_size=crops: the teacher's pass over the source resized to 64 / (2 x 0.4) = 80 px;
+    train_crops=1: the best anchor in images 0 and 2, a drawn one in images 1 and 3."""
+    options = {"grid": 3, "half": 0.4, "teacher_size": "crops", "train_crops": 1}
+    net = net_with("navigator", warmup_epochs=0, **options)
+    images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 0, 1])
+    anchors = net.localizer.anchors
+    seen = F.interpolate(images, size=(80, 80), mode="bilinear", antialias=True)
+    abnormal = net.pooled_scores(seen, anchors.expand(4, -1, -1))  # computed here, on its own
+    teacher = torch.where(labels[:, None] == 1, abnormal, 1 - abnormal)
+    net.train()
+    drawn_with = torch.Generator().manual_seed(3)
+    logits, crops = net.training_outputs(images, 0, drawn_with, labels)
+    assert crops.boxes.shape == (4, 1, 4) and logits.shape == (4, 1, 2)
+    best = anchors[teacher.argmax(dim=1)]
+    assert torch.equal(crops.boxes[0::2, 0], best[0::2])
+    drawn = anchors[torch.randint(len(anchors), (4,), generator=torch.Generator().manual_seed(3))]
+    assert torch.equal(crops.boxes[1::2, 0], drawn[1::2])
+    nav_logits = net.localizer.anchor_logits(net.inputs(images))
+    torch.testing.assert_close(crops.loss, F.binary_cross_entropy_with_logits(nav_logits, teacher))
+
+
 def test_a_navigator_node_with_a_removed_option_loads_at_its_one_value_or_is_refused() -> None:
     old = {"teacher": "pooled", "target": "scores", "inference": "navigator"}
     assert isinstance(net_with("navigator", **old).localizer, Navigator)
@@ -192,6 +215,8 @@ def test_bad_localizer_options_give_one_line() -> None:
         UserError, match=r"^localizer\.reads='eyes' is not one of map, view, source$"
     ):
         net_with("navigator", reads="eyes")
+    with pytest.raises(UserError, match=r"^localizer\.train_crops=3 is not one of 2, 1$"):
+        net_with("navigator", train_crops=3)
     with pytest.raises(UserError, match=r"^localizer\.half=1\.5 must be > 0 and <= 1$"):
         net_with("fixed", half=1.5)
     with pytest.raises(UserError, match=r"unexpected keyword argument 'nope'"):

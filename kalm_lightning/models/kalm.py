@@ -157,13 +157,16 @@ class KALMNet(nn.Module):
         with _evaluating(self.local_cnn):
             return self.local_logits(images, boxes).float().softmax(-1)[..., 1]
 
-    def pooled_scores(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """p_l(abnormal) [B, K] from one pass of CNN_l over the whole source image, its feature
-        map averaged inside each box (`box_pooling`) before its classifier: K boxes at the cost of
-        one image at the source size. It matches the crops best where a box's crop keeps the
-        source's resolution (half-extent = image_size / source_size)."""
+    def pooled_scores(
+        self, images: torch.Tensor, boxes: torch.Tensor, size: int | None = None
+    ) -> torch.Tensor:
+        """p_l(abnormal) [B, K] from one pass of CNN_l over the whole source image (resized to
+        size x size where given), its feature map averaged inside each box (`box_pooling`) before
+        its classifier: K boxes at the cost of one image. It matches the crops best where a box
+        is seen at the scale of its crop: size = image_size / (2 x half-extent)."""
         with _evaluating(self.local_cnn):
-            features = self.local_cnn.forward_features(images).float()
+            seen = images if size is None else resize_view(images, size)
+            features = self.local_cnn.forward_features(seen).float()
             batch, _, height, width = features.shape
             pooling = box_pooling(boxes.flatten(0, 1), height, width).to(features.device)
             pooled = torch.einsum(

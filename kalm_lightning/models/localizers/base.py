@@ -72,9 +72,14 @@ class Scorer:
     def __init__(self, crops: Callable, pooled: Callable, images: torch.Tensor) -> None:
         self._crops, self._pooled, self.images = crops, pooled, images
 
-    def __call__(self, boxes: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+    def __call__(
+        self, boxes: torch.Tensor, pooled: bool = False, size: int | None = None
+    ) -> torch.Tensor:
+        """size: the pooled pass over the source resized to size x size (None: as it is)."""
         with torch.no_grad():
-            return (self._pooled if pooled else self._crops)(self.images, boxes)
+            if pooled:
+                return self._pooled(self.images, boxes, size)
+            return self._crops(self.images, boxes)
 
 
 class Localizer(nn.Module):

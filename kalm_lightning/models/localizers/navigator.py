@@ -22,6 +22,8 @@ from kalm_lightning.models.localizers.base import (
 READS = ("map", "view", "source")
 TEACHER_SCORES = ("label", "abnormal")
 POLICIES = ("distill", "reinforce")
+TEACHER_SIZES = ("source", "crops")  # the teacher's pass: at the source size, or the crops' scale
+TRAIN_CROPS = (2, 1)  # CNN_l's crops per image in a distillation step
 # Options of earlier releases that backed no result of the localizer study, removed: a checkpoint
 # that recorded them at the one value that remains still loads; any other value is refused.
 REMOVED = {"teacher": "pooled", "target": "scores", "inference": "navigator"}
@@ -65,8 +67,12 @@ class Navigator(Localizer):
       images carry a decoy of the lesion's look, p(abnormal) sends the navigator towards the
       decoy's look in abnormal images and away from it in normal ones, and a navigator that cannot
       tell them apart learns neither (the localizer study's ablation). k* = argmax_k q_k; CNN_l
-      trains on A_k* and one drawn anchor (so that it does not see only its own favourites), and
-      the navigator on every anchor's score, sum_k BCE(sigmoid(z_k), q_k): K soft labels per image.
+      trains on A_k* and one drawn anchor (so that it does not see only its own favourites;
+      `train_crops=1`: A_k* in every other image of the batch, the drawn anchor in the others,
+      one crop per image), and the navigator on every anchor's score, sum_k BCE(sigmoid(z_k), q_k):
+      K soft labels per image. `teacher_size=crops`: the teacher's pass over the source resized to
+      image_size / (2 x the anchors' mean half-extent), where an anchor is seen at the scale CNN_l
+      reads its crop at (for half 0.4 at 224 / 448: 280 px, 0.39x the pixels of the source).
     - `policy=reinforce` (after `distill_epochs` epochs of distillation past the warm-up): draw
       k ~ pi_mix = (1 - explore) softmax(z) + explore / K, reward r = q_k, baseline b = q_g of the
       greedy anchor g = argmax z (self-critical); loss -(r - b) log pi_mix(k) - entropy * H(softmax z).
@@ -96,6 +102,8 @@ class Navigator(Localizer):
         explore: float = 0.2,
         entropy: float = 0.01,
         lr: float | None = None,
+        teacher_size: str = "source",
+        train_crops: int = 2,
         **removed: str,
     ) -> None:
         super().__init__(height, width, channels, lr)
@@ -110,6 +118,9 @@ class Navigator(Localizer):
         check_choice("localizer.reads", reads, READS)
         check_choice("localizer.teacher_score", teacher_score, TEACHER_SCORES)
         check_choice("localizer.policy", policy, POLICIES)
+        check_choice("localizer.teacher_size", teacher_size, TEACHER_SIZES)
+        check_choice("localizer.train_crops", train_crops, TRAIN_CROPS)
+        self.teacher_size, self.train_crops = teacher_size, int(train_crops)
         check_number("localizer.scout_width", scout_width, 2, integer=True)
         check_number("localizer.warmup_epochs", warmup_epochs, 0, integer=True)
         check_number("localizer.distill_epochs", distill_epochs, 0, integer=True)
@@ -119,6 +130,7 @@ class Navigator(Localizer):
         self.warmup_epochs, self.distill_epochs = warmup_epochs, distill_epochs
         self.explore, self.entropy = float(explore), float(entropy)
         self.register_buffer("anchors", anchor_grid(grid, half), persistent=False)
+        self.mean_half = float(self.anchors[:, 2:].mean())  # once, here: no sync in a step
         if reads == "map":
             self.head = nn.Sequential(
                 nn.Conv2d(channels, 64, 1), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1)
@@ -157,6 +169,12 @@ class Navigator(Localizer):
         abnormal_image = labels.to(abnormal.dtype)[:, None]
         return abnormal_image * abnormal + (1 - abnormal_image) * (1 - abnormal)
 
+    def teacher_pixels(self, inputs: LocalizerInputs) -> int | None:
+        """The side the teacher's pass sees the source at (None: the source's own)."""
+        if self.teacher_size == "source":
+            return None
+        return min(inputs.source.shape[-1], round(inputs.view.shape[-1] / (2 * self.mean_half)))
+
     def training_crops(self, inputs: LocalizerInputs, scorer: Scorer, epoch: int) -> TrainingCrops:
         batch, anchors = len(inputs.source), self.anchors
         drawn = anchors[self._drawn(batch, inputs.generator)]
@@ -165,12 +183,18 @@ class Navigator(Localizer):
         logits = self.anchor_logits(inputs)
         if self.policy == "distill" or epoch < self.warmup_epochs + self.distill_epochs:
             every = anchors.expand(batch, -1, -1)
-            scores = self.taught(scorer(every, pooled=True), inputs.labels)
+            size = self.teacher_pixels(inputs)
+            scores = self.taught(scorer(every, pooled=True, size=size), inputs.labels)
             best = scores.argmax(dim=1)
             loss = F.binary_cross_entropy_with_logits(logits, scores)  # K soft labels per image
             agrees = (logits.argmax(dim=1) == best).float().mean()
+            if self.train_crops == 2:
+                crops = torch.stack([anchors[best], drawn], dim=1)
+            else:  # the best anchor in every other image, a drawn one in the others
+                taught = torch.arange(batch, device=best.device)[:, None] % 2 == 0
+                crops = torch.where(taught, anchors[best], drawn)[:, None]
             return TrainingCrops(
-                torch.stack([anchors[best], drawn], dim=1),
+                crops,
                 loss,
                 {"train/navigator_loss": loss.detach(), "train/navigator_agrees": agrees},
             )

@@ -1,0 +1,97 @@
+"""The navigator at a lower training cost, against the one the study ran (issue 32, point 2).
+
+The shipped navigator (the study's best variant) trains CNN_l on two crops per image and passes
+CNN_l over the whole source for its teacher every step. The cheaper variant passes the teacher over
+the source resized to the crops' scale (`localizer.teacher_size=crops`) and trains CNN_l on one crop
+per image (`localizer.train_crops=1`). It runs on the study's main regime (c = 0.5, D = 0), seeds
+0-4, from each seed's stage 1 as the study recorded it, on the study's schedule; the study's own
+records of the shipped variant are the reference. Resumable (one record per run, written
+atomically); writes NAVIGATOR-COST.md beside the study's RESULTS.md.
+
+    python -m experiments.localizers.navigator_cost --work WORK [--seeds 0 1 2 3 4]
+
+WORK: the study's work folder (its data and stage-1 runs; `make study` uses outputs/localizers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from experiments.localizers.plan import GLOBAL_INPUT, NAVIGATOR, Row, main_regime
+from experiments.localizers.runner import Study, run_name
+from experiments.localizers.stats import mean, spread
+from kalm_lightning.runs import write_atomic
+
+HERE = Path(__file__).parent
+OUT = HERE / "navigator-cost"
+STUDIED = Row(
+    "navigator as the study ran it (shipped)",
+    "kalm",
+    (),
+    (*NAVIGATOR, "localizer.reads=source", "localizer.grid=6", "localizer.half=0.4"),
+)
+CHEAP = Row(
+    "navigator, teacher at the crops' scale, one crop per image",
+    "kalm",
+    (),
+    ("localizer=navigator", "localizer.teacher_size=crops", "localizer.train_crops=1"),
+    kind="learned",
+)
+
+
+def figures(records: list[dict]) -> str:
+    auroc = [r["study"]["kalm"]["auroc"] for r in records]
+    hits = [r["localization"]["hit_rate"] for r in records]
+    held = [r["heldout_localization"]["hit_rate"] for r in records]
+    flops = mean([r["training_flops"] for r in records])
+    return (
+        f"{mean(auroc):.3f} ± {spread(auroc):.3f} | {', '.join(f'{a:.3f}' for a in auroc)} | "
+        f"{mean(hits):.1%} ± {spread(hits):.1%} | {', '.join(f'{h:.1%}' for h in hits)} | "
+        f"{mean(held):.1%} | {flops / 1e12:.2f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="the study's data and runs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    args = parser.parse_args(argv)
+    regime, studied = main_regime(), HERE / "results" / main_regime().name
+    ours = OUT / "results" / regime.name
+    ours.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:  # each seed's stage 1 as the study recorded it
+        name = f"{run_name(GLOBAL_INPUT)}-seed{seed}.json"
+        if not (ours / name).is_file():
+            shutil.copy(studied / name, ours / name)
+    study = Study(OUT, args.work.resolve(), False, None, pin=False)
+    cheap = [study.run(regime, CHEAP, seed) for seed in args.seeds]
+    reference = [
+        json.loads((studied / f"{run_name(STUDIED)}-seed{seed}.json").read_text())
+        for seed in args.seeds
+    ]
+    seeds = ", ".join(map(str, args.seeds))
+    report = [
+        "# The navigator at a lower training cost",
+        "",
+        f"{regime.label}; seeds {seeds} (data and training); stage 2 for 5 epochs at batch 8 (the "
+        "study's schedule) from each seed's recorded stage 1; MURA valid of each draw. Hits: the "
+        "lesion's centre inside the box, over the lesioned views; hold-out hits: the same on the "
+        "hold-out of train that selected the checkpoint; training: counted FLOPs of the run.",
+        "",
+        "| row | study AUROC | per seed | lesion hits | per seed | hold-out hits | training TFLOPs |",
+        "|---|---|---|---|---|---|---|",
+        f"| {STUDIED.name} (study records) | {figures(reference)} |",
+        f"| {CHEAP.name} | {figures(cheap)} |",
+        "",
+        f"`python -m experiments.localizers.navigator_cost --work WORK --seeds {' '.join(map(str, args.seeds))}`",
+        "",
+    ]
+    write_atomic(HERE / "NAVIGATOR-COST.md", "\n".join(report))
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
