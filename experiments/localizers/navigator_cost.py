@@ -47,10 +47,33 @@ def figures(records: list[dict]) -> str:
     hits = [r["localization"]["hit_rate"] for r in records]
     held = [r["heldout_localization"]["hit_rate"] for r in records]
     flops = mean([r["training_flops"] for r in records])
+    minutes = mean([r["seconds"] for r in records]) / 60
     return (
         f"{mean(auroc):.3f} ± {spread(auroc):.3f} | {', '.join(f'{a:.3f}' for a in auroc)} | "
         f"{mean(hits):.1%} ± {spread(hits):.1%} | {', '.join(f'{h:.1%}' for h in hits)} | "
-        f"{mean(held):.1%} | {flops / 1e12:.2f}"
+        f"{mean(held):.1%} | {flops / 1e9:.2f} | {minutes:.1f}"
+    )
+
+
+def paired(cheap: list[dict], reference: list[dict]) -> str:
+    """The cheaper variant minus the shipped one, seed by seed (same data, same stage 1)."""
+    hits = [
+        c["localization"]["hit_rate"] - r["localization"]["hit_rate"]
+        for c, r in zip(cheap, reference, strict=True)
+    ]
+    auroc = [
+        c["study"]["kalm"]["auroc"] - r["study"]["kalm"]["auroc"]
+        for c, r in zip(cheap, reference, strict=True)
+    ]
+    cost = mean([c["training_flops"] for c in cheap]) / mean(
+        [r["training_flops"] for r in reference]
+    )
+    verdict = "keeps" if mean(hits) + spread(hits) >= 0 else "loses"
+    return (
+        f"Paired per seed (cheaper minus shipped): lesion hits {mean(hits):+.1%} ± "
+        f"{spread(hits):.1%} ({', '.join(f'{h:+.1%}' for h in hits)}), study AUROC "
+        f"{mean(auroc):+.3f} ± {spread(auroc):.3f}; training FLOPs per image {cost:.2f}x the "
+        f"shipped variant's. The cheaper variant {verdict} the shipped one's hits on these seeds."
     )
 
 
@@ -79,12 +102,17 @@ def main(argv: list[str] | None = None) -> None:
         f"{regime.label}; seeds {seeds} (data and training); stage 2 for 5 epochs at batch 8 (the "
         "study's schedule) from each seed's recorded stage 1; MURA valid of each draw. Hits: the "
         "lesion's centre inside the box, over the lesioned views; hold-out hits: the same on the "
-        "hold-out of train that selected the checkpoint; training: counted FLOPs of the run.",
+        "hold-out of train that selected the checkpoint; training: counted FLOPs of one image's "
+        "training step (forward and backward of the stage's loss), averaged over the epochs; "
+        "minutes: wall time of a run's training and evaluation on 2 CPU cores.",
         "",
-        "| row | study AUROC | per seed | lesion hits | per seed | hold-out hits | training TFLOPs |",
-        "|---|---|---|---|---|---|---|",
+        "| row | study AUROC | per seed | lesion hits | per seed | hold-out hits "
+        "| training GFLOPs / image | minutes / run |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {STUDIED.name} (study records) | {figures(reference)} |",
         f"| {CHEAP.name} | {figures(cheap)} |",
+        "",
+        paired(cheap, reference),
         "",
         f"`python -m experiments.localizers.navigator_cost --work WORK --seeds {' '.join(map(str, args.seeds))}`",
         "",
