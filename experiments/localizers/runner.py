@@ -12,9 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
+from experiments.localizers.costs import costs, inference_flops
 from experiments.localizers.plan import (
     GLOBAL_INPUT,
     STAGE2,
@@ -27,7 +25,6 @@ from experiments.localizers.plan import (
 from kalm_lightning.config import compose_config, evaluation_config
 from kalm_lightning.evaluation.report import BOXES
 from kalm_lightning.runs import Run, write_atomic
-from kalm_lightning.stages import load_stage
 from kalm_lightning.tasks.evaluate import run_evaluation
 from kalm_lightning.tasks.train import train_stage
 
@@ -290,40 +287,3 @@ def reproduced(old: dict, new: dict) -> bool:
         return json.dumps(shown, sort_keys=True)  # as JSON text: NaN is NaN
 
     return figures(old) == figures(new)
-
-
-def inference_flops(ckpt: str, cfg, inference: str | None = None) -> float:
-    """Floating-point operations of one image's inference (every score of the run)."""
-    module = load_stage(ckpt, inference=inference)
-    size = cfg.data.source_size
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module.score(torch.zeros(1, 3, size, size))
-    return float(counter.get_total_flops())
-
-
-def training_flops(ckpt: str, cfg) -> float:
-    """Floating-point operations of training on one image (forward and backward of the stage's
-    own `training_loss`), averaged over the run's epochs (a navigator's warm-up costs less than
-    its distillation)."""
-    module = load_stage(ckpt).train()
-    size, epochs = cfg.data.source_size, int(cfg.trainer.max_epochs)
-    batch = {  # two images: BatchNorm trains on a batch
-        "image": torch.zeros(2, 3, size, size),
-        "label": torch.zeros(2, dtype=torch.long),
-        "body_part": ["XR_WRIST", "XR_WRIST"],
-    }
-    total = 0.0
-    for epoch in range(epochs):
-        with FlopCounterMode(display=False) as counter:
-            loss, _ = module.training_loss(batch, epoch)
-            loss.backward()
-        module.zero_grad()
-        total += counter.get_total_flops() / len(batch["label"])
-    return total / epochs
-
-
-def costs(ckpt: str, cfg) -> dict[str, float]:
-    return {
-        "inference_flops": inference_flops(ckpt, cfg),
-        "training_flops": training_flops(ckpt, cfg),
-    }

@@ -31,7 +31,8 @@ from experiments.localizers.plan import (
     regimes_of,
     sweep_regime,
 )
-from experiments.localizers.report import side_by_side, summarize, write
+from experiments.localizers.plots import side_by_side
+from experiments.localizers.report import summarize, write
 from experiments.localizers.runner import OutOfTime, Study
 from kalm_lightning.data.blobs import texture_kept
 from kalm_lightning.data.synthetic import SyntheticSettings

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -165,7 +166,8 @@ class KALMStage(StageModule):
         if self.trainer.is_global_zero and not cache.ready:
             train.features = None
             loader = data.every_image("train")
-            cache.build(self.global_features(loader), len(loader))
+            context = self.trainer.precision_plugin.forward_context
+            cache.build(self.global_features(loader, data, context), len(loader))
         self.trainer.strategy.barrier("stage.cache_global")
         train.features = cache
         per_thousand = cache.nbytes / max(cache.count, 1) * 1000 / 2**20
@@ -177,16 +179,17 @@ class KALMStage(StageModule):
         )
 
     @torch.no_grad()
-    def global_features(self, loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def global_features(
+        self, loader, data, context: Callable[[], AbstractContextManager]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(image_id, CNN_g's feature maps) of each batch of loader, made as a training step
-        makes them: the same device transform, precision and view."""
-        data = self.trainer.datamodule
+        makes them: data's device transform, the precision's context, the same view."""
         for batch in loader:
             if batch is None:
                 continue
             batch = data.on_after_batch_transfer(move_data_to_device(batch, self.device), 0)
             images = self.prepare_images(batch["image"])
-            with self.trainer.precision_plugin.forward_context():
+            with context():
                 view = resize_view(images, self.net.image_size)
                 yield batch["image_id"], self.net.global_cnn.forward_features(view)
 
