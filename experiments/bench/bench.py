@@ -4,8 +4,12 @@
 contenders round by round so that machine noise hits them alike (medians over the rounds):
 
 - a plain timm classifier's training step and forward, at the CNN input size and at the source size;
-- the stage-1 and stage-2 training steps and KALM inference, through the project's own modules;
+- the stage-1 and stage-2 training steps and KALM inference, through the project's own modules
+  (`KALMStage.training_loss`, the loss a training step takes); stage 2 also with CNN_g's feature
+  maps read from a cache (`stage.cache_global`), and with the shipped navigator (`localizer=
+  navigator`, past its warm-up: its teacher pass included);
 - the localizer + crop share of the stage-2 step;
+- stage.cache_global's build (seconds and MB per 1,000 images) against CNN_g's forward over them;
 - image loading: PNG decode + resize against the cache, and the DataModule's train loader in
   images/s (cache at the source size, its workers) against the images/s the stage-1 step consumes;
 - peak memory of each training step, each in its own subprocess (on CUDA the allocator's peak;
@@ -31,8 +35,10 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from kalm_lightning.data.cache import ImageCache
+from kalm_lightning.data.features import GLOBAL_FEATURES, FeatureCache
 from kalm_lightning.data.images import load_grayscale, resize_square
 from kalm_lightning.data.index import read_mura_index
 from kalm_lightning.data.mura import MURADataModule
@@ -41,16 +47,20 @@ from kalm_lightning.data.transfer import model_input
 from kalm_lightning.evaluation.studies import KALM
 from kalm_lightning.models.kalm import crop, resize_view
 from kalm_lightning.runs import write_atomic
+from kalm_lightning.settings import config_dir
 from kalm_lightning.stages.global_stage import GlobalStage
 from kalm_lightning.stages.kalm_stage import KALMStage
 
 RATIOS = (
     "stage2_over_plain_train",
+    "stage2_cached_over_plain_train",
+    "navigator_stage2_over_plain_train",
     "kalm_over_plain_infer",
     "localize_crop_share",
     "cache_speedup",
     "stage2_over_plain_memory",
     "loader_over_step_throughput",
+    "feature_cache_over_stage1_forward",
 )
 TRAINING = ("plain_train@input", "stage2_train")  # the steps whose memory is measured
 
@@ -72,6 +82,9 @@ class Settings:
     workers: int = 2
     loader_epochs: int = 4
     decode_images: int = 48
+    navigator: str = (
+        ""  # options of the navigator contender over its shipped ones: "train_crops=1,..."
+    )
 
 
 def autocast(s: Settings):
@@ -110,6 +123,20 @@ def train_step(model: Callable, images: torch.Tensor, labels: torch.Tensor, para
     return step
 
 
+def loss_step(loss: Callable[[], torch.Tensor], params, s: Settings) -> Callable[[], None]:
+    """A stage's own training loss, backward, Adam."""
+    optimizer = torch.optim.Adam([p for p in params if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        with autocast(s):
+            value = loss()
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+
+    return step
+
+
 def infer_step(model: Callable, images: torch.Tensor, s: Settings) -> Callable[[], None]:
     def step() -> None:
         with torch.no_grad(), autocast(s):
@@ -118,11 +145,28 @@ def infer_step(model: Callable, images: torch.Tensor, s: Settings) -> Callable[[
     return step
 
 
-def stage_nodes(s: Settings, stage: int) -> tuple[dict, dict]:
+def stage_nodes(s: Settings, stage: int, localizer: str | None = None) -> tuple[dict, dict]:
     """A stage's `net` and `preprocessing` nodes (the rest as the model's defaults): stage 1's net
-    is the backbone, stage 2's a KALMNet around it."""
+    is the backbone, stage 2's a KALMNet around it, with the paper's localizer or one of
+    conf/localizer/ as shipped."""
     net = {"name": s.backbone} if stage == 1 else {"backbone": s.backbone}
+    if localizer is not None:
+        node = OmegaConf.load(config_dir() / "localizer" / f"{localizer}.yaml")
+        options = OmegaConf.from_dotlist([o for o in s.navigator.split(",") if o])
+        net["localizer"] = OmegaConf.to_container(OmegaConf.merge(node, options))
     return net, {"image_size": s.image_size, "source_size": s.source_size}
+
+
+def stage2_step(s: Settings, source, labels, localizer: str | None, cached: bool):
+    """KALMStage.training_loss on a batch past the warm-up epochs (epoch 1), then backward and
+    Adam; cached: CNN_g's feature maps come with the batch, as the cache's loader gives them."""
+    stage2 = prepared(KALMStage(*stage_nodes(s, 2, localizer)), s)
+    batch = {"image": source, "label": labels, "body_part": ["XR_WRIST"] * len(labels)}
+    if cached:
+        with torch.no_grad(), autocast(s):
+            view = resize_view(source, s.image_size)
+            batch[GLOBAL_FEATURES] = stage2.net.global_cnn.forward_features(view).float()
+    return loss_step(lambda: stage2.training_loss(batch, epoch=1)[0], stage2.parameters(), s)
 
 
 def build(s: Settings, name: str) -> Callable[[], None]:
@@ -138,10 +182,10 @@ def build(s: Settings, name: str) -> Callable[[], None]:
     if name == "stage1_train":
         stage1 = prepared(GlobalStage(*stage_nodes(s, 1)), s)
         return train_step(stage1, source, labels, stage1.parameters(), s)
+    if name in ("stage2_train", "stage2_cached_train", "navigator_stage2_train"):
+        localizer = "navigator" if name.startswith("navigator") else None
+        return stage2_step(s, source, labels, localizer, cached=name == "stage2_cached_train")
     stage2 = prepared(KALMStage(*stage_nodes(s, 2)), s)
-    if name == "stage2_train":
-        model = lambda x: stage2(x).local_logits  # noqa: E731 - the loss of KALMStage.training_step
-        return train_step(model, source, labels, stage2.parameters(), s)
     if name == "kalm_infer":
         stage2.eval()
         return infer_step(lambda x: stage2.score(x)[KALM], source, s)
@@ -163,6 +207,8 @@ CONTENDERS = (
     "plain_train@source",
     "stage1_train",
     "stage2_train",
+    "stage2_cached_train",
+    "navigator_stage2_train",
     "plain_infer@input",
     "plain_infer@source",
     "kalm_infer",
@@ -270,22 +316,29 @@ def decode_against_cache(s: Settings, root: Path) -> dict[str, float]:
     return {"decode_ms": 1e3 * decode_s, "cache_ms": 1e3 * cached_s, "speedup": decode_s / cached_s}
 
 
-def loader_throughput(s: Settings, root: Path) -> dict[str, float]:
-    """Images per second out of the DataModule's train loader: cache at the source size, uint8
-    pixels, its workers; the first epoch (workers starting) is not counted."""
+def tree_data(s: Settings, root: Path, batch: int, **options) -> MURADataModule:
+    """The generated tree's DataModule, set up for fit: the decode cache at the source size, the
+    bench's workers."""
     datamodule = MURADataModule(
         str(root),
         image_size=s.image_size,
         source_size=s.source_size,
-        batch_size=s.loader_batch,
+        batch_size=batch,
         num_workers=s.workers,
         pin_memory=s.device.startswith("cuda"),
         cache=True,
         cache_dir=str(root / "cache"),
-        augment={"hflip": 0.5, "rotate_degrees": 10},
+        **options,
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
+    return datamodule
+
+
+def loader_throughput(s: Settings, root: Path) -> dict[str, float]:
+    """Images per second out of the DataModule's train loader: cache at the source size, uint8
+    pixels, its workers; the first epoch (workers starting) is not counted."""
+    datamodule = tree_data(s, root, s.loader_batch, augment={"hflip": 0.5, "rotate_degrees": 10})
     loader = datamodule.train_dataloader()
     images, seconds = 0, 0.0
     for epoch in range(s.loader_epochs + 1):
@@ -312,6 +365,39 @@ def loader_throughput(s: Settings, root: Path) -> dict[str, float]:
     }
 
 
+def feature_cache_build(s: Settings, root: Path) -> dict[str, float]:
+    """stage.cache_global's build over the tree's training images (KALMStage.global_features,
+    as a stage 2 runs it, into a FeatureCache), against one epoch of CNN_g's forward over the
+    same images through the same loader and device transform with nothing stored (the forward
+    half of a stage-1 epoch): seconds and MB per 1,000 images. The forward epoch runs before
+    and after the build; the mean of the two is the reference."""
+    datamodule = tree_data(s, root, s.batch)
+    stage2 = prepared(KALMStage(*stage_nodes(s, 2)), s).eval()
+    train, cnn = datamodule.dataset("train"), stage2.net.global_cnn
+    shape = (cnn.num_features, *cnn.feature_size(s.image_size))
+    cache = FeatureCache(root / "features", train.paths, {"bench": 1}, shape)
+
+    def features():
+        return stage2.global_features(
+            datamodule.every_image("train"), datamodule, lambda: autocast(s)
+        )
+
+    def timed(work: Callable[[], None]) -> float:
+        start = time.perf_counter()
+        work()
+        sync(s)
+        return time.perf_counter() - start
+
+    forward = [timed(lambda: sum(1 for _ in features()))]
+    build = timed(lambda: cache.build(features()))
+    forward.append(timed(lambda: sum(1 for _ in features())))
+    return {
+        "feature_cache_s_per_1000": build / cache.count * 1000,
+        "forward_epoch_s_per_1000": statistics.mean(forward) / cache.count * 1000,
+        "feature_cache_mb_per_1000": cache.nbytes / cache.count * 1000 / 2**20,
+    }
+
+
 def run(s: Settings) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
@@ -321,16 +407,23 @@ def run(s: Settings) -> dict:
             workers=max(1, s.workers),
         )
         loading = {**decode_against_cache(s, root), **loader_throughput(s, root)}
+        loading.update(feature_cache_build(s, root))
     seconds = time_contenders(s)
     memory = memory_in_subprocesses(s)
     step_images_per_s = s.batch / seconds["stage1_train"]
     ratios = {
         "stage2_over_plain_train": seconds["stage2_train"] / seconds["plain_train@input"],
+        "stage2_cached_over_plain_train": seconds["stage2_cached_train"]
+        / seconds["plain_train@input"],
+        "navigator_stage2_over_plain_train": seconds["navigator_stage2_train"]
+        / seconds["plain_train@input"],
         "kalm_over_plain_infer": seconds["kalm_infer"] / seconds["plain_infer@input"],
         "localize_crop_share": seconds["localize_crop"] / seconds["stage2_train"],
         "cache_speedup": loading["speedup"],
         "stage2_over_plain_memory": memory["stage2_train"] / memory["plain_train@input"],
         "loader_over_step_throughput": loading["loader_images_per_s"] / step_images_per_s,
+        "feature_cache_over_stage1_forward": loading["feature_cache_s_per_1000"]
+        / loading["forward_epoch_s_per_1000"],
     }
     return {
         "settings": asdict(s),
@@ -348,14 +441,15 @@ def print_table(result: dict) -> None:
     print(
         f"{s['backbone']}, batch {s['batch']}, {s['image_size']} / {s['source_size']} px, "
         f"{s['device']} ({result['device_name']}), {s['precision']}"
-        f"{', channels_last' if s['channels_last'] else ''}{', compiled' if s['compile'] else ''}; "
+        f"{', channels_last' if s['channels_last'] else ''}{', compiled' if s['compile'] else ''}"
+        f"{', navigator ' + s['navigator'] if s['navigator'] else ''}; "
         f"medians of {s['rounds']} alternating rounds"
     )
-    print(f"{'contender':<22}{'ms / step':>12}{'images / s':>12}{'peak MB':>10}")
+    print(f"{'contender':<24}{'ms / step':>12}{'images / s':>12}{'peak MB':>10}")
     for name, seconds in result["step_s"].items():
         memory = result["peak_memory_mb"].get(name)
         print(
-            f"{name:<22}{seconds * 1e3:>12.1f}{s['batch'] / seconds:>12.1f}"
+            f"{name:<24}{seconds * 1e3:>12.1f}{s['batch'] / seconds:>12.1f}"
             f"{'' if memory is None else f'{memory:.0f}':>10}"
         )
     loading = result["loading"]
@@ -365,8 +459,13 @@ def print_table(result: dict) -> None:
         f"images / s (batch {s['loader_batch']}, {s['workers']} workers, {loading['images']} "
         f"images) against {loading['stage1_step_images_per_s']:.1f} consumed by the stage-1 step"
     )
+    print(
+        f"stage.cache_global: built in {loading['feature_cache_s_per_1000']:.1f} s and "
+        f"{loading['feature_cache_mb_per_1000']:.0f} MB per 1,000 images (CNN_g's forward over "
+        f"them: {loading['forward_epoch_s_per_1000']:.1f} s)"
+    )
     for name in RATIOS:
-        print(f"{name:<30}{result[name]:>10.3f}")
+        print(f"{name:<36}{result[name]:>10.3f}")
 
 
 def settings_from(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a machine with a GPU (under 5 minutes on one H200-class card): for each paper
 # backbone, batch 64 at 224 / 448, bf16 + channels_last against fp32, the bench's figures (training
-# images/s of the plain classifier, stage 1 and stage 2, KALM inference, the loader against the
+# images/s of the plain classifier, stage 1 and stage 2 (plain, with CNN_g cached, with the shipped
+# navigator), KALM inference, the loader against the
 # step, peak memory), written to experiments/bench/gpu/*.json and as a table to RESULTS.md.
 #   bash experiments/bench/gpu.sh   (DEVICE=cpu BATCH=2 ... OUT=/tmp/x RESULTS=/tmp/r.md: a dry run without a GPU)
 set -euo pipefail
@@ -43,9 +44,10 @@ lines = [
     f"(cache, {first['workers']} workers, uint8 pixels), images/s; memory: peak allocated by the "
     "training step, MB.",
     "",
-    f"| backbone | precision | plain train @{size} | stage 1 | stage 2 | plain infer @{size} | KALM infer "
-    "| stage2 / plain | KALM / plain infer | loader | loader / step | memory plain | memory stage 2 |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    f"| backbone | precision | plain train @{size} | stage 1 | stage 2 | stage 2 cached | navigator "
+    f"stage 2 | plain infer @{size} | KALM infer | stage2 / plain | cached / plain | navigator / plain "
+    "| KALM / plain infer | loader | loader / step | memory plain | memory stage 2 |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 for r in runs:
     s, t, m = r["settings"], r["step_s"], r["peak_memory_mb"]
@@ -53,8 +55,10 @@ for r in runs:
     lines.append(
         f"| {s['backbone']} | {s['precision']}{' channels_last' if s['channels_last'] else ''} "
         f"| {ips['plain_train@input']:.0f} | {ips['stage1_train']:.0f} | {ips['stage2_train']:.0f} "
+        f"| {ips['stage2_cached_train']:.0f} | {ips['navigator_stage2_train']:.0f} "
         f"| {ips['plain_infer@input']:.0f} | {ips['kalm_infer']:.0f} "
-        f"| {r['stage2_over_plain_train']:.2f} | {r['kalm_over_plain_infer']:.2f} "
+        f"| {r['stage2_over_plain_train']:.2f} | {r['stage2_cached_over_plain_train']:.2f} "
+        f"| {r['navigator_stage2_over_plain_train']:.2f} | {r['kalm_over_plain_infer']:.2f} "
         f"| {r['loading']['loader_images_per_s']:.0f} | {r['loader_over_step_throughput']:.2f} "
         f"| {m['plain_train@input']:.0f} | {m['stage2_train']:.0f} |"
     )
