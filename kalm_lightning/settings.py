@@ -74,6 +74,7 @@ RULES = {
     "data.synthetic.decoys": Number(0, integer=True),
     "data.synthetic.attribute": Number(0),
     "data.synthetic.blob_size": Number(0.05, 0.6),
+    "data.synthetic.texture_amplitude": Number(0.01, 0.4),  # or null
     "model.optimizer.lr": Number(0, exclusive_minimum=True),
     "model.loss.label_smoothing": Number(0, 1),
     "model.optimizer.weight_decay": Number(0),

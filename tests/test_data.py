@@ -192,6 +192,17 @@ def test_a_bright_blob_leaves_the_texture_less_headroom() -> None:
     assert 0.2 < kept[1.0] < kept[0.5] < 1.0, kept
 
 
+def test_a_fixed_texture_amplitude_holds_whatever_the_cue() -> None:
+    """data.synthetic.texture_amplitude decouples the cue from the lesion's strength: every view is
+    compressed to leave room for the stripes, so all of their amplitude is there at c = 0 and at
+    c = 1 alike, and the lesion is no fainter where the blob is bright."""
+    kept = {
+        cue: texture_kept(Blobs(cue, texture_amplitude=0.12), 96, 1.0, 0.3, views=14)
+        for cue in (0.0, 0.5, 1.0)
+    }
+    assert all(abs(k - 1.0) < 0.02 for k in kept.values()), kept
+
+
 def test_first_row_labels_and_both_root_forms(tmp_path: Path) -> None:
     studies = {P.format("WRIST", "positive"): 1, P.format("ELBOW", "negative"): 0}
     images = [

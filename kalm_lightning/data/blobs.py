@@ -10,8 +10,11 @@ blob, so that a global CNN at the input size can do better than chance without d
 Blob centres are drawn uniformly over the bone pixels (away from the border), blobs apart from each
 other. cue=None keeps the drawing of the demo and the first localizer study.
 
-The texture never changes a region's mean brightness: its amplitude is cut where the image has
-less headroom than that, so that nothing of it survives averaging to the input size.
+The texture never changes a region's mean brightness, so that nothing of it survives averaging to
+the input size. By default its amplitude is cut where the image has less headroom than that, so a
+bright blob (a high cue) holds a fainter texture. `texture_amplitude=a` (the third study) decouples
+the cue from the lesion's strength instead: every view, lesioned or not, is first compressed into
+[FLOOR + a, CEILING - a], which leaves room for stripes of amplitude a x conspicuity everywhere.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ class Blobs:
     decoys: int = 0  # blobs besides the one that holds the lesion (or stands in for it)
     attribute: float = 0.0  # the lesion's blob is (1 + attribute) times as bright
     size: float = 0.3  # blob diameter as a fraction of the shorter side
+    texture_amplitude: float | None = None  # None: the headroom rule | a: room made for it
+
+    def amplitude(self, conspicuity: float) -> float:
+        """The texture's nominal amplitude at this conspicuity."""
+        return conspicuity * (self.texture_amplitude or TEXTURE_AMPLITUDE)
 
 
 def blob_centres(
@@ -81,13 +89,16 @@ def render_blob_view(
         plateau = np.clip((radius - distance) / (0.3 * radius), 0, 1)  # soft-edged disc
         boost = 1 + blobs.attribute if i == 0 and lesion is not None else 1.0
         image += blobs.cue * BLOB_CONTRAST * boost * plateau
+    if blobs.texture_amplitude is not None:  # every view alike, so the room tells nothing
+        room = blobs.texture_amplitude
+        image = FLOOR + room + np.clip(image, 0, 1) * (CEILING - FLOOR - 2 * room)
     if lesion is None:
         return finish(image, rng), None
     cy, cx = centres[0]
     if lesion == "texture":
         inside = np.clip(radius - np.hypot(yy - cy, xx - cx), 0, 1)
         room = np.minimum(image - FLOOR, CEILING - image).clip(0)
-        amplitude = np.minimum(conspicuity * TEXTURE_AMPLITUDE, room) * inside
+        amplitude = np.minimum(blobs.amplitude(conspicuity), room) * inside
         image += amplitude * stripes(h, w, rng)
         box = (
             max(0, int(cx - radius - 2)),
@@ -105,11 +116,12 @@ def render_blob_view(
 def texture_kept(
     blobs: Blobs, size: int, conspicuity: float, layout_jitter: float, views: int = 48
 ) -> float:
-    """The share of the texture's amplitude (conspicuity x TEXTURE_AMPLITUDE) that the headroom
-    rule leaves in the lesion's blob, over `views` lesioned views of size x 0.8 size (each body
+    """The share of the texture's nominal amplitude (`Blobs.amplitude`) that the generator leaves
+    in the lesion's blob, over `views` lesioned views of size x 0.8 size (each body
     part in turn). Each view is drawn twice with the same random draws, with and without its
-    texture; the difference, inside 0.8 of the blob's radius, is the texture that was drawn. A
-    bright blob on bone leaves little room under CEILING, so the texture fades as the cue grows."""
+    texture; the difference, inside 0.8 of the blob's radius, is the texture that was drawn. Under
+    the headroom rule a bright blob on bone leaves little room under CEILING, so the texture fades
+    as the cue grows; with `texture_amplitude` it does not."""
     kept = []
     for i in range(views):
         part, h, w = BODY_PARTS[i % len(BODY_PARTS)], size, round(0.8 * size)
@@ -124,7 +136,7 @@ def texture_kept(
         yy, xx = np.mgrid[0:h, 0:w]
         disc = np.hypot(yy - cy, xx - cx) < 0.8 * radius
         kept.append(np.abs(textured[disc] / 255 - plain[disc] / 255).mean())
-    return float(np.mean(kept) / (conspicuity * TEXTURE_AMPLITUDE))
+    return float(np.mean(kept) / blobs.amplitude(conspicuity))
 
 
 def _distance_to_segment(point: tuple[float, float], bone: tuple) -> float:

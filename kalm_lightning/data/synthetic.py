@@ -53,6 +53,7 @@ class SyntheticSettings:
     decoys: int = 0  # blobs besides the one that holds the lesion
     attribute: float = 0.0  # the lesion's blob is (1 + attribute) times as bright as a decoy
     blob_size: float = 0.3  # blob diameter, as a fraction of the shorter side
+    texture_amplitude: float | None = None  # None: cut by headroom | a: held fixed as cue changes
 
     def blobs(self) -> Blobs | None:
         blob_regime(self.cue, self.decoys, self.attribute)
@@ -63,9 +64,11 @@ class SyntheticSettings:
             ("decoys", self.decoys),
             ("attribute", self.attribute),
             ("blob_size", self.blob_size),
+            ("texture_amplitude", self.texture_amplitude),
         ):
-            check(f"data.synthetic.{setting}", value)
-        return Blobs(self.cue, self.decoys, self.attribute, self.blob_size)
+            if value is not None:
+                check(f"data.synthetic.{setting}", value)
+        return Blobs(self.cue, self.decoys, self.attribute, self.blob_size, self.texture_amplitude)
 
 
 @dataclass
@@ -214,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--decoys", type=int, default=0, help="decoy blobs per view (with --cue)")
     parser.add_argument("--attribute", type=float, default=0.0, help="lesion blob's extra contrast")
     parser.add_argument("--blob-size", type=float, default=0.3, help="blob diameter / short side")
+    parser.add_argument(
+        "--texture-amplitude", type=float, help="texture amplitude held fixed as --cue changes"
+    )
     args = parser.parse_args(argv)
     if (Path(args.out) / MURA_DIR).exists():
         parser.exit(2, f"{Path(args.out) / MURA_DIR} exists already: choose another --out\n")
@@ -229,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         decoys=args.decoys,
         attribute=args.attribute,
         blob_size=args.blob_size,
+        texture_amplitude=args.texture_amplitude,
     )
     print(json.dumps(generate_synthetic_mura(args.out, settings), indent=2))
 
