@@ -200,6 +200,21 @@ def test_random_anchor_draws_uniformly_from_the_grid_and_repeats_at_inference() 
     assert not torch.equal(localizer.locate(seeded), first)  # training draws from its step
 
 
+def test_the_brightest_anchor_is_the_one_over_the_bright_blob() -> None:
+    """A bright square in one corner of the view, another in the opposite corner of a second
+    image: each image's box is the anchor over its own square, chosen from the view alone."""
+    localizer = build_localizer(node("brightest", grid=3, half=1 / 3), 2, 2, 8)
+    view = torch.zeros(2, 3, 12, 12)
+    view[0, :, 0:4, 8:12] = 1.0  # top right
+    view[1, :, 8:12, 0:4] = 1.0  # bottom left
+    inputs = LocalizerInputs(torch.zeros(2, 8, 2, 2), torch.zeros(8), view, view)
+    boxes = localizer.locate(inputs)
+    third = 2 / 3
+    assert torch.allclose(boxes[0], torch.tensor([third, -third, 1 / 3, 1 / 3]))
+    assert torch.allclose(boxes[1], torch.tensor([-third, third, 1 / 3, 1 / 3]))
+    assert localizer.candidates(inputs).shape == (2, 9, 4)
+
+
 def test_a_node_that_names_anything_but_a_localizer_is_refused() -> None:
     with pytest.raises(UserError, match=r"localizer\._target_=os\.system is not a localizer"):
         build_localizer({"_target_": "os.system", "command": "true"}, 4, 4, 8)

@@ -4,6 +4,7 @@ localizer interface and the localizers beyond the paper, and the preprocessing a
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.kalm import KALMNet, KALMOutput, crop
 from kalm_lightning.models.localizers import (
+    BrightestAnchor,
     FixedBox,
     FullImage,
     KeyAreaLocalizer,
@@ -18,6 +19,7 @@ from kalm_lightning.models.preprocessing import Preprocessing
 
 __all__ = [
     "Backbone",
+    "BrightestAnchor",
     "FixedBox",
     "FullImage",
     "KALMNet",

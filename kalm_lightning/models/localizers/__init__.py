@@ -1,5 +1,5 @@
 """Every localizer, one file each, on one interface (`base.py`): the paper's (`kalm.py`,
-`KeyAreaLocalizer`), the controls (`full`, `fixed`, `random`) and the navigators that learn where
+`KeyAreaLocalizer`), the controls (`full`, `fixed`, `random`, `brightest`) and the navigators that learn where
 to look from the local branch, one crop (`navigator`) or K read by attention (`multicrop`). Each has its YAML under `conf/localizer/` and its formula in its
 docstring."""
 
@@ -10,6 +10,7 @@ from kalm_lightning.models.localizers.base import (
     TrainingCrops,
     build_localizer,
 )
+from kalm_lightning.models.localizers.brightest import BrightestAnchor
 from kalm_lightning.models.localizers.fixed import FixedBox
 from kalm_lightning.models.localizers.full import FullImage
 from kalm_lightning.models.localizers.kalm import KeyAreaLocalizer
@@ -18,6 +19,7 @@ from kalm_lightning.models.localizers.navigator import Navigator
 from kalm_lightning.models.localizers.random_anchor import RandomAnchor
 
 __all__ = [
+    "BrightestAnchor",
     "FixedBox",
     "FullImage",
     "KeyAreaLocalizer",

@@ -116,6 +116,27 @@ class Localizer(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} reads one crop: it has nothing to pool")
 
 
+class Anchored(Localizer):
+    """A localizer that picks one of fixed anchors (`anchor_grid`: `grid` x `grid` centres per
+    half-extent `half`, as the navigator's): `candidates` are the anchors."""
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        channels: int,
+        grid: int | Sequence[int] = 5,
+        half: float | Sequence[float] = 0.5,
+        lr: float | None = None,
+    ) -> None:
+        super().__init__(height, width, channels, lr)
+        self.register_buffer("anchors", anchor_grid(grid, half), persistent=False)
+        self._pooling: dict = {}  # `anchor_means`' matrices, per map size and device
+
+    def candidates(self, inputs: LocalizerInputs) -> torch.Tensor:
+        return self.anchors.expand(inputs.source.size(0), -1, -1)
+
+
 def centred(batch: int, half: float, reference: torch.Tensor) -> torch.Tensor:
     """[batch, 4] copies of the centred box of half-extent `half` (1: the whole image)."""
     box = reference.new_tensor([0.0, 0.0, half, half], dtype=torch.float32)
