@@ -76,6 +76,7 @@ RULES = {
     "data.synthetic.blob_size": Number(0.05, 0.6),
     "data.synthetic.texture_amplitude": Number(0.01, 0.4),  # or null
     "model.optimizer.lr": Number(0, exclusive_minimum=True),
+    "model.selection_from_epoch": Number(0, integer=True),
     "model.loss.label_smoothing": Number(0, 1),
     "model.optimizer.weight_decay": Number(0),
     # Trainer settings Lightning checks late (a ZeroDivisionError mid-fit) or not at all.

@@ -4,6 +4,7 @@ DDP on two CPU processes, W&B offline and resuming."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -151,6 +152,32 @@ def test_debug_configs_run(tmp_path: Path, debug: str, extra: list[str]) -> None
         first = run.read_logs().dropna(subset=["val/selection"])["val/selection"].iloc[0]
         # last.ckpt is written at epoch 1's end: stepped once, with epoch 0's monitored figure
         assert plateau["last_epoch"] == 1 and plateau["best"] == pytest.approx(first)
+
+
+@pytest.mark.slow
+def test_selection_by_study_log_loss_after_a_warm_up(tmp_path: Path) -> None:
+    """model.selection_metric=study_log_loss keeps the epoch of the lowest study log-loss on the
+    validation split (logged negated: val/selection stays higher-is-better), and epochs before
+    model.selection_from_epoch are never the one kept: the kept checkpoint's own predictions on
+    that split give back its logged figure."""
+    args = [a for a in TINY_RUN if not a.startswith("trainer.max_epochs")]
+    selection = ["model.selection_metric=study_log_loss", "model.selection_from_epoch=1"]
+    check(run_cli("train", [*args, "trainer.max_epochs=3", *selection], tmp_path))
+    run = Run(next(tmp_path.glob(f"{RUNS}/stage1/*")))
+    logged = run.read_logs().dropna(subset=["val/selection"]).set_index("epoch")["val/selection"]
+    assert list(logged.index) == [0, 1, 2] and logged[0] == -float("inf")
+    assert logged[1:].lt(0).all()
+    best = int(logged[1:].idxmax())
+    (kept,) = run.checkpoints.glob("best-*.ckpt")
+    assert kept.name == f"best-epoch{best:02d}.ckpt"
+    out = tmp_path / "scored"
+    data = [a for a in TINY_RUN if a.startswith("data.")]
+    check(run_cli("evaluate", [f"ckpt_path={kept}", f"hydra.run.dir={out}", *data], tmp_path))
+    studies = pd.read_csv(out / "predictions_studies.csv")
+    prob = studies["prob"].clip(1e-7, 1 - 1e-7)
+    label = studies["label"]
+    log_loss = -(label * prob.map(math.log) + (1 - label) * (1 - prob).map(math.log))
+    assert log_loss.mean() == pytest.approx(-logged[best], abs=1e-5)
 
 
 @pytest.mark.slow

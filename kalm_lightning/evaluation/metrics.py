@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.functional.classification import (
     binary_accuracy,
@@ -151,6 +152,16 @@ class StudyMetrics(Metric):
         """`gathered`, with the states of every process (what compute sees under DDP)."""
         with self.sync_context(should_sync=True, should_unsync=True):
             return self.gathered()
+
+    def log_loss(self, level: str) -> float:
+        """The mean binary cross-entropy of the images' (level "image") or the studies'
+        probabilities (level "study", as `score_images` forms them), over every process."""
+        state = self.gathered_everywhere()
+        prob, label = state["prob"].double(), state["label"]
+        if level == "study":
+            studies = study_means(prob, label, state["study_id"])
+            prob, label = studies.prob, studies.label
+        return F.binary_cross_entropy(prob.clamp(1e-7, 1 - 1e-7), label.double()).item()
 
     def compute(self) -> dict:
         state = self.gathered()

@@ -3,6 +3,7 @@ carries into every checkpoint, the optimiser and schedule from config, study-lev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,12 @@ from kalm_lightning.evaluation.studies import GLOBAL, THRESHOLD, study_means
 from kalm_lightning.models.backbone import Backbone
 from kalm_lightning.models.preprocessing import Preprocessing
 from kalm_lightning.settings import check
-from kalm_lightning.stages.loss import CLASS_WEIGHTS, body_part_codes, class_weights
+from kalm_lightning.stages.loss import (
+    CLASS_WEIGHTS,
+    body_part_codes,
+    check_finite,
+    class_weights,
+)
 from kalm_lightning.stages.nodes import (
     OptimizerFactory,
     SchedulerFactory,
@@ -34,7 +40,8 @@ from kalm_lightning.stages.nodes import (
 )
 from kalm_lightning.training.checkpoints import CHECKPOINT_FORMAT
 
-SELECTION_METRICS = tuple(f"{level}_{name}" for level in ("image", "study") for name in NAMES)
+# The checkpoint kept: the best epoch by one of these; val/selection is a log-loss negated.
+SELECTION_METRICS = tuple(f"{lv}_{m}" for lv in ("image", "study") for m in (*NAMES, "log_loss"))
 PREPROCESSING = {"image_size": 224, "source_size": 448, "resize": "stretch"}  # the paper's
 # model.operating_point: how the decision threshold (and a temperature) are chosen, on the
 # validation split, which must then be a hold-out of train (settings.py refuses otherwise).
@@ -70,6 +77,7 @@ class StageModule(pl.LightningModule):
         scheduler: SchedulerFactory | Mapping | None = None,
         lr_schedule: Mapping[str, Any] | None = None,
         selection_metric: str = "image_accuracy",
+        selection_from_epoch: int = 0,
         compile: bool = False,
         operating_point: Mapping[str, Any] | None = None,
         loss: Mapping[str, Any] | None = None,
@@ -99,6 +107,8 @@ class StageModule(pl.LightningModule):
         check_optimizer(optimizer)
         check_choice("model.selection_metric", selection_metric, SELECTION_METRICS)
         self.selection_metric = selection_metric
+        check("model.selection_from_epoch", selection_from_epoch)
+        self.selection_from_epoch = int(selection_from_epoch)
         self.channels_last, self.compile_net = channels_last, compile
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.lr_schedule = {**LR_SCHEDULE, **plain(lr_schedule or {})}
@@ -152,23 +162,6 @@ class StageModule(pl.LightningModule):
                 outputs[name] = (outputs[name] + mirrored[name].float()) / 2
         return {**outputs, "image_id": batch["image_id"]}
 
-    def check_finite(self, loss: torch.Tensor, batch: dict) -> None:
-        """Stop at the first NaN or Inf loss, naming the step and the batch's images; the
-        checkpoints saved before it stay as they are."""
-        if torch.isfinite(loss.detach()).all():
-            return
-        ids = batch["image_id"].tolist()
-        datamodule = getattr(self.trainer, "datamodule", None)
-        paths = [datamodule.dataset("train").paths[i] for i in ids] if datamodule else ids
-        shown = ", ".join(map(str, paths[:3])) + (
-            f" and {len(paths) - 3} more" if len(paths) > 3 else ""
-        )
-        raise UserError(
-            f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-            f"the batch held {shown}. The last good checkpoints are kept; lower model.optimizer.lr "
-            "or check those images"
-        )
-
     def training_loss(
         self, batch: dict, epoch: int | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -181,7 +174,7 @@ class StageModule(pl.LightningModule):
             return None
         loss, logs = self.training_loss(batch)
         size = len(batch["label"])
-        self.check_finite(loss, batch)
+        check_finite(loss, batch, self)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if logs:
             self.log_dict(logs, batch_size=size)
@@ -257,6 +250,7 @@ class StageModule(pl.LightningModule):
         logged = {}
         if not self.trainer.sanity_checking:
             self.choose_operating_point()
+        selection = self.selection_figure()
         for name in self.scores:
             result = self.val_metrics[name].compute()
             self.val_metrics[name].reset()
@@ -271,13 +265,23 @@ class StageModule(pl.LightningModule):
         # a study-level figure instead. Both of the stage's selection score (CNN_g, or KALM).
         chosen = {
             "val/image_acc": logged[f"val/{self.selection_score}/image_accuracy"],
-            "val/selection": logged[f"val/{self.selection_score}/{self.selection_metric}"],
+            "val/selection": selection,
         }
         self.log_dict(
             {k: torch.tensor(v, dtype=torch.float32) for k, v in chosen.items()},
             prog_bar=True,
             sync_dist=False,
         )
+
+    def selection_figure(self) -> float:
+        """What the checkpoint is kept by (higher is better), before the metrics reset: the
+        selection score's `model.selection_metric`, negated for a log-loss; -inf before
+        `model.selection_from_epoch` (a warm-up's epochs are kept only until a later one is)."""
+        if self.current_epoch < self.selection_from_epoch:
+            return -math.inf
+        metrics = self.val_metrics[self.selection_score]
+        level, _, name = self.selection_metric.partition("_")
+        return -metrics.log_loss(level) if name == "log_loss" else metrics.compute()[level][name]
 
     def parameter_groups(self) -> list[dict]:
         """What the optimiser trains: every parameter that requires a gradient, in one group."""
