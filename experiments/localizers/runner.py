@@ -22,6 +22,12 @@ from experiments.localizers.plan import (
     quick,
     run_name,
 )
+from experiments.localizers.records import (
+    HELDOUT_FROM,
+    holdout_figures,
+    reproduced,
+    study_blocks,
+)
 from kalm_lightning.config import compose_config, evaluation_config
 from kalm_lightning.evaluation.report import BOXES
 from kalm_lightning.runs import Run, write_atomic
@@ -43,10 +49,6 @@ QUICK = (
 )
 
 
-# How a record's hold-out figures were scored: on the patients its checkpoint records it held out.
-HELDOUT_FROM = "the checkpoint's recorded hold-out"
-
-
 class OutOfTime(Exception):
     """The runner reached its time limit before this run: a later invocation continues."""
 
@@ -60,10 +62,16 @@ class Study:
         max_minutes: float | None,
         runs: Path | None = None,
         pin: bool = True,
+        extra: tuple[str, ...] = (),
+        stage1: Row = GLOBAL_INPUT,
+        schedule: tuple[str, ...] = STAGE2,
     ) -> None:
         """Records in out/results, data in work/data, runs in `runs` (default work/runs); `pin`:
-        navigator rows run with the navigator defaults study 2 ran with (`pinned`), else as shipped."""
+        navigator rows run with the navigator defaults study 2 ran with (`pinned`), else as shipped.
+        `extra`: overrides of every run after the preset's (a study of its own sizes); `stage1`:
+        the row whose run is every stage-2 run's CNN_g; `schedule`: every stage-2 run's."""
         self.out, self.work, self.quick, self.pin = out, work, quick_sizes, pin
+        self.stage1, self.schedule = stage1, schedule
         self.runs = runs or work / "runs"
         self.deadline = None if max_minutes is None else time.monotonic() + max_minutes * 60
         self.trained = 0
@@ -74,6 +82,7 @@ class Study:
             f"paths.output_root={work / 'outputs'}",
             f"paths.data_root={work / 'data'}",
             *(QUICK if quick_sizes else ()),
+            *extra,
         ]
 
     def config(self, regime: Regime, seed: int, stage: int, overrides: tuple[str, ...]):
@@ -152,8 +161,8 @@ class Study:
         if row.stage2 is None:
             cfg = self.config(regime, seed, 1, row.stage1)
         else:
-            stage1 = self.trained_run(regime, GLOBAL_INPUT, seed)["ckpt"]
-            schedule = () if self.quick else STAGE2
+            stage1 = self.trained_run(regime, self.stage1, seed)["ckpt"]
+            schedule = () if self.quick else self.schedule
             cfg = self.config(
                 regime, seed, 2, (*row.stage2, *schedule, f"stage.global_ckpt='{stage1}'")
             )
@@ -176,10 +185,15 @@ class Study:
             "localization": metrics.get("localization"),
             **heldout,
             **costs(result["best_ckpt"], cfg),
+            **self.more_figures(run_dir, cfg),
             "seconds": time.perf_counter() - start,
         }
         self.write(regime, row, seed, record)
         return record
+
+    def more_figures(self, run_dir: Path, cfg) -> dict:
+        """What a study adds to each record of a trained run (none here)."""
+        return {}
 
     def evaluate_again(self, regime: Regime, row: Row, seed: int, trained: dict) -> dict:
         """A trained run's checkpoint scored with another inference (the MIL ceiling)."""
@@ -212,7 +226,9 @@ class Study:
         if row.stage2 is None:
             cfg = self.config(regime, seed, 1, row.stage1)
         else:
-            cfg = self.config(regime, seed, 2, (*row.stage2, *(() if self.quick else STAGE2)))
+            cfg = self.config(
+                regime, seed, 2, (*row.stage2, *(() if self.quick else self.schedule))
+            )
         evaluation = evaluation_config(cfg, record["ckpt"])
         evaluation.inference = row.inference
         out = self.run_dir(regime, row, seed) / "holdout"
@@ -251,39 +267,3 @@ class Study:
     def boxes_figure(self, regime: Regime, row: Row, seed: int) -> Path:
         run = self.run_dir(regime, row, seed)
         return (run if row.inference else Run(run).evaluation) / BOXES
-
-
-def study_blocks(metrics: dict) -> dict:
-    """The study-level figures of each score (global, local, fused) of one evaluation."""
-    return {k: v["study"] for k, v in metrics.items() if "study" in v}
-
-
-def holdout_figures(evaluation, out: Path) -> dict:
-    """The run's study figures and localization on the hold-out of train that it selected on
-    (`split=holdout`): what the study may choose by; valid is only reported."""
-    evaluation = evaluation.copy()
-    evaluation.split, evaluation.bootstrap = "holdout", 0
-    metrics = run_evaluation(evaluation, out)
-    return {
-        "heldout_study": study_blocks(metrics),
-        "heldout_localization": metrics.get("localization"),
-        "heldout_from": HELDOUT_FROM,
-    }
-
-
-def reproduced(old: dict, new: dict) -> bool:
-    """Whether a run trained again reproduced its record's figures: the study-level figures of
-    each score on valid, the localization and the selection figure (what an older record holds
-    of them: a record of an earlier version lacks blocks added since)."""
-
-    def figures(record: dict) -> str:
-        study = {
-            score: {m: block.get(m) for m in ("accuracy", "auroc", "kappa", "n")}
-            for score, block in (record.get("study") or {}).items()
-            if score in ("global", "local", "kalm")
-        }
-        shown = {"study": study, "heldout": record.get("heldout")}
-        shown["localization"] = record.get("localization")
-        return json.dumps(shown, sort_keys=True)  # as JSON text: NaN is NaN
-
-    return figures(old) == figures(new)

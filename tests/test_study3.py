@@ -1,0 +1,49 @@
+"""Localizer study 3 at tiny sizes, through the same runner as its real parts, and its resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_module
+from PIL import Image
+
+from experiments.localizers.study3 import MULTICROP, ROWS, plan
+
+STUDY3 = "experiments.localizers.study3"
+
+
+@pytest.mark.slow
+def test_study3_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
+    """Every row of the quick plan trains once and leaves a record with the figures the report
+    needs (accuracy and kappa at the hold-out's Youden point, the K windows' hits, the images
+    trained on, selection by the hold-out's log-loss); a second invocation trains nothing and
+    leaves every record as it was."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["--quick", "--out", str(out), "--work", str(work)]
+    first = run_module(STUDY3, args, tmp_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    runs = plan(quick=True)
+    assert f"study3: {len(runs)} runs trained; done" in first.stdout
+    records = {p.name: json.loads(p.read_text()) for p in (out / "results").rglob("*.json")}
+    assert len(records) == len(runs) == len(ROWS)
+    for record in records.values():
+        assert record["selection_metric"] == "study_log_loss" and record["heldout"] < 0
+        assert record["at_operating_point"]["threshold_rule"] == "youden"
+        assert 0 <= record["at_operating_point"]["accuracy"] <= 1
+        assert record["images_trained"] > 0
+    k4 = records["s2-localizer-multicrop-localizer.k-4-seed0.json"]
+    assert k4["localization"]["windows"] == 4
+    assert k4["localization"]["hit_rate"] >= k4["localization"]["hit_rate_top"]
+    text = (out / "RESULTS.md").read_text()
+    assert all(f"| {row.name} | [0] |" in text for row in ROWS)
+    assert f"Goal, {MULTICROP.name}:" in text and "inference FLOPs" in text
+    for name in ("cost.png", "hits.png"):
+        with Image.open(out / name) as image:
+            assert image.width > 100
+    before = {p: p.read_text() for p in (out / "results").rglob("*.json")}
+    second = run_module(STUDY3, args, tmp_path)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "study3: 0 runs trained; done" in second.stdout
+    assert {p: p.read_text() for p in before} == before
