@@ -187,11 +187,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths(shared(tmp_path_factory, "train", train_both_stages))
 
 
-def train_multicrop(work: Path, stage1_ckpt: str) -> dict[str, Path]:
+def train_multicrop(work: Path, stage1_ckpt: str, localizer: str = "multicrop") -> dict[str, Path]:
     args = [
         "stage=2",
         f"stage.global_ckpt={stage1_ckpt}",
-        "localizer=multicrop",
+        f"localizer={localizer}",
         "localizer.k=2",
         *TINY_RUN,
         "trainer.limit_train_batches=4",
@@ -209,6 +209,14 @@ def multicrop(
     command line, once per session."""
     stage1 = json.loads((trained["stage1"] / "result.json").read_text())["best_ckpt"]
     return paths(shared(tmp_path_factory, "multicrop", lambda work: train_multicrop(work, stage1)))
+
+
+@pytest.fixture(scope="session")
+def sampling(trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Stage 2 with `localizer=sampling` (k = 2) on the shared stage-1 run (the slow tier)."""
+    stage1 = json.loads((trained["stage1"] / "result.json").read_text())["best_ckpt"]
+    train = lambda work: train_multicrop(work, stage1, "sampling")  # noqa: E731
+    return paths(shared(tmp_path_factory, "sampling", train))
 
 
 def table1_variant(work: Path) -> dict[str, Path]:

@@ -48,7 +48,16 @@ def test_groups_hold_the_documented_choices() -> None:
     assert GROUPS == {
         "backbone": ["inception_v4", "resnet18", "vgg16"],
         "stage": ["1", "2"],
-        "localizer": ["brightest", "fixed", "full", "kalm", "multicrop", "navigator", "random"],
+        "localizer": [
+            "brightest",
+            "fixed",
+            "full",
+            "kalm",
+            "multicrop",
+            "navigator",
+            "random",
+            "sampling",
+        ],
         "scheduler": ["cosine", "multistep", "none", "plateau"],
         "hardware": ["cpu", "ddp", "ddp_cpu", "gpu"],
         "data": ["mura", "synthetic"],

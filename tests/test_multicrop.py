@@ -1,5 +1,7 @@
-"""`localizer=multicrop`: K disjoint windows from a scout's saliency map, read by CNN_l together and
-pooled by gated attention; through the CLI in stage 2, evaluate and predict (export: test_predict)."""
+"""The K-crop localizers: `localizer=multicrop` (K disjoint windows from a scout's saliency map,
+read by CNN_l together and pooled by gated attention) and `localizer=sampling` (K windows drawn
+from an attention distribution, averaged); through the CLI in stage 2, evaluate, predict and
+export (their ONNX parity: test_predict)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from conftest import TINY_RUN, check, run_cli
 from kalm_lightning.data.geometry import PIXEL_BOX, crop_box, crop_weight
 from kalm_lightning.errors import UserError
 from kalm_lightning.models import KALMNet, MultiCrop
+from kalm_lightning.models.localizers import AttentionSampling
 from kalm_lightning.models.localizers.base import anchor_grid, build_localizer, node_of
 from kalm_lightning.models.localizers.multicrop import greedy_windows, top_pooling
 
@@ -100,3 +103,59 @@ def test_predict_writes_every_window_and_draws_them(
     assert frame["error"].isna().all()
     assert {*crop_box(1), *crop_box(2), crop_weight(1), crop_weight(2), "crops_area"} <= set(frame)
     assert all((tmp_path / "out" / name).is_file() for name in frame["overlay"])
+
+
+def sampling_net(**options) -> KALMNet:
+    torch.manual_seed(0)
+    return KALMNet("resnet18", 64, 256, localizer=node_of(AttentionSampling, **options))
+
+
+def test_attention_sampling_averages_the_k_best_windows_weighed_by_attention() -> None:
+    model = sampling_net(k=3).eval()
+    images = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        out = model(images)
+        attention = model.localizer.attention(model.inputs(images))
+    assert out.crops.shape == (2, 3, 4) and out.boxes.shape == (2, 4)
+    picks = greedy_windows(attention, model.localizer.anchors, 3)
+    assert torch.equal(out.crops, model.localizer.anchors[picks])  # the K best, disjoint
+    chosen = attention.gather(1, picks)
+    torch.testing.assert_close(out.attention, chosen / chosen.sum(1, keepdim=True))
+    assert torch.equal(out.boxes, out.crops[torch.arange(2), out.attention.argmax(1)])
+
+
+def test_attention_sampling_draws_from_the_attention_and_its_gradient_reaches_the_scout() -> None:
+    model = sampling_net(k=4, entropy=0.0)
+    images, labels = torch.randn(2, 3, 256, 256), torch.tensor([0, 1])
+    draws = [
+        model.localizer.training_crops(
+            model.inputs(images, torch.Generator().manual_seed(seed), labels), None, 0
+        )
+        for seed in (7, 7, 8)
+    ]
+    assert torch.equal(draws[0].boxes, draws[1].boxes)  # the step's generator decides
+    assert not torch.equal(draws[0].boxes, draws[2].boxes)
+    crops = draws[0]
+    assert crops.together and crops.boxes.shape == (2, 4, 4)
+    torch.testing.assert_close(crops.scale, torch.ones(2, 4))  # a / sg(a): the value of a mean
+    assert crops.loss.item() == 0.0  # entropy=0: no loss of its own
+    logits, _ = model.training_outputs(images, 0, torch.Generator().manual_seed(7), labels)
+    torch.nn.functional.cross_entropy(logits[:, 0], labels).backward()
+    for part in (model.localizer.head, model.local_cnn.fc):  # the scout learns from CNN_l's loss
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_attention_sampling_refuses_more_windows_than_anchors_in_one_line() -> None:
+    with pytest.raises(UserError, match=r"localizer.k=10 windows but localizer.grid=3 has 9"):
+        build_localizer(node_of(AttentionSampling, k=10, grid=3), 4, 4, 512)
+
+
+@pytest.mark.slow
+def test_attention_sampling_trains_and_evaluates_through_the_cli(
+    sampling: dict[str, Path], tmp_path: Path
+) -> None:
+    check(run_cli("evaluate", [f"ckpt_path={best(sampling['stage2'])}", *DATA], tmp_path))
+    metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
+    assert metrics["localization"]["windows"] == 2 and metrics["localization"]["n"] > 0
+    frame = pd.read_csv(next(tmp_path.rglob("predictions_images.csv")))
+    np.testing.assert_allclose(frame[[crop_weight(1), crop_weight(2)]].sum(1), 1, atol=1e-5)

@@ -316,13 +316,14 @@ def test_dicom_without_pixel_data_gets_its_own_error(
         ("onnx", "kalm"),
         ("export", "kalm"),
         ("onnx", "multicrop"),
+        pytest.param("onnx", "sampling", marks=pytest.mark.slow),
         pytest.param("onnx", "navigator", marks=pytest.mark.slow),  # trains the Table 1 kit
     ],
 )
 def test_export_matches_eager_pytorch(
     request: pytest.FixtureRequest, tmp_path: Path, fmt: str, model: str
 ) -> None:
-    if model in ("kalm", "multicrop"):
+    if model in ("kalm", "multicrop", "sampling"):
         stage2 = request.getfixturevalue("trained" if model == "kalm" else model)["stage2"]
         best = json.loads((stage2 / "result.json").read_text())["best_ckpt"]
     else:  # a navigator trained in experiment=paper (the Table 1 fixture)
@@ -331,7 +332,7 @@ def test_export_matches_eager_pytorch(
     target = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt2")
     check(run_cli("export", [f"ckpt_path={best}", f"format={fmt}", f"output={target}"], tmp_path))
     meta = json.loads(target.with_suffix(target.suffix + ".json").read_text())
-    windows = ["crops", "attention"] if model == "multicrop" else []
+    windows = ["crops", "attention"] if model in ("multicrop", "sampling") else []
     assert meta["outputs"] == ["prob", "prob_global", "prob_local", "boxes", *windows]
     size = meta["source_size"]
     module = load_stage(best)

@@ -179,22 +179,22 @@ class KALMNet(nn.Module):
             )
 
     def pooled_logits(
-        self, images: torch.Tensor, windows: torch.Tensor
+        self, images: torch.Tensor, windows: torch.Tensor, scale: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """S_l [B, 2] of K windows read together [B, K, 4]: each crop's pooled CNN_l features
-        (eq. 8-9, then GAP), the localizer's pooling over the K, CNN_l's classifier; and the
-        windows' weights [B, K]."""
+        (eq. 8-9, then GAP), the localizer's pooling over the K (with its per-crop `scale`
+        where it has one), CNN_l's classifier; and the windows' weights [B, K]."""
         batch, many = windows.shape[:2]
         crops = crop(images.repeat_interleave(many, 0), windows.flatten(0, 1), self.image_size)
         features = self.local_cnn.forward_features(crops).mean(dim=(2, 3))
-        pooled, weights = self.localizer.pool(features.view(batch, many, -1))
+        pooled, weights = self.localizer.pool(features.view(batch, many, -1), scale)
         return self.local_cnn.fc(pooled), weights
 
     def forward(self, images: torch.Tensor) -> KALMOutput:
         inputs = self.inputs(images)
         if self.localizer.windowed:
-            windows = self.localizer.windows(inputs)
-            logits, weights = self.pooled_logits(images, windows)
+            windows, scale = self.localizer.read_windows(inputs)
+            logits, weights = self.pooled_logits(images, windows, scale)
             top = weights.argmax(dim=1)[:, None, None].expand(-1, 1, 4)
             out = self.fused(inputs, windows.gather(1, top)[:, 0], logits)
             out.crops, out.attention = windows, weights
@@ -236,7 +236,7 @@ class KALMNet(nn.Module):
         scorer = Scorer(self.crop_scores, self.pooled_scores, images)
         crops = self.localizer.training_crops(inputs, scorer, epoch)
         if crops.together:
-            return self.pooled_logits(images, crops.boxes)[0][:, None], crops
+            return self.pooled_logits(images, crops.boxes, crops.scale)[0][:, None], crops
         return self.local_logits(images, crops.boxes), crops
 
 

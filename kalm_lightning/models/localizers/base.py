@@ -12,9 +12,11 @@ it answers:
 - `training_crops(inputs, scorer, epoch)`: the boxes [B, M, 4] CNN_l trains on in a
   training step and the localizer's own loss, if it has one. By default the located box, through
   which the bilinear crop's gradient reaches the localizer (the paper's eq. 8-9);
-- `windows(inputs)` and `pool(features)`, for a localizer whose CNN_l reads several crops at once
-  (`MultiCrop`): the windows [B, K, 4], and how their K crop features [B, K, C] pool into the one
-  [B, C] CNN_l's classifier scores, with each window's weight [B, K]; such a localizer says
+- `windows(inputs)` and `pool(features, scale)`, for a localizer whose CNN_l reads several crops
+  at once (`MultiCrop`, `AttentionSampling`): the windows [B, K, 4], and how their K crop
+  features [B, K, C] pool into the one [B, C] CNN_l's classifier scores, with each window's
+  weight [B, K]; `read_windows(inputs)` gives the windows with a per-crop scale for `pool`
+  where the localizer has one (attention sampling's weights); such a localizer says
   `windowed = True`. The others' CNN_l reads one crop, the box `locate` gives.
 
 `scorer` scores boxes with CNN_l without gradients: a localizer that learns from the local branch
@@ -60,6 +62,7 @@ class TrainingCrops:
     loss: torch.Tensor | None = None
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     together: bool = False  # True: the M crops are one input, pooled (`Localizer.pool`), one score
+    scale: torch.Tensor | None = None  # [B, M]: what `pool` multiplies each crop's features by
 
 
 class Scorer:
@@ -110,9 +113,16 @@ class Localizer(nn.Module):
         """`windowed` localizers: the windows [B, K, 4] CNN_l reads together."""
         raise NotImplementedError(f"{type(self).__name__} reads one crop, the box `locate` gives")
 
-    def pool(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_windows(self, inputs: LocalizerInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`windowed` localizers at inference: the windows [B, K, 4] and the scale [B, K] `pool`
+        gives each crop's features (None: the pooling's own weights alone)."""
+        return self.windows(inputs), None
+
+    def pool(
+        self, features: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`windowed` localizers: K crop features [B, K, C] as one [B, C], and each crop's
-        weight [B, K]."""
+        weight [B, K]; `scale` [B, K] as `read_windows` or `TrainingCrops.scale` give it."""
         raise NotImplementedError(f"{type(self).__name__} reads one crop: it has nothing to pool")
 
 

@@ -59,15 +59,71 @@ class GatedAttention(nn.Module):
         return (weights[..., None].to(features.dtype) * features).sum(dim=1), weights
 
 
-class MultiCrop(Localizer):
+class ScoutWindows(Localizer):
+    """What the K-crop readers share: a scout (`navigator.scout`, a few percent of a ResNet18)
+    reads the source image and gives a map s (stride 16); the anchors (`grid` x `grid` centres of
+    half-extent `half`) are scored by s averaged inside each (`box_pooling`), and the best k are
+    taken greedily with no overlap (`greedy_windows`). `locate` is the best window."""
+
+    windowed = True
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        channels: int,
+        k: int,
+        half: float,
+        grid: int,
+        scout_width: int,
+        lr: float | None,
+    ) -> None:
+        super().__init__(height, width, channels, lr)
+        check_number("localizer.k", k, 1, integer=True)
+        check_number("localizer.scout_width", scout_width, 2, integer=True)
+        self.register_buffer("anchors", anchor_grid(grid, half), persistent=False)
+        if k > len(self.anchors):
+            raise UserError(
+                f"localizer.k={k} windows but localizer.grid={grid} has {len(self.anchors)} "
+                "anchors: lower k or raise grid"
+            )
+        self.k = k
+        self.head = scout(scout_width)
+        self._pooling: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+    def saliency(self, inputs: LocalizerInputs) -> torch.Tensor:
+        """s [B, h, w]: the scout's map over the source image (logits)."""
+        source = inputs.source.to(self.head[0].weight.dtype)
+        return self.head(source).float()[:, 0]
+
+    def anchor_scores(self, saliency: torch.Tensor) -> torch.Tensor:
+        """[B, A]: s averaged inside each anchor."""
+        return anchor_means(self.anchors, saliency, self._pooling)
+
+    def best(self, scores: torch.Tensor) -> torch.Tensor:
+        """[B, k] the greedy, disjoint anchors of highest score, best first."""
+        return greedy_windows(scores, self.anchors, self.k)
+
+    def windows_of(self, saliency: torch.Tensor) -> torch.Tensor:
+        """[B, k, 4] the greedy, disjoint windows of a saliency map, best first."""
+        return self.anchors[self.best(self.anchor_scores(saliency))]
+
+    def windows(self, inputs: LocalizerInputs) -> torch.Tensor:
+        return self.windows_of(self.saliency(inputs))
+
+    def locate(self, inputs: LocalizerInputs) -> torch.Tensor:
+        return self.windows(inputs)[:, 0]
+
+    def candidates(self, inputs: LocalizerInputs) -> torch.Tensor:
+        return self.windows(inputs)
+
+
+class MultiCrop(ScoutWindows):
     """K windows from a saliency map, read by CNN_l together.
 
-    - The scout (`navigator.scout`, a few percent of a ResNet18) reads the source image and gives
-      a saliency map s (stride 16). It is taught by the image label alone: the image's logit is
-      the mean of the top `t` share of s's cells (top-t% pooling), loss BCE(top_t(s), y); no
-      teacher pass of CNN_l.
-    - Windows: the anchors (`grid` x `grid` centres of half-extent `half`) scored by s averaged
-      inside each (`box_pooling`); the best k taken greedily with no overlap (`greedy_windows`).
+    - The scout and the windows: `ScoutWindows`. The scout is taught by the image label alone:
+      the image's logit is the mean of the top `t` share of s's cells (top-t% pooling), loss
+      BCE(top_t(s), y); no teacher pass of CNN_l.
     - CNN_l reads each window's crop; gated attention MIL pools the k crop features into one,
       which CNN_l's classifier turns into the local score S_l, fused with S_g as in the paper.
       CNN_l trains on that pooled score, the attention with it.
@@ -75,8 +131,6 @@ class MultiCrop(Localizer):
     `locate` is the scout's best window; the model's box (KALMOutput.boxes) is the window the
     attention weighs most, and all k windows come with their weights (`crops`, `attention`).
     """
-
-    windowed = True
 
     def __init__(
         self,
@@ -91,46 +145,16 @@ class MultiCrop(Localizer):
         hidden: int = 128,
         lr: float | None = None,
     ) -> None:
-        super().__init__(height, width, channels, lr)
-        check_number("localizer.k", k, 1, integer=True)
+        super().__init__(height, width, channels, k, half, grid, scout_width, lr)
         check_number("localizer.t", t, 0, 1, exclusive_minimum=True)
-        check_number("localizer.scout_width", scout_width, 2, integer=True)
         check_number("localizer.hidden", hidden, 1, integer=True)
-        self.register_buffer("anchors", anchor_grid(grid, half), persistent=False)
-        if k > len(self.anchors):
-            raise UserError(
-                f"localizer.k={k} windows but localizer.grid={grid} has {len(self.anchors)} "
-                "anchors: lower k or raise grid"
-            )
-        self.k, self.t = k, float(t)
-        self.head = scout(scout_width)
+        self.t = float(t)
         self.attention = GatedAttention(channels, hidden)
-        self._pooling: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
-    def saliency(self, inputs: LocalizerInputs) -> torch.Tensor:
-        """s [B, h, w]: the scout's map over the source image (logits)."""
-        source = inputs.source.to(self.head[0].weight.dtype)
-        return self.head(source).float()[:, 0]
-
-    def anchor_scores(self, saliency: torch.Tensor) -> torch.Tensor:
-        """[B, A]: s averaged inside each anchor."""
-        return anchor_means(self.anchors, saliency, self._pooling)
-
-    def windows_of(self, saliency: torch.Tensor) -> torch.Tensor:
-        """[B, k, 4] the greedy, disjoint windows of a saliency map, best first."""
-        return self.anchors[greedy_windows(self.anchor_scores(saliency), self.anchors, self.k)]
-
-    def windows(self, inputs: LocalizerInputs) -> torch.Tensor:
-        return self.windows_of(self.saliency(inputs))
-
-    def pool(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.attention(features)
-
-    def locate(self, inputs: LocalizerInputs) -> torch.Tensor:
-        return self.windows(inputs)[:, 0]
-
-    def candidates(self, inputs: LocalizerInputs) -> torch.Tensor:
-        return self.windows(inputs)
+    def pool(
+        self, features: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attention(features)  # the gated attention's own weights; no scale
 
     def training_crops(self, inputs: LocalizerInputs, scorer: Scorer, epoch: int) -> TrainingCrops:
         if inputs.labels is None:
