@@ -21,7 +21,7 @@ from experiments.localizers.study3 import (
     GLOBAL_INPUT,
     GLOBAL_SOURCE,
     MULTICROP,
-    MULTICROP2,
+    READERS,
     REGIMES,
     ROWS,
     plan,
@@ -131,7 +131,7 @@ def regime_section(regime, rows: dict[str, dict[int, dict]]) -> list[str]:
                 hd, hsd, hseeds = paired(k4, rows[row.name], "hits")
                 hits = f"{100 * hd:+.1f}% ± {100 * hsd:.1f}" if hseeds else "-"
                 lines.append(f"| {row.name} | {seeds} | {d:+.3f} ± {sd:.3f} | {hits} |")
-    for reader in (MULTICROP, MULTICROP2):
+    for reader in READERS:
         lines += ["", f"Goal, {reader.name}:", "", *goal(rows, reader)]
     return [*lines, ""]
 
