@@ -88,6 +88,7 @@ def server(trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
         start_new_session=True,
+        preexec_fn=interruptible,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -99,12 +100,22 @@ def server(trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
         assert time.monotonic() < deadline, (work / "server.log").read_text()[-3000:]
         time.sleep(0.5)
     yield {"url": url, "work": work, "ckpt": best, "dicom": dicom, "process": process}
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the server's terminal sends
     try:
-        process.wait(timeout=30)
+        process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-    log.close()
+        pytest.fail("kalm-serve did not stop on Ctrl-C (SIGINT to its process group)")
+    finally:
+        log.close()
+    assert "kalm-serve: stopped" in (work / "server.log").read_text()
+
+
+def interruptible() -> None:
+    """In the server's process before it starts: SIGINT at its default, as a terminal's foreground
+    job has it (a test run started in the background inherits it ignored, and Python then never
+    sees Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def post(

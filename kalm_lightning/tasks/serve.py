@@ -220,3 +220,23 @@ def run_server(cfg: DictConfig) -> None:
     finally:
         if node is not None:
             node.shutdown()
+        stop_api_threads()
+        print("kalm-serve: stopped", flush=True)
+
+
+def stop_api_threads(timeout: float = 10.0) -> None:
+    """Stop the uvicorn servers LitServe runs in threads (`api_server_worker_type="thread"`).
+
+    On Ctrl-C LitServe 0.2.19 shuts its workers down and returns, but stops a thread-backed
+    uvicorn server with `terminate()`, which a thread does not have (Lightning-AI/LitServe#684):
+    the thread keeps serving and, not being a daemon, keeps the process alive. Each such server
+    is asked to exit as uvicorn's own signal handler asks it (`should_exit`), then joined."""
+    import threading
+
+    import uvicorn
+
+    for thread in threading.enumerate():
+        server = getattr(getattr(thread, "_target", None), "__self__", None)
+        if isinstance(server, uvicorn.Server) and thread.is_alive():
+            server.should_exit = True
+            thread.join(timeout)
