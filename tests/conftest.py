@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 
+import functools
 import importlib.util
 import json
 import shutil
@@ -215,7 +216,7 @@ def multicrop(
 def sampling(trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Stage 2 with `localizer=sampling` (k = 2) on the shared stage-1 run (the slow tier)."""
     stage1 = json.loads((trained["stage1"] / "result.json").read_text())["best_ckpt"]
-    train = lambda work: train_multicrop(work, stage1, "sampling")  # noqa: E731
+    train = functools.partial(train_multicrop, stage1_ckpt=stage1, localizer="sampling")
     return paths(shared(tmp_path_factory, "sampling", train))
 
 

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("outputs/localizers3-pilot"))
     args = parser.parse_args(argv)
     regime = next(g for g in study3.REGIMES if g.name == args.regime)
+    row = study3.GLOBAL_SOURCE if args.row == "source" else study3.GLOBAL_INPUT
     for amplitude in args.amplitude:
         setting = f"a{amplitude:g}-e{args.epochs}-n{args.train_studies}"
         extra = (
@@ -52,7 +53,6 @@ def main(argv: list[str] | None = None) -> None:
             extra=extra,
             schedule=(),
         )
-        row = study3.GLOBAL_SOURCE if args.row == "source" else study3.GLOBAL_INPUT
         record = study.run(regime, row, PILOT_SEED)
         held = record.get("heldout_study", {})
         print(f"pilot {regime.name} {setting} {row.name}: hold-out {held}", flush=True)

@@ -18,11 +18,13 @@ response types from `decode_request`'s and `encode_response`'s annotations.
 """
 
 import logging
+import threading
 from importlib.resources import files
 from typing import Annotated, Any
 
 import litserve as ls
 import torch
+import uvicorn
 from fastapi import Depends, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -231,10 +233,6 @@ def stop_api_threads(timeout: float = 10.0) -> None:
     uvicorn server with `terminate()`, which a thread does not have (Lightning-AI/LitServe#684):
     the thread keeps serving and, not being a daemon, keeps the process alive. Each such server
     is asked to exit as uvicorn's own signal handler asks it (`should_exit`), then joined."""
-    import threading
-
-    import uvicorn
-
     for thread in threading.enumerate():
         server = getattr(getattr(thread, "_target", None), "__self__", None)
         if isinstance(server, uvicorn.Server) and thread.is_alive():

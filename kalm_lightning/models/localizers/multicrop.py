@@ -72,11 +72,11 @@ class ScoutWindows(Localizer):
         height: int,
         width: int,
         channels: int,
-        k: int,
-        half: float,
-        grid: int,
-        scout_width: int,
-        lr: float | None,
+        k: int = 4,
+        half: float = 0.25,
+        grid: int = 7,
+        scout_width: int = 32,
+        lr: float | None = None,
     ) -> None:
         super().__init__(height, width, channels, lr)
         check_number("localizer.k", k, 1, integer=True)
@@ -133,19 +133,10 @@ class MultiCrop(ScoutWindows):
     """
 
     def __init__(
-        self,
-        height: int,
-        width: int,
-        channels: int,
-        k: int = 4,
-        half: float = 0.25,
-        grid: int = 7,
-        t: float = 0.05,
-        scout_width: int = 32,
-        hidden: int = 128,
-        lr: float | None = None,
+        self, height: int, width: int, channels: int, t: float = 0.05, hidden: int = 128, **windows
     ) -> None:
-        super().__init__(height, width, channels, k, half, grid, scout_width, lr)
+        """`windows`: `ScoutWindows`' options (k, half, grid, scout_width, lr)."""
+        super().__init__(height, width, channels, **windows)
         check_number("localizer.t", t, 0, 1, exclusive_minimum=True)
         check_number("localizer.hidden", hidden, 1, integer=True)
         self.t = float(t)

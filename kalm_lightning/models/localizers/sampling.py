@@ -31,18 +31,10 @@ class AttentionSampling(ScoutWindows):
     """
 
     def __init__(
-        self,
-        height: int,
-        width: int,
-        channels: int,
-        k: int = 4,
-        half: float = 0.25,
-        grid: int = 7,
-        scout_width: int = 32,
-        entropy: float = 0.01,
-        lr: float | None = None,
+        self, height: int, width: int, channels: int, entropy: float = 0.01, **windows
     ) -> None:
-        super().__init__(height, width, channels, k, half, grid, scout_width, lr)
+        """`windows`: `ScoutWindows`' options (k, half, grid, scout_width, lr)."""
+        super().__init__(height, width, channels, **windows)
         check_number("localizer.entropy", entropy, 0)
         self.entropy = float(entropy)
 
