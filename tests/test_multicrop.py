@@ -20,6 +20,8 @@ from kalm_lightning.models import KALMNet, MultiCrop
 from kalm_lightning.models.localizers import AttentionSampling
 from kalm_lightning.models.localizers.base import anchor_grid, build_localizer, node_of
 from kalm_lightning.models.localizers.multicrop import greedy_windows, top_pooling
+from kalm_lightning.models.localizers.scout import SCOUTS, make_scout
+from kalm_lightning.stages.loading import load_stage
 
 DATA = [arg for arg in TINY_RUN if arg.startswith("data.")]
 
@@ -103,6 +105,50 @@ def test_predict_writes_every_window_and_draws_them(
     assert frame["error"].isna().all()
     assert {*crop_box(1), *crop_box(2), crop_weight(1), crop_weight(2), "crops_area"} <= set(frame)
     assert all((tmp_path / "out" / name).is_file() for name in frame["overlay"])
+
+
+@pytest.mark.parametrize("kind", SCOUTS)
+def test_only_a_local_scouts_cells_see_their_receptive_field_alone(kind: str) -> None:
+    """Why study 3's first K-crop scout could not find a lesion among decoys: with GroupNorm,
+    texture in one corner of the image moves the cells of the opposite corner, so a scout taught
+    through top-t% pooling can classify from wherever its map is highest (the border) without
+    placing its high cells on the lesion. A local scout's far cells cannot move: each of its cells
+    sees 31 px, so its image logit rises only where the lesion is."""
+    torch.manual_seed(0)
+    scout = make_scout(8, kind).eval()
+    image = torch.rand(1, 3, 128, 128)
+    textured = image.clone()
+    textured[..., :32, :32] += torch.tensor([1.0, -1.0]).repeat(16)  # stripes, top-left corner
+    with torch.no_grad():
+        moved = (scout(textured) - scout(image))[0, 0].abs()  # [8, 8] cells of 16 px
+    assert moved[:2, :2].amax() > 0  # the cells over the texture answer it
+    far = moved[4:, 4:]  # cells whose 31 px start at 57 px or more: nothing of the corner
+    if kind == "local":
+        assert far.amax() == 0
+    else:
+        assert far.amin() > 0
+
+
+def test_a_checkpoint_written_before_the_scout_option_loads_its_groupnorm_scout(
+    multicrop: dict[str, Path], tmp_path: Path
+) -> None:
+    """A stage-2 checkpoint whose localizer node has no `scout` (written before the option) ran
+    the GroupNorm scout: it loads as that, not as today's default, whose weights it lacks."""
+    checkpoint = torch.load(best(multicrop["stage2"]), map_location="cpu", weights_only=True)
+    node = checkpoint["hyper_parameters"]["net"]["localizer"]
+    assert node.pop("scout") == "local"  # what the YAML gives a run of this version
+    head = "net.localizer.head."
+    weights = checkpoint["state_dict"]
+    for key in [key for key in weights if key.startswith(head)]:
+        del weights[key]
+    old = make_scout(node["scout_width"], "group").state_dict()
+    weights.update({head + key: value for key, value in old.items()})
+    path = tmp_path / "before.ckpt"
+    torch.save(checkpoint, path)
+    module = load_stage(str(path))
+    assert any(isinstance(layer, torch.nn.GroupNorm) for layer in module.net.localizer.head)
+    out = module(torch.randn(2, 3, 128, 128))
+    assert out.crops.shape == (2, 2, 4)
 
 
 def sampling_net(**options) -> KALMNet:

@@ -27,14 +27,16 @@ STAGE2 = ("trainer.max_epochs=5", "data.batch_size=8")
 # 79% with p(label)). The p(abnormal) navigators stay as an ablation (ABLATIONS).
 NAVIGATOR = ("localizer=navigator", "localizer.teacher_score=label")
 # The navigator's options as this study ran them, conf/localizer/navigator.yaml's defaults then: 5x5
-# anchors of half 0.5, a head on CNN_g's map, taught by p(abnormal). The config now defaults to the
-# variant the study found best; every run of this study starts its navigator from these instead
+# anchors of half 0.5, a head on CNN_g's map, taught by p(abnormal), and (for reads=view|source)
+# the GroupNorm scout. The config now defaults to the variant the study found best and to the
+# local scout (study 3); every run of this study starts its navigator from these instead
 # (`pinned`), so each row's overrides, and its records' names, mean what they did.
 NAVIGATOR_THEN = (
     "localizer.grid=5",
     "localizer.half=0.5",
     "localizer.reads=map",
     "localizer.teacher_score=abnormal",
+    "localizer.scout=group",
 )
 
 

@@ -19,6 +19,7 @@ from kalm_lightning.evaluation.studies import GLOBAL, KALM, LOCAL, SCORES
 from kalm_lightning.models.backbone import Backbone, backbone_node
 from kalm_lightning.models.cam import global_heatmap, local_heatmap
 from kalm_lightning.models.kalm import KALMNet, resize_view
+from kalm_lightning.models.localizers.base import recorded
 from kalm_lightning.models.preprocessing import GIVEN, Preprocessing
 from kalm_lightning.stages.base import StageModule
 from kalm_lightning.stages.nodes import check_target
@@ -81,9 +82,11 @@ class KALMStage(StageModule):
 
     @staticmethod
     def offline(net: Mapping[str, Any]) -> dict[str, Any]:
-        """The net node without weights to fetch: a checkpoint holds them."""
+        """The net node without weights to fetch (a checkpoint holds them), its localizer's as
+        the checkpoint ran it."""
         backbone = {**backbone_node(net["backbone"]), "pretrained": False, "checkpoint_path": None}
-        return {**net, "backbone": backbone}
+        localizer = net.get("localizer")
+        return {**net, "backbone": backbone, "localizer": localizer and recorded(localizer)}
 
     def load_global(self, path: str, global_cnn: Backbone, backbone: Mapping[str, Any]) -> None:
         """CNN_g from a stage-1 checkpoint, refusing one trained with another backbone, stride or

@@ -90,6 +90,9 @@ class Localizer(nn.Module):
     (None: the optimiser's)."""
 
     windowed = False  # True: CNN_l reads `windows` together, pooled by `pool` (one score)
+    # Options added since checkpoints were first written, at the value those checkpoints ran with:
+    # a recorded node without one means that value, not today's default (`recorded`).
+    recorded_before: Mapping[str, Any] = {}
 
     def __init__(self, height: int, width: int, channels: int, lr: float | None = None) -> None:
         super().__init__()
@@ -248,6 +251,12 @@ def build_localizer(
         return cls(height=height, width=width, channels=channels, **options)
     except TypeError as error:
         raise UserError(f"localizer {node['_target_']}: {error}") from error
+
+
+def recorded(node: Mapping[str, Any]) -> dict[str, Any]:
+    """A localizer's node as a checkpoint recorded it, each option added since at the value that
+    checkpoint ran with (its class's `recorded_before`)."""
+    return {**_resolve(str(node["_target_"])).recorded_before, **node}
 
 
 def node_of(cls: type[Localizer], **options: Any) -> dict[str, Any]:

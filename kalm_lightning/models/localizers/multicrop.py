@@ -17,7 +17,7 @@ from kalm_lightning.models.localizers.base import (
     anchor_grid,
     anchor_means,
 )
-from kalm_lightning.models.localizers.navigator import scout
+from kalm_lightning.models.localizers.scout import RECORDED_BEFORE, make_scout
 
 
 def top_pooling(saliency: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -60,12 +60,13 @@ class GatedAttention(nn.Module):
 
 
 class ScoutWindows(Localizer):
-    """What the K-crop readers share: a scout (`navigator.scout`, a few percent of a ResNet18)
-    reads the source image and gives a map s (stride 16); the anchors (`grid` x `grid` centres of
+    """What the K-crop readers share: a scout (`scout.make_scout` of kind `scout`, a few percent
+    of a ResNet18) reads the source image and gives a map s (stride 16); the anchors (`grid` x `grid` centres of
     half-extent `half`) are scored by s averaged inside each (`box_pooling`), and the best k are
     taken greedily with no overlap (`greedy_windows`). `locate` is the best window."""
 
     windowed = True
+    recorded_before = RECORDED_BEFORE  # a checkpoint without `scout` has the GroupNorm scout
 
     def __init__(
         self,
@@ -76,6 +77,7 @@ class ScoutWindows(Localizer):
         half: float = 0.25,
         grid: int = 7,
         scout_width: int = 32,
+        scout: str = "local",
         lr: float | None = None,
     ) -> None:
         super().__init__(height, width, channels, lr)
@@ -88,7 +90,7 @@ class ScoutWindows(Localizer):
                 "anchors: lower k or raise grid"
             )
         self.k = k
-        self.head = scout(scout_width)
+        self.head = make_scout(scout_width, scout)
         self._pooling: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     def saliency(self, inputs: LocalizerInputs) -> torch.Tensor:
@@ -135,7 +137,7 @@ class MultiCrop(ScoutWindows):
     def __init__(
         self, height: int, width: int, channels: int, t: float = 0.05, hidden: int = 128, **windows
     ) -> None:
-        """`windows`: `ScoutWindows`' options (k, half, grid, scout_width, lr)."""
+        """`windows`: `ScoutWindows`' options (k, half, grid, scout_width, scout, lr)."""
         super().__init__(height, width, channels, **windows)
         check_number("localizer.t", t, 0, 1, exclusive_minimum=True)
         check_number("localizer.hidden", hidden, 1, integer=True)

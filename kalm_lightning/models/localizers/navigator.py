@@ -18,6 +18,7 @@ from kalm_lightning.models.localizers.base import (
     anchor_grid,
     anchor_means,
 )
+from kalm_lightning.models.localizers.scout import RECORDED_BEFORE, make_scout
 
 READS = ("map", "view", "source")
 TEACHER_SCORES = ("label", "abnormal")
@@ -27,24 +28,6 @@ TRAIN_CROPS = (2, 1)  # CNN_l's crops per image in a distillation step
 # Options of earlier releases that backed no result of the localizer study, removed: a checkpoint
 # that recorded them at the one value that remains still loads; any other value is refused.
 REMOVED = {"teacher": "pooled", "target": "scores", "inference": "navigator"}
-
-
-def scout(width: int) -> nn.Sequential:
-    """A low-capacity CNN: four stride-2 3x3 convolutions (width / 2, width, 2 width, 2 width
-    channels) to a one-channel score map at stride 16, a few percent of a ResNet18 at the same size.
-    GroupNorm, not BatchNorm: trained from scratch in a few hundred steps, a BatchNorm's running
-    statistics lag its weights, and the navigator then points elsewhere at inference than in
-    training (seen: 5% of lesions hit in eval mode where train mode hit 90%)."""
-    layers: list[nn.Module] = []
-    channels = 3
-    for out in (width // 2, width, 2 * width, 2 * width):
-        layers += [
-            nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
-            nn.GroupNorm(min(8, out), out),
-            nn.ReLU(inplace=True),
-        ]
-        channels = out
-    return nn.Sequential(*layers, nn.Conv2d(channels, 1, 1))
 
 
 class Navigator(Localizer):
@@ -86,6 +69,8 @@ class Navigator(Localizer):
     p(label)); `conf/localizer/navigator.yaml` holds the same.
     """
 
+    recorded_before = RECORDED_BEFORE  # a checkpoint without `scout` has the GroupNorm scout
+
     def __init__(
         self,
         height: int,
@@ -95,6 +80,7 @@ class Navigator(Localizer):
         half: float | Sequence[float] = 0.4,
         reads: str = "source",
         scout_width: int = 32,
+        scout: str = "local",
         warmup_epochs: int = 1,
         teacher_score: str = "label",
         policy: str = "distill",
@@ -136,7 +122,7 @@ class Navigator(Localizer):
                 nn.Conv2d(channels, 64, 1), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1)
             )
         else:
-            self.head = scout(scout_width)
+            self.head = make_scout(scout_width, scout)
         self._pooling: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     def anchor_logits(self, inputs: LocalizerInputs) -> torch.Tensor:

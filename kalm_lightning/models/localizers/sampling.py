@@ -33,7 +33,7 @@ class AttentionSampling(ScoutWindows):
     def __init__(
         self, height: int, width: int, channels: int, entropy: float = 0.01, **windows
     ) -> None:
-        """`windows`: `ScoutWindows`' options (k, half, grid, scout_width, lr)."""
+        """`windows`: `ScoutWindows`' options (k, half, grid, scout_width, scout, lr)."""
         super().__init__(height, width, channels, **windows)
         check_number("localizer.entropy", entropy, 0)
         self.entropy = float(entropy)
