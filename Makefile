@@ -24,7 +24,10 @@ help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 # The install: uv (from PATH, or from the index into the venv: a second) unpacks in parallel, in
-# about a quarter of pip's time; pip where uv cannot be had. uv reads no pip configuration, so the
+# about a quarter of pip's time; pip where uv cannot be had. Both leave every module compiled
+# (pip does by default, uv with --compile-bytecode): where PYTHONDONTWRITEBYTECODE is set, as on
+# these machines, nothing is ever cached otherwise, and each command and test process spent
+# ~17 s compiling torch, Lightning and timm before it did anything (7 s with the bytecode). uv reads no pip configuration, so the
 # find-links, indexes and constraints pip is configured with (pip config list: files and PIP_*)
 # are handed to it, and it weighs every index as pip does (unsafe-best-match).
 PIP_SOURCES = $(PYTHON) -m pip config list 2>/dev/null \
@@ -36,7 +39,7 @@ $(STAMP): pyproject.toml
 	@if UV=$$(command -v uv || ($(BIN)/pip install --quiet uv >/dev/null 2>&1 && echo $(BIN)/uv)); then \
 		echo "installing with $$UV"; \
 		$$UV pip install --quiet --python $(BIN)/python --index-strategy unsafe-best-match \
-			$$($(PIP_SOURCES)) -e '.[dev]'; \
+			--compile-bytecode $$($(PIP_SOURCES)) -e '.[dev]'; \
 	else \
 		echo "installing with pip (uv is not available)"; \
 		$(BIN)/pip install --quiet -e '.[dev]'; \
