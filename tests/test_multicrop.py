@@ -71,6 +71,39 @@ def test_cnn_l_reads_k_windows_whose_attention_weighs_them_and_trains_scout_and_
     )  # (timm zeroes each block's last BN)
 
 
+def test_each_scout_head_learns_from_its_own_loss_and_the_windows_come_from_the_lowest() -> None:
+    """heads=3: three scouts side by side; a step's running losses are each head's own BCE of
+    its top-t% logit; the map the windows come from is the head whose running loss is lowest,
+    computed alone (`run_head`) equal to that head's map among all of them."""
+    model = net(k=2, heads=3)
+    localizer = model.localizer
+    images, labels = torch.randn(2, 3, 256, 256), torch.tensor([0, 1])
+    inputs = model.inputs(images)
+    maps = localizer.maps(inputs)
+    assert maps.shape[1] == 3 and localizer.head_loss.isnan().all()
+    own = [
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            top_pooling(maps[:, h].flatten(1), localizer.t), labels.float()
+        )
+        for h in range(3)
+    ]
+    _, crops = model.training_outputs(images, 0, None, labels)
+    torch.testing.assert_close(localizer.head_loss, torch.stack(own).detach())
+    crops.loss.backward()  # the sum of the heads' own losses: no head's gradient reaches another
+    head0 = localizer.head[0].weight.grad.unflatten(0, (3, -1))
+    localizer.zero_grad()
+    own[1].backward()
+    assert torch.equal(
+        localizer.head[0].weight.grad.unflatten(0, (3, -1))[0], torch.zeros_like(head0[0])
+    )
+    localizer.head_loss.copy_(torch.tensor([0.5, 0.1, 0.9]))
+    with torch.no_grad():
+        torch.testing.assert_close(localizer.saliency(inputs), localizer.maps(inputs)[:, 1])
+        assert torch.equal(model(images).crops, localizer.windows_of(localizer.maps(inputs)[:, 1]))
+    with pytest.raises(UserError, match=r"localizer.heads=2: sampling's scout learns from CNN_l"):
+        build_localizer(node_of(AttentionSampling, heads=2), 4, 4, 512)
+
+
 def test_more_windows_than_anchors_are_refused_in_one_line() -> None:
     with pytest.raises(UserError, match=r"localizer.k=10 windows but localizer.grid=3 has 9"):
         build_localizer(node_of(MultiCrop, k=10, grid=3), 4, 4, 512)
@@ -132,13 +165,16 @@ def test_only_a_local_scouts_cells_see_their_receptive_field_alone(kind: str) ->
 def test_a_checkpoint_written_before_the_scout_option_loads_its_groupnorm_scout(
     multicrop: dict[str, Path], tmp_path: Path
 ) -> None:
-    """A stage-2 checkpoint whose localizer node has no `scout` (written before the option) ran
-    the GroupNorm scout: it loads as that, not as today's default, whose weights it lacks."""
+    """A stage-2 checkpoint whose localizer node has no `scout` nor `heads` (written before the
+    options) ran one GroupNorm scout: it loads as that, not as today's default, whose weights it
+    lacks."""
     checkpoint = torch.load(best(multicrop["stage2"]), map_location="cpu", weights_only=True)
     node = checkpoint["hyper_parameters"]["net"]["localizer"]
     assert node.pop("scout") == "local"  # what the YAML gives a run of this version
+    assert node.pop("heads") > 1  # nor `heads`: one head, with no running losses
     head = "net.localizer.head."
     weights = checkpoint["state_dict"]
+    del weights["net.localizer.head_loss"]
     for key in [key for key in weights if key.startswith(head)]:
         del weights[key]
     old = make_scout(node["scout_width"], "group").state_dict()

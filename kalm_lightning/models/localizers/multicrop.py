@@ -4,6 +4,10 @@ pooled by gated attention (after GMIC, Shen et al. 2021, and NTS-Net; the poolin
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,14 +21,20 @@ from kalm_lightning.models.localizers.base import (
     anchor_grid,
     anchor_means,
 )
-from kalm_lightning.models.localizers.scout import RECORDED_BEFORE, make_scout
+from kalm_lightning.models.localizers.scout import RECORDED_BEFORE, make_scout, run_head
 
 
 def top_pooling(saliency: torch.Tensor, fraction: float) -> torch.Tensor:
-    """[B] the mean of the highest `fraction` of each map's cells [B, N] (GMIC's top-t% pooling):
-    the image's logit, high where a small part of the image looks abnormal."""
-    count = max(1, round(fraction * saliency.shape[1]))
-    return saliency.topk(count, dim=1).values.mean(dim=1)
+    """[...] the mean of the highest `fraction` of each map's cells [..., N] (GMIC's top-t%
+    pooling): the image's logit, high where a small part of the image looks abnormal."""
+    count = max(1, round(fraction * saliency.shape[-1]))
+    return saliency.topk(count, dim=-1).values.mean(dim=-1)
+
+
+def running_loss(running: torch.Tensor, losses: torch.Tensor, decay: float = 0.95) -> torch.Tensor:
+    """[M] each scout head's running loss: the exponential average of its losses [M] over the
+    steps (the first step's losses where `running` is still NaN)."""
+    return torch.where(running.isnan(), losses, decay * running + (1 - decay) * losses)
 
 
 def greedy_windows(scores: torch.Tensor, anchors: torch.Tensor, k: int) -> torch.Tensor:
@@ -61,12 +71,15 @@ class GatedAttention(nn.Module):
 
 class ScoutWindows(Localizer):
     """What the K-crop readers share: a scout (`scout.make_scout` of kind `scout`, a few percent
-    of a ResNet18) reads the source image and gives a map s (stride 16); the anchors (`grid` x `grid` centres of
-    half-extent `half`) are scored by s averaged inside each (`box_pooling`), and the best k are
-    taken greedily with no overlap (`greedy_windows`). `locate` is the best window."""
+    of a ResNet18) reads the source image and gives a map s (stride 16); the anchors (`grid` x
+    `grid` centres of half-extent `half`) are scored by s averaged inside each (`anchor_means`),
+    and the best k are taken greedily with no overlap (`greedy_windows`). `locate` is the best
+    window. With `heads` > 1 the scout is that many scouts side by side, and s is the map of the
+    one whose running loss is lowest (`chosen`)."""
 
     windowed = True
-    recorded_before = RECORDED_BEFORE  # a checkpoint without `scout` has the GroupNorm scout
+    # A checkpoint without `scout` has the GroupNorm scout; without `heads`, one head.
+    recorded_before: Mapping[str, Any] = {**RECORDED_BEFORE, "heads": 1}
 
     def __init__(
         self,
@@ -78,6 +91,7 @@ class ScoutWindows(Localizer):
         grid: int = 7,
         scout_width: int = 32,
         scout: str = "local",
+        heads: int = 1,
         lr: float | None = None,
     ) -> None:
         super().__init__(height, width, channels, lr)
@@ -89,14 +103,33 @@ class ScoutWindows(Localizer):
                 f"localizer.k={k} windows but localizer.grid={grid} has {len(self.anchors)} "
                 "anchors: lower k or raise grid"
             )
-        self.k = k
-        self.head = make_scout(scout_width, scout)
+        check_number("localizer.heads", heads, 1, integer=True)
+        self.k, self.heads = k, heads
+        self.head = make_scout(scout_width, scout, heads)
+        # Each head's running loss (`running_loss`, kept by the training of a subclass whose heads
+        # learn from losses of their own); the windows come from the head where it is lowest.
+        self.register_buffer("head_loss", torch.full((heads,), math.nan), persistent=heads > 1)
         self._pooling: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
+    def maps(self, inputs: LocalizerInputs) -> torch.Tensor:
+        """[B, heads, h, w]: each scout head's map over the source image (logits)."""
+        return self.head(inputs.source.to(self.head[0].weight.dtype)).float()
+
+    def best_head(self) -> torch.Tensor:
+        """[1]: the head of lowest running loss (the first before any), on the device."""
+        return self.head_loss.nan_to_num(math.inf).argmin().reshape(1)
+
+    def chosen(self, maps: torch.Tensor) -> torch.Tensor:
+        """s [B, h, w]: the chosen head's map out of every head's maps [B, heads, h, w]."""
+        return maps.index_select(1, self.best_head())[:, 0]
+
     def saliency(self, inputs: LocalizerInputs) -> torch.Tensor:
-        """s [B, h, w]: the scout's map over the source image (logits)."""
+        """s [B, h, w]: the scout's map over the source image (logits), from its chosen head,
+        computed alone (`run_head`)."""
+        if self.heads == 1:
+            return self.maps(inputs)[:, 0]
         source = inputs.source.to(self.head[0].weight.dtype)
-        return self.head(source).float()[:, 0]
+        return run_head(self.head, self.heads, source, self.best_head())[:, 0].float()
 
     def anchor_scores(self, saliency: torch.Tensor) -> torch.Tensor:
         """[B, A]: s averaged inside each anchor."""
@@ -125,7 +158,10 @@ class MultiCrop(ScoutWindows):
 
     - The scout and the windows: `ScoutWindows`. The scout is taught by the image label alone:
       the image's logit is the mean of the top `t` share of s's cells (top-t% pooling), loss
-      BCE(top_t(s), y); no teacher pass of CNN_l.
+      BCE(top_t(s), y); no teacher pass of CNN_l. With `heads` > 1 each head has that loss of
+      its own, and the windows come from the head whose running loss is lowest: a head whose
+      top cells settled on the background from its initialisation does not reach a low loss,
+      and another head does (study3/README.md, "The scout").
     - CNN_l reads each window's crop; gated attention MIL pools the k crop features into one,
       which CNN_l's classifier turns into the local score S_l, fused with S_g as in the paper.
       CNN_l trains on that pooled score, the attention with it.
@@ -137,7 +173,7 @@ class MultiCrop(ScoutWindows):
     def __init__(
         self, height: int, width: int, channels: int, t: float = 0.05, hidden: int = 128, **windows
     ) -> None:
-        """`windows`: `ScoutWindows`' options (k, half, grid, scout_width, scout, lr)."""
+        """`windows`: `ScoutWindows`' options (k, half, grid, scout_width, scout, heads, lr)."""
         super().__init__(height, width, channels, **windows)
         check_number("localizer.t", t, 0, 1, exclusive_minimum=True)
         check_number("localizer.hidden", hidden, 1, integer=True)
@@ -152,12 +188,14 @@ class MultiCrop(ScoutWindows):
     def training_crops(self, inputs: LocalizerInputs, scorer: Scorer, epoch: int) -> TrainingCrops:
         if inputs.labels is None:
             raise ValueError("localizer=multicrop trains on the labels of the batch")
-        saliency = self.saliency(inputs)
-        image_logit = top_pooling(saliency.flatten(1), self.t)
-        loss = F.binary_cross_entropy_with_logits(image_logit, inputs.labels.float())
+        maps = self.maps(inputs)
+        logits = top_pooling(maps.flatten(2), self.t)  # [B, heads]
+        target = inputs.labels.float()[:, None].expand_as(logits)
+        losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(0)
+        self.head_loss.copy_(running_loss(self.head_loss, losses.detach()))
         return TrainingCrops(
-            self.windows_of(saliency.detach()),
-            loss,
-            {"train/scout_loss": loss.detach()},
+            self.windows_of(self.chosen(maps.detach())),
+            losses.sum(),  # each head learns from its own loss alone
+            {"train/scout_loss": self.head_loss.min()},
             together=True,
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kalm_lightning.errors import check_number
+from kalm_lightning.errors import UserError, check_number
 from kalm_lightning.models.localizers.base import LocalizerInputs, Scorer, TrainingCrops
 from kalm_lightning.models.localizers.multicrop import ScoutWindows
 
@@ -34,6 +34,11 @@ class AttentionSampling(ScoutWindows):
         self, height: int, width: int, channels: int, entropy: float = 0.01, **windows
     ) -> None:
         """`windows`: `ScoutWindows`' options (k, half, grid, scout_width, scout, lr)."""
+        if windows.get("heads", 1) != 1:
+            raise UserError(
+                f"localizer.heads={windows['heads']}: sampling's scout learns from CNN_l's loss, "
+                "one for all heads, so no head could be chosen; remove localizer.heads"
+            )
         super().__init__(height, width, channels, **windows)
         check_number("localizer.entropy", entropy, 0)
         self.entropy = float(entropy)

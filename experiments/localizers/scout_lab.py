@@ -1,0 +1,134 @@
+"""Can a scout find the lesion on its own? The K-window readers' scout trained alone, in seconds.
+
+    python -m experiments.localizers.scout_lab --regime c0.5-d3 [--scout local group] \\
+        [--lr 1e-3 3e-3] [--init-seeds 0 1 2] [--data-seed 100] [--epochs 5]
+
+The scout (`models/localizers/scout.py`) of `localizer=multicrop` learns from the image label
+alone, through top-t% pooling of its map; its windows never feed its own loss. So it can be
+trained here without CNN_l: on a regime of study 3 at the study's sizes (one seed's data, drawn as
+the study draws it), batch 8, Adam with lr / 10 after epoch 3, as in the study's schedule. Each
+run prints one JSON line: the scout's image AUROC (the top-t% logit) on that seed's MURA valid
+views, and the share of lesioned views whose lesion centre lies inside its best window, either
+of its 2 best and any of its 4 best disjoint windows (the study's 7 x 7 grid of half 0.25).
+The default data seed, 100, is the pilots' (`pilot3.py`): no study run uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from experiments.localizers import study3
+from experiments.localizers.pilot3 import PILOT_SEED
+from kalm_lightning.data.dataset import MURADataset
+from kalm_lightning.data.index import read_lesion_boxes
+from kalm_lightning.data.mura import read_mura_index
+from kalm_lightning.data.synthetic import ensure_synthetic_mura
+from kalm_lightning.models.localizers.base import anchor_grid, anchor_means
+from kalm_lightning.models.localizers.multicrop import greedy_windows, running_loss, top_pooling
+from kalm_lightning.models.localizers.scout import make_scout
+
+ANCHORS = anchor_grid(7, 0.25)
+
+
+def views(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A split's images [N, 3, size, size] as the stages see them, labels [N] and lesion centres
+    [N, 2] in [-1, 1] (NaN where a view has no lesion)."""
+    index = read_mura_index(root, split)
+    dataset = MURADataset(index, source_size=size)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    boxes = read_lesion_boxes(root).set_index("path")
+    centres = torch.full((len(index), 2), float("nan"))
+    for i, path in enumerate(index["path"]):
+        if path in boxes.index:
+            height, width = dataset.original_size(i)
+            x0, y0, x1, y1 = boxes.loc[path, ["x0", "y0", "x1", "y1"]]
+            centres[i] = torch.tensor([(x0 + x1) / width - 1, (y0 + y1) / height - 1])
+    return images, torch.as_tensor(index["label"].to_numpy()), centres
+
+
+def hits(saliency: torch.Tensor, centres: torch.Tensor, k: int) -> float:
+    """The share of lesioned views whose lesion centre lies inside any of the k best windows."""
+    pooling: dict = {}
+    windows = ANCHORS[greedy_windows(anchor_means(ANCHORS, saliency, pooling), ANCHORS, k)]
+    inside = ((centres[:, None] - windows[..., :2]).abs() <= windows[..., 2:]).all(-1).any(1)
+    lesioned = ~centres[:, 0].isnan()
+    return float(inside[lesioned].float().mean())
+
+
+def train(
+    data: tuple, kind: str, lr: float, seed: int, epochs: int, heads: int, t: float = 0.05
+) -> tuple[nn.Module, torch.Tensor]:
+    """The scout after training, and each head's running loss (as `MultiCrop` keeps it)."""
+    images, labels, _ = data
+    torch.manual_seed(seed)
+    scout = make_scout(32, kind, heads)
+    running = torch.full((heads,), float("nan"))
+    optimizer = torch.optim.Adam(scout.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr / 10 if epoch >= 3 else lr  # the study's milestone
+        perm = torch.randperm(len(images), generator=order)
+        for start in range(0, len(images) - 7, 8):
+            batch = perm[start : start + 8]
+            logits = top_pooling(scout(images[batch]).flatten(2), t)  # [8, heads]
+            target = labels[batch].float()[:, None].expand_as(logits)
+            losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(0)
+            running = running_loss(running, losses.detach())
+            optimizer.zero_grad()
+            losses.sum().backward()
+            optimizer.step()
+    return scout.eval(), running
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--regime", default="c0.5-d3", help="a regime name of study3.REGIMES")
+    parser.add_argument("--data-seed", type=int, default=PILOT_SEED)
+    parser.add_argument("--scout", nargs="+", default=["local"], help="local and/or group")
+    parser.add_argument("--lr", type=float, nargs="+", default=[3e-3])
+    parser.add_argument("--init-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--heads", type=int, default=1, help="scouts trained side by side")
+    parser.add_argument("--work", type=Path, default=Path("outputs/scout-lab"))
+    args = parser.parse_args(argv)
+    regime = next(g for g in study3.REGIMES if g.name == args.regime)
+    runner = study3.Study3(args.work.resolve(), args.work.resolve(), False, None)
+    cfg = runner.config(regime, args.data_seed, 1, ())
+    root = Path(cfg.data.root)
+    ensure_synthetic_mura(root, **OmegaConf.to_container(cfg.data.synthetic, resolve=True))
+    size = int(cfg.data.source_size)
+    train_views, valid = views(root, "train", size), views(root, "valid", size)
+    for kind in args.scout:
+        for lr in args.lr:
+            for seed in args.init_seeds:
+                start = time.perf_counter()
+                scout, running = train(train_views, kind, lr, seed, args.epochs, args.heads)
+                with torch.no_grad():
+                    maps = torch.cat([scout(chunk) for chunk in valid[0].split(32)])
+                seconds = round(time.perf_counter() - start)
+                for head in range(args.heads):
+                    auroc = roc_auc_score(valid[1], top_pooling(maps[:, head].flatten(1), 0.05))
+                    row = {"regime": regime.name, "data_seed": args.data_seed, "scout": kind}
+                    row |= {"lr": lr, "init_seed": seed, "head": head}
+                    row |= {"chosen": head == int(running.argmin())}
+                    row |= {"running_loss": round(float(running[head]), 4)}
+                    row |= {"image_auroc": round(float(auroc), 3)}
+                    row |= {
+                        f"hits_{k}": round(hits(maps[:, head], valid[2], k), 3) for k in (1, 2, 4)
+                    }
+                    row["seconds"] = seconds
+                    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
