@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,22 @@ def test_study3_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-4000:]
     assert "study3: 0 runs trained; done" in second.stdout
     assert {p: p.read_text() for p in before} == before
+
+
+def test_study3_refuses_to_add_to_records_made_with_another_thread_count(tmp_path: Path) -> None:
+    """A record made with another number of torch threads (CPU sums in another order: stage 1
+    trained again would not reproduce it) stops the study with one line, before anything runs."""
+    out = tmp_path / "out"
+    record = out / "results" / "c0-d0" / "s1-seed0.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"torch_threads": 999}))  # no machine here has 999 cores
+    args = ["--quick", "--out", str(out), "--work", str(tmp_path / "work")]
+    result = run_module(STUDY3, args, tmp_path)
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert re.fullmatch(
+        rf"study3: {re.escape(str(record))}: made with 999 torch threads, this process has "
+        r"\d+: run with the same \(OMP_NUM_THREADS=999, or unset it\)",
+        line,
+    ), line
+    assert not (tmp_path / "work").exists()

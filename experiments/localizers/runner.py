@@ -12,6 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from experiments.localizers.costs import costs, inference_flops
 from experiments.localizers.plan import (
     GLOBAL_INPUT,
@@ -29,6 +31,7 @@ from experiments.localizers.records import (
     study_blocks,
 )
 from kalm_lightning.config import compose_config, evaluation_config
+from kalm_lightning.errors import UserError
 from kalm_lightning.evaluation.report import BOXES
 from kalm_lightning.runs import Run, write_atomic
 from kalm_lightning.tasks.evaluate import run_evaluation
@@ -73,6 +76,7 @@ class Study:
         self.out, self.work, self.quick, self.pin = out, work, quick_sizes, pin
         self.stage1, self.schedule = stage1, schedule
         self.runs = runs or work / "runs"
+        self.check_threads()
         self.deadline = None if max_minutes is None else time.monotonic() + max_minutes * 60
         self.trained = 0
         self.base = [
@@ -84,6 +88,19 @@ class Study:
             *(QUICK if quick_sizes else ()),
             *extra,
         ]
+
+    def check_threads(self) -> None:
+        """Refuses to add to records made with another number of torch threads: the CPU's sums
+        then run in another order, so a stage 1 trained again here would not reproduce its
+        record, and every stage-2 run of its seed would be trained again."""
+        threads = torch.get_num_threads()
+        for path in sorted(self.out.glob("results/*/*.json")):
+            recorded = json.loads(path.read_text()).get("torch_threads", threads)
+            if recorded != threads:
+                raise UserError(
+                    f"{path}: made with {recorded} torch threads, this process has {threads}: "
+                    f"run with the same (OMP_NUM_THREADS={recorded}, or unset it)"
+                )
 
     def config(self, regime: Regime, seed: int, stage: int, overrides: tuple[str, ...]):
         """The composed config of one run: each seed draws its own data and initialisation."""
@@ -187,6 +204,7 @@ class Study:
             **costs(result["best_ckpt"], cfg),
             **self.more_figures(run_dir, cfg),
             "seconds": time.perf_counter() - start,
+            "torch_threads": torch.get_num_threads(),  # the order of the CPU's sums
         }
         self.write(regime, row, seed, record)
         return record

@@ -26,6 +26,7 @@ import pandas as pd
 
 from experiments.localizers.plan import Regime, Row
 from experiments.localizers.runner import OutOfTime, Study
+from kalm_lightning.errors import UserError
 from kalm_lightning.evaluation.predictions import STUDIES
 from kalm_lightning.runs import Run
 
@@ -161,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="only these seeds")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    study = Study3(args.out.resolve(), args.work.resolve(), args.quick, args.max_minutes)
+    try:
+        study = Study3(args.out.resolve(), args.work.resolve(), args.quick, args.max_minutes)
+    except UserError as error:
+        raise SystemExit(f"study3: {error}") from None
     runs = [(g, study.row(r), s) for g, r, s in plan(args.quick, args.seeds)]
     stopped = False
     try:
