@@ -22,7 +22,16 @@ from kalm_lightning.runs import write_atomic
 HERE = Path(__file__).parent
 REGIME = Regime("fresh-c0.6", "c = 0.6, D = 0 (outside the study)", 0.6)
 SHIPPED = Row("localizer=navigator (shipped)", "kalm", (), ("localizer=navigator",), kind="learned")
-ROWS = [GLOBAL_INPUT, PAPER, SHIPPED]
+# What `localizer=navigator` shipped before its scout became `local` (1ad05cc): these records
+# were made then, with the only scout there was.
+GROUP_SCOUT = Row(
+    "localizer=navigator, GroupNorm scout (shipped before 1ad05cc)",
+    "kalm",
+    (),
+    ("localizer=navigator", "localizer.scout=group"),
+    kind="learned",
+)
+ROWS = [GLOBAL_INPUT, PAPER, GROUP_SCOUT, SHIPPED]
 
 
 def table(records: dict[str, list[dict]], seeds: list[int]) -> list[str]:
