@@ -4,6 +4,8 @@ its config node."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from omegaconf import OmegaConf
 from kalm_lightning.config import config_dir
 from kalm_lightning.errors import UserError
 from kalm_lightning.models import KALMNet, Navigator, RandomAnchor
+from kalm_lightning.models.kalm import resize_view
 from kalm_lightning.models.localizers.base import (
     LocalizerInputs,
     anchor_grid,
@@ -236,3 +239,42 @@ def test_bad_localizer_options_give_one_line() -> None:
         net_with("fixed", half=1.5)
     with pytest.raises(UserError, match=r"unexpected keyword argument 'nope'"):
         net_with("full", nope=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "passes"),
+    [
+        ("navigator", {"reads": "source"}, 0),
+        ("navigator", {"reads": "map"}, 1),
+        ("kalm", {}, 1),
+        ("multicrop", {"k": 2}, 0),
+    ],
+)
+def test_a_training_step_runs_cnn_g_only_for_a_localizer_that_reads_its_map(
+    name: str, options: dict, passes: int
+) -> None:
+    """Stage 2 trains CNN_l on its crops; frozen CNN_g's feature map is computed when a
+    localizer first reads it, so a localizer that reads the source costs no CNN_g pass, and the
+    step's outputs are those of a step given the map computed beforehand."""
+    net = (
+        net_with(name, warmup_epochs=0, **options)
+        if name == "navigator"
+        else net_with(name, **options)
+    )
+    net.train()
+    net.global_cnn.eval()  # as stage 2 holds it
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1])
+    twin = copy.deepcopy(net)  # a step moves CNN_l's BatchNorm statistics: the other step's twin
+    first_conv = next(m for m in net.global_cnn.modules() if isinstance(m, torch.nn.Conv2d))
+    calls = []
+    hook = first_conv.register_forward_hook(lambda *_: calls.append(1))
+    lazy, crops = net.training_outputs(images, 1, torch.Generator().manual_seed(0), labels)
+    hook.remove()
+    assert len(calls) == passes
+    with torch.no_grad():
+        features = twin.global_cnn.forward_features(resize_view(images, 64))
+    given, given_crops = twin.training_outputs(
+        images, 1, torch.Generator().manual_seed(0), labels, features
+    )
+    assert torch.equal(lazy, given) and torch.equal(crops.boxes, given_crops.boxes)

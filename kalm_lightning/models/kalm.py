@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -137,11 +138,12 @@ class KALMNet(nn.Module):
     ) -> LocalizerInputs:
         """CNN_g's view of a batch: what the localizer reads (and, in training, the labels).
         features: CNN_g's feature maps of these images where they are known already (a frozen
-        CNN_g's, cached: `stage.cache_global`), instead of running CNN_g."""
+        CNN_g's, cached: `stage.cache_global`); else CNN_g runs when they are first read."""
         view = resize_view(images, self.image_size)
-        if features is None:
-            features = self.global_cnn.forward_features(view)
-        return LocalizerInputs(features, self.class_weights(), view, images, generator, labels)
+        known = (
+            features if features is not None else partial(self.global_cnn.forward_features, view)
+        )
+        return LocalizerInputs(known, self.class_weights(), view, images, generator, labels)
 
     def local_logits(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """S_l [B, M, 2] of M boxes per image [B, M, 4]: eq. (8)-(9), then CNN_l."""

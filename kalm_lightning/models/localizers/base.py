@@ -46,12 +46,23 @@ PACKAGE = "kalm_lightning.models."  # where a config node's _target_ may point
 class LocalizerInputs:
     """What a localizer may read for a batch."""
 
-    features: torch.Tensor  # CNN_g's last feature map F_g [B, C, H, W] (frozen in stage 2)
+    # CNN_g's last feature map F_g [B, C, H, W] (frozen in stage 2), or the function that
+    # computes it on first use (`features`)
+    _features: torch.Tensor | Callable[[], torch.Tensor]
     class_weights: torch.Tensor  # W_fc[abnormal] - W_fc[normal] of CNN_g [C] (for a CAM)
     view: torch.Tensor  # the global view CNN_g saw [B, 3, image_size, image_size]
     source: torch.Tensor  # the source image the crop samples from [B, 3, S, S]
     generator: torch.Generator | None = None  # for localizers that draw (random anchors)
     labels: torch.Tensor | None = None  # the images' labels [B] in training (None at inference)
+
+    @property
+    def features(self) -> torch.Tensor:
+        """F_g, computed when first read: a training step whose localizer never reads it (a
+        scout on the source, anchors, a fixed box) runs no CNN_g pass, as stage 2 trains CNN_l
+        alone and CNN_g is frozen in eval mode."""
+        if callable(self._features):
+            self._features = self._features()
+        return self._features
 
 
 @dataclass
