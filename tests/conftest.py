@@ -26,13 +26,6 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
 
 from kalm_lightning.data.synthetic import SyntheticSettings, generate_synthetic_mura
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `long` first, the rest in their order: with the longest started first the
-    workers of `-n auto` end together, not one of them alone on the last long test."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
-
-
 TINY = SyntheticSettings(train_studies=24, valid_studies=9, seed=3, max_size=96)
 # timm's own test ResNet (0.37 M parameters, 96 channels, stride 32: the paper's CNN in shape):
 # the same code paths as ResNet18 at a thirtieth of its checkpoints (4 MB, not 134 MB: a suite

@@ -47,7 +47,6 @@ def test_the_local_map_lies_inside_its_box() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.long
 def test_predict_heatmaps_peak_on_the_lesion_a_trained_cnn_learned(tmp_path: Path) -> None:
     """Stage 1 trained as the localizer study's preset does (its lesion: a fine texture the CNN
     resolves at 160 px; no blob), then predict heatmaps=true over the valid split: the CAM's peak

@@ -29,7 +29,6 @@ def run_study(out: Path, work: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.long
 def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     first = run_study(out, work)

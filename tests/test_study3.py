@@ -16,7 +16,6 @@ STUDY3 = "experiments.localizers.study3"
 
 
 @pytest.mark.slow
-@pytest.mark.long
 def test_study3_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     """Every row of the quick plan trains once and leaves a record with the figures the report
     needs (accuracy and kappa at the hold-out's Youden point, the K windows' hits, the images
