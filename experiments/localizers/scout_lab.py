@@ -21,27 +21,24 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
-from torch import nn
 
 from experiments.localizers import study3
 from experiments.localizers.pilot3 import PILOT_SEED
 from kalm_lightning.data.dataset import MURADataset
+from kalm_lightning.data.geometry import box_to_pixels
 from kalm_lightning.data.index import read_lesion_boxes
 from kalm_lightning.data.mura import read_mura_index
 from kalm_lightning.data.synthetic import ensure_synthetic_mura
-from kalm_lightning.models.localizers.base import anchor_grid, anchor_means
-from kalm_lightning.models.localizers.multicrop import greedy_windows, running_loss, top_pooling
-from kalm_lightning.models.localizers.scout import make_scout
-
-ANCHORS = anchor_grid(7, 0.25)
+from kalm_lightning.evaluation.localization import inside
+from kalm_lightning.models.localizers.base import LocalizerInputs
+from kalm_lightning.models.localizers.multicrop import MultiCrop, top_pooling
 
 
 def views(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A split's images [N, 3, size, size] as the stages see them, labels [N] and lesion centres
-    [N, 2] in [-1, 1] (NaN where a view has no lesion)."""
+    [N, 2] in the images' pixels (NaN where a view has no lesion)."""
     index = read_mura_index(root, split)
     dataset = MURADataset(index, source_size=size)
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
@@ -51,28 +48,36 @@ def views(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor
         if path in boxes.index:
             height, width = dataset.original_size(i)
             x0, y0, x1, y1 = boxes.loc[path, ["x0", "y0", "x1", "y1"]]
-            centres[i] = torch.tensor([(x0 + x1) / width - 1, (y0 + y1) / height - 1])
+            centres[i] = torch.tensor([(x0 + x1) / 2 / width, (y0 + y1) / 2 / height]) * size
     return images, torch.as_tensor(index["label"].to_numpy()), centres
 
 
-def hits(saliency: torch.Tensor, centres: torch.Tensor, k: int) -> float:
-    """The share of lesioned views whose lesion centre lies inside any of the k best windows."""
-    pooling: dict = {}
-    windows = ANCHORS[greedy_windows(anchor_means(ANCHORS, saliency, pooling), ANCHORS, k)]
-    inside = ((centres[:, None] - windows[..., :2]).abs() <= windows[..., 2:]).all(-1).any(1)
+def hits(
+    scout: MultiCrop, saliency: torch.Tensor, centres: torch.Tensor, size: int, k: int
+) -> float:
+    """The share of lesioned views (centres in pixels of size x size images) whose lesion centre
+    lies inside any of the scout's k best windows of this map (its greedy choice: the first k of
+    its `k`)."""
+    windows = box_to_pixels(scout.windows_of(saliency)[:, :k], size)
     lesioned = ~centres[:, 0].isnan()
-    return float(inside[lesioned].float().mean())
+    points = centres[lesioned].repeat_interleave(k, 0).numpy()
+    found = inside(windows[lesioned].flatten(0, 1).numpy(), points).reshape(-1, k).any(1)
+    return float(found.mean())
 
 
-def train(
-    data: tuple, kind: str, lr: float, seed: int, epochs: int, heads: int, t: float = 0.05
-) -> tuple[nn.Module, torch.Tensor]:
-    """The scout after training, and each head's running loss (as `MultiCrop` keeps it)."""
+def inputs(images: torch.Tensor, labels: torch.Tensor | None = None) -> LocalizerInputs:
+    """What the scout reads: the source images (and the labels it learns from); no CNN_g."""
+    return LocalizerInputs(None, None, None, images, labels=labels)
+
+
+def train(data: tuple, kind: str, lr: float, seed: int, epochs: int, heads: int) -> MultiCrop:
+    """`localizer=multicrop` with the study's windows (4 of a 7 x 7 grid of half 0.25), its
+    scout trained through its own `training_crops` loss; its `head_loss` holds each head's
+    running loss."""
     images, labels, _ = data
     torch.manual_seed(seed)
-    scout = make_scout(32, kind, heads)
-    running = torch.full((heads,), float("nan"))
-    optimizer = torch.optim.Adam(scout.parameters(), lr=lr)
+    scout = MultiCrop(1, 1, 1, k=4, half=0.25, grid=7, scout=kind, heads=heads)
+    optimizer = torch.optim.Adam(scout.head.parameters(), lr=lr)
     order = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         for group in optimizer.param_groups:
@@ -80,14 +85,11 @@ def train(
         perm = torch.randperm(len(images), generator=order)
         for start in range(0, len(images) - 7, 8):
             batch = perm[start : start + 8]
-            logits = top_pooling(scout(images[batch]).flatten(2), t)  # [8, heads]
-            target = labels[batch].float()[:, None].expand_as(logits)
-            losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(0)
-            running = running_loss(running, losses.detach())
+            loss = scout.training_crops(inputs(images[batch], labels[batch]), None, epoch).loss
             optimizer.zero_grad()
-            losses.sum().backward()
+            loss.backward()
             optimizer.step()
-    return scout.eval(), running
+    return scout.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,19 +114,21 @@ def main(argv: list[str] | None = None) -> None:
         for lr in args.lr:
             for seed in args.init_seeds:
                 start = time.perf_counter()
-                scout, running = train(train_views, kind, lr, seed, args.epochs, args.heads)
+                scout = train(train_views, kind, lr, seed, args.epochs, args.heads)
                 with torch.no_grad():
-                    maps = torch.cat([scout(chunk) for chunk in valid[0].split(32)])
+                    maps = torch.cat([scout.maps(inputs(chunk)) for chunk in valid[0].split(32)])
                 seconds = round(time.perf_counter() - start)
+                running = scout.head_loss
                 for head in range(args.heads):
-                    auroc = roc_auc_score(valid[1], top_pooling(maps[:, head].flatten(1), 0.05))
+                    auroc = roc_auc_score(valid[1], top_pooling(maps[:, head].flatten(1), scout.t))
                     row = {"regime": regime.name, "data_seed": args.data_seed, "scout": kind}
                     row |= {"lr": lr, "init_seed": seed, "head": head}
-                    row |= {"chosen": head == int(running.argmin())}
+                    row |= {"chosen": head == int(scout.best_head())}
                     row |= {"running_loss": round(float(running[head]), 4)}
                     row |= {"image_auroc": round(float(auroc), 3)}
                     row |= {
-                        f"hits_{k}": round(hits(maps[:, head], valid[2], k), 3) for k in (1, 2, 4)
+                        f"hits_{k}": round(hits(scout, maps[:, head], valid[2], size, k), 3)
+                        for k in (1, 2, 4)
                     }
                     row["seconds"] = seconds
                     print(json.dumps(row), flush=True)
