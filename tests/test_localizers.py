@@ -116,6 +116,44 @@ def test_the_cheaper_teacher_sees_the_crops_scale_and_cnn_l_one_crop_per_image()
     torch.testing.assert_close(crops.loss, F.binary_cross_entropy_with_logits(nav_logits, teacher))
 
 
+def test_the_teacher_on_the_taught_images_gives_their_crops_and_teaches_from_them_alone() -> None:
+    """teacher_images=taught: CNN_l's crops are those of teacher_images=all, bit for bit (the best
+    anchor in images 0, 2 and 4, a drawn one in 1 and 3), the teacher's pass runs on those three
+    images only, and the navigator distils from their scores alone."""
+    images = torch.randn(5, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    nets = {
+        teach: net_with(
+            "navigator", warmup_epochs=0, grid=3, half=0.4, train_crops=1, teacher_images=teach
+        )
+        for teach in ("all", "taught")
+    }
+    nets["taught"].load_state_dict(nets["all"].state_dict())
+    net = nets["taught"]  # its teacher, computed here on its own before training updates BN
+    abnormal = net.pooled_scores(images[0::2], net.localizer.anchors.expand(3, -1, -1))
+    teacher = torch.where(labels[0::2, None] == 1, abnormal, 1 - abnormal)
+    seen: dict[str, list[int]] = {}
+    for teach, net in nets.items():
+        net.train()
+        stem = next(m for m in net.local_cnn.modules() if isinstance(m, torch.nn.Conv2d))
+        hook = stem.register_forward_hook(  # every pass of CNN_l: teacher's, crops'
+            lambda _m, args, _o, teach=teach: seen.setdefault(teach, []).append(len(args[0]))
+        )
+        _, crops = net.training_outputs(images, 0, torch.Generator().manual_seed(3), labels)
+        hook.remove()
+        if teach == "all":
+            every = crops
+    assert torch.equal(crops.boxes, every.boxes) and crops.boxes.shape == (5, 1, 4)
+    # the teacher's pass over 5 images (all) or 3 (taught), then CNN_l on one crop per image
+    assert seen == {"all": [5, 5], "taught": [3, 5]}
+    nav_logits = net.localizer.anchor_logits(net.inputs(images))[0::2]
+    torch.testing.assert_close(crops.loss, F.binary_cross_entropy_with_logits(nav_logits, teacher))
+    with pytest.raises(
+        UserError, match=r"^localizer\.teacher_images=taught needs localizer\.train_crops=1"
+    ):
+        net_with("navigator", teacher_images="taught")
+
+
 def test_a_navigator_node_with_a_removed_option_loads_at_its_one_value_or_is_refused() -> None:
     old = {"teacher": "pooled", "target": "scores", "inference": "navigator"}
     assert isinstance(net_with("navigator", **old).localizer, Navigator)

@@ -1,12 +1,15 @@
-"""The navigator at a lower training cost, against the one the study ran (issue 32, point 2).
+"""The navigator at a lower training cost, against the one that ships (issue 32, point 2).
 
-The shipped navigator (the study's best variant) trains CNN_l on two crops per image and passes
-CNN_l over the whole source for its teacher every step. The cheaper variant passes the teacher over
-the source resized to the crops' scale (`localizer.teacher_size=crops`) and trains CNN_l on one crop
-per image (`localizer.train_crops=1`). It runs on the study's main regime (c = 0.5, D = 0), seeds
-0-4, from each seed's stage 1 as the study recorded it, on the study's schedule; the study's own
-records of the shipped variant are the reference. Resumable (one record per run, written
-atomically); writes NAVIGATOR-COST.md beside the study's RESULTS.md.
+The shipped navigator (the study's best variant, with the local scout since study 3) trains CNN_l
+on two crops per image and passes CNN_l over the whole source for its teacher every step. Cheaper
+variants train CNN_l on one crop per image (`localizer.train_crops=1`: the teacher's best anchor in
+every other image, a drawn one in the others) and either pass the teacher over the source resized
+to the crops' scale (`localizer.teacher_size=crops`) or over the taught images alone
+(`localizer.teacher_images=taught`). Each runs on the study's main regime (c = 0.5, D = 0), seeds
+0-4, from each seed's stage 1 as the study recorded it, on the study's schedule, and is paired seed
+by seed with the shipped navigator on the same data and stage 1. The study's own records (its
+GroupNorm scout) stay as a row. Resumable (one record per run, written atomically); writes
+NAVIGATOR-COST.md beside the study's RESULTS.md.
 
     python -m experiments.localizers.navigator_cost --work WORK [--seeds 0 1 2 3 4]
 
@@ -28,11 +31,12 @@ from kalm_lightning.runs import write_atomic
 HERE = Path(__file__).parent
 OUT = HERE / "navigator-cost"
 STUDIED = Row(
-    "navigator as the study ran it (shipped)",
+    "navigator as the study ran it (GroupNorm scout, shipped before 1ad05cc)",
     "kalm",
     (),
     (*NAVIGATOR, "localizer.reads=source", "localizer.grid=6", "localizer.half=0.4"),
 )
+SHIPPED = Row("navigator as shipped", "kalm", (), ("localizer=navigator",), kind="learned")
 CHEAP = Row(
     "navigator, teacher at the crops' scale, one crop per image",
     "kalm",
@@ -40,6 +44,14 @@ CHEAP = Row(
     ("localizer=navigator", "localizer.teacher_size=crops", "localizer.train_crops=1"),
     kind="learned",
 )
+TAUGHT = Row(
+    "navigator, teacher on the taught images, one crop per image",
+    "kalm",
+    (),
+    ("localizer=navigator", "localizer.train_crops=1", "localizer.teacher_images=taught"),
+    kind="learned",
+)
+CHEAPER = (CHEAP, TAUGHT)
 
 
 def figures(records: list[dict]) -> str:
@@ -55,8 +67,8 @@ def figures(records: list[dict]) -> str:
     )
 
 
-def paired(cheap: list[dict], reference: list[dict]) -> str:
-    """The cheaper variant minus the shipped one, seed by seed (same data, same stage 1)."""
+def paired(row: Row, cheap: list[dict], reference: list[dict]) -> str:
+    """A cheaper variant minus the shipped one, seed by seed (same data, same stage 1)."""
     hits = [
         c["localization"]["hit_rate"] - r["localization"]["hit_rate"]
         for c, r in zip(cheap, reference, strict=True)
@@ -70,10 +82,10 @@ def paired(cheap: list[dict], reference: list[dict]) -> str:
     )
     verdict = "keeps" if mean(hits) + spread(hits) >= 0 else "loses"
     return (
-        f"Paired per seed (cheaper minus shipped): lesion hits {mean(hits):+.1%} ± "
+        f"{row.name}, paired per seed (minus the shipped one): lesion hits {mean(hits):+.1%} ± "
         f"{spread(hits):.1%} ({', '.join(f'{h:+.1%}' for h in hits)}), study AUROC "
         f"{mean(auroc):+.3f} ± {spread(auroc):.3f}; training FLOPs per image {cost:.2f}x the "
-        f"shipped variant's. The cheaper variant {verdict} the shipped one's hits on these seeds."
+        f"shipped variant's. It {verdict} the shipped one's hits on these seeds."
     )
 
 
@@ -90,8 +102,11 @@ def main(argv: list[str] | None = None) -> None:
         if not (ours / name).is_file():
             shutil.copy(studied / name, ours / name)
     study = Study(OUT, args.work.resolve(), False, None, pin=False)
-    cheap = [study.run(regime, CHEAP, seed) for seed in args.seeds]
-    reference = [
+    runs = {row: [] for row in (SHIPPED, *CHEAPER)}
+    for seed in args.seeds:  # seed by seed: a part cut short leaves whole pairs
+        for row, records in runs.items():
+            records.append(study.run(regime, row, seed))
+    studied_records = [
         json.loads((studied / f"{run_name(STUDIED)}-seed{seed}.json").read_text())
         for seed in args.seeds
     ]
@@ -109,10 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         "| row | study AUROC | per seed | lesion hits | per seed | hold-out hits "
         "| training GFLOPs / image | minutes / run |",
         "|---|---|---|---|---|---|---|---|",
-        f"| {STUDIED.name} (study records) | {figures(reference)} |",
-        f"| {CHEAP.name} | {figures(cheap)} |",
+        f"| {STUDIED.name} (study records) | {figures(studied_records)} |",
+        *(f"| {row.name} | {figures(records)} |" for row, records in runs.items()),
         "",
-        paired(cheap, reference),
+        *(f"- {paired(row, runs[row], runs[SHIPPED])}" for row in CHEAPER),
         "",
         f"`python -m experiments.localizers.navigator_cost --work WORK --seeds {' '.join(map(str, args.seeds))}`",
         "",

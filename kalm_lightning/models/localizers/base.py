@@ -87,13 +87,19 @@ class Scorer:
         self._crops, self._pooled, self.images = crops, pooled, images
 
     def __call__(
-        self, boxes: torch.Tensor, pooled: bool = False, size: int | None = None
+        self,
+        boxes: torch.Tensor,
+        pooled: bool = False,
+        size: int | None = None,
+        rows: slice = slice(None),
     ) -> torch.Tensor:
-        """size: the pooled pass over the source resized to size x size (None: as it is)."""
+        """size: the pooled pass over the source resized to size x size (None: as it is); rows:
+        the images of the batch the boxes belong to (default: all)."""
+        images = self.images[rows]
         with torch.no_grad():
             if pooled:
-                return self._pooled(self.images, boxes, size)
-            return self._crops(self.images, boxes)
+                return self._pooled(images, boxes, size)
+            return self._crops(images, boxes)
 
 
 class Localizer(nn.Module):
