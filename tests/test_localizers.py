@@ -154,6 +154,47 @@ def test_the_teacher_on_the_taught_images_gives_their_crops_and_teaches_from_the
         net_with("navigator", teacher_images="taught")
 
 
+@pytest.mark.parametrize("train_crops", [1, 2])
+def test_the_teacher_from_the_crops_runs_no_pass_and_teaches_the_anchors_cnn_l_trained_on(
+    train_crops: int,
+) -> None:
+    """teacher_from=crops: CNN_l runs once, on the navigator's choice and a drawn anchor (one
+    crop: the choice in images 0, 2, 4, the drawn anchor in 1, 3), and its p(label) of those very
+    crops are the navigator's soft labels for their anchors."""
+    net = net_with(
+        "navigator",
+        warmup_epochs=0,
+        grid=3,
+        half=0.4,
+        train_crops=train_crops,
+        teacher_from="crops",
+    )
+    images = torch.randn(5, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    anchors = net.localizer.anchors
+    net.train()
+    nav_logits = net.localizer.anchor_logits(net.inputs(images))
+    greedy = nav_logits.argmax(dim=1)
+    drawn = torch.randint(len(anchors), (5,), generator=torch.Generator().manual_seed(3))
+    chosen = torch.stack([greedy, drawn], 1) if train_crops == 2 else greedy[:, None].clone()
+    if train_crops == 1:
+        chosen[1::2, 0] = drawn[1::2]
+    stem = next(m for m in net.local_cnn.modules() if isinstance(m, torch.nn.Conv2d))
+    passes: list[int] = []
+    hook = stem.register_forward_hook(lambda _m, args, _o: passes.append(len(args[0])))
+    logits, crops = net.training_outputs(images, 0, torch.Generator().manual_seed(3), labels)
+    hook.remove()
+    assert passes == [5 * train_crops]  # CNN_l on the crops, and no teacher's pass
+    assert torch.equal(crops.boxes, anchors[chosen])
+    abnormal = logits.detach().softmax(-1)[..., 1]
+    teacher = torch.where(labels[:, None] == 1, abnormal, 1 - abnormal)
+    expected = F.binary_cross_entropy_with_logits(nav_logits.gather(1, chosen), teacher)
+    torch.testing.assert_close(crops.loss, expected)
+    crops.loss.backward()
+    assert all(p.grad is not None for p in net.localizer.head.parameters())
+    assert all(p.grad is None for p in net.local_cnn.parameters())  # q is detached
+
+
 def test_a_navigator_node_with_a_removed_option_loads_at_its_one_value_or_is_refused() -> None:
     old = {"teacher": "pooled", "target": "scores", "inference": "navigator"}
     assert isinstance(net_with("navigator", **old).localizer, Navigator)

@@ -238,8 +238,12 @@ class KALMNet(nn.Module):
         scorer = Scorer(self.crop_scores, self.pooled_scores, images)
         crops = self.localizer.training_crops(inputs, scorer, epoch)
         if crops.together:
-            return self.pooled_logits(images, crops.boxes, crops.scale)[0][:, None], crops
-        return self.local_logits(images, crops.boxes), crops
+            logits = self.pooled_logits(images, crops.boxes, crops.scale)[0][:, None]
+        else:
+            logits = self.local_logits(images, crops.boxes)
+        if crops.learn is not None:  # a localizer taught by CNN_l's scores of these very crops
+            crops.loss = crops.learn(logits.detach())
+        return logits, crops
 
 
 @contextlib.contextmanager

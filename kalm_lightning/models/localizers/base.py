@@ -74,6 +74,9 @@ class TrainingCrops:
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     together: bool = False  # True: the M crops are one input, pooled (`Localizer.pool`), one score
     scale: torch.Tensor | None = None  # [B, M]: what `pool` multiplies each crop's features by
+    # the localizer's loss from CNN_l's logits of these crops [B, M, 2], where it learns from them
+    # (it then sets `loss` once CNN_l has run: `KALMNet.training_outputs`)
+    learn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class Scorer:

@@ -25,6 +25,7 @@ TEACHER_SCORES = ("label", "abnormal")
 POLICIES = ("distill", "reinforce")
 TEACHER_SIZES = ("source", "crops")  # the teacher's pass: at the source size, or the crops' scale
 TRAIN_CROPS = (2, 1)  # CNN_l's crops per image in a distillation step
+TEACHER_FROM = ("pass", "crops")  # the teacher: a pass over the source, or CNN_l's training crops
 TEACHER_IMAGES = ("all", "taught")  # the images the teacher scores: all, or those it teaches CNN_l
 # Options of earlier releases that backed no result of the localizer study, removed: a checkpoint
 # that recorded them at the one value that remains still loads; any other value is refused.
@@ -60,6 +61,11 @@ class Navigator(Localizer):
       `teacher_images=taught` (with `train_crops=1`): the teacher scores only the images whose crop
       is its best anchor (every other one), and the navigator distils from those: the same crops
       for CNN_l at half the teacher's cost.
+    - `teacher_from=crops` (with `policy=distill`): no teacher's pass. CNN_l trains on the
+      navigator's own choice g = argmax z and a drawn anchor d (`train_crops=1`: g in every
+      other image, d in the others), and its scores of those crops in the training step itself,
+      q = p_l(y | A) (detached), teach the navigator: BCE(sigmoid(z_k), q_k) for the crops' anchors
+      only. A step costs CNN_l's crops and the scout, what inference costs plus the backward.
     - `policy=reinforce` (after `distill_epochs` epochs of distillation past the warm-up): draw
       k ~ pi_mix = (1 - explore) softmax(z) + explore / K, reward r = q_k, baseline b = q_g of the
       greedy anchor g = argmax z (self-critical); loss -(r - b) log pi_mix(k) - entropy * H(softmax z).
@@ -95,6 +101,7 @@ class Navigator(Localizer):
         teacher_size: str = "source",
         train_crops: int = 2,
         teacher_images: str = "all",
+        teacher_from: str = "pass",
         **removed: str,
     ) -> None:
         super().__init__(height, width, channels, lr)
@@ -119,6 +126,8 @@ class Navigator(Localizer):
             )
         self.teacher_size, self.train_crops = teacher_size, int(train_crops)
         self.teacher_images = teacher_images
+        check_choice("localizer.teacher_from", teacher_from, TEACHER_FROM)
+        self.teacher_from = teacher_from
         check_number("localizer.scout_width", scout_width, 2, integer=True)
         check_number("localizer.warmup_epochs", warmup_epochs, 0, integer=True)
         check_number("localizer.distill_epochs", distill_epochs, 0, integer=True)
@@ -173,12 +182,37 @@ class Navigator(Localizer):
             return None
         return min(inputs.source.shape[-1], round(inputs.view.shape[-1] / (2 * self.mean_half)))
 
+    def taught_by_crops(
+        self, logits: torch.Tensor, pick: torch.Tensor, labels: torch.Tensor | None
+    ) -> TrainingCrops:
+        """`teacher_from=crops`: CNN_l trains on the navigator's choice and a drawn anchor, and
+        its scores of those crops teach the navigator (`learn`, once CNN_l has scored them)."""
+        greedy = logits.argmax(dim=1)
+        if self.train_crops == 2:
+            chosen = torch.stack([greedy, pick], dim=1)
+        else:  # the navigator's choice in every other image, a drawn anchor in the others
+            even = torch.arange(len(pick), device=pick.device) % 2 == 0
+            chosen = torch.where(even, greedy, pick)[:, None]
+        crops = TrainingCrops(self.anchors[chosen])
+
+        def learn(local_logits: torch.Tensor) -> torch.Tensor:
+            scores = self.taught(local_logits.float().softmax(-1)[..., 1], labels)
+            loss = F.binary_cross_entropy_with_logits(logits.gather(1, chosen), scores.detach())
+            crops.logs["train/navigator_loss"] = loss.detach()
+            return loss
+
+        crops.learn = learn
+        return crops
+
     def training_crops(self, inputs: LocalizerInputs, scorer: Scorer, epoch: int) -> TrainingCrops:
         batch, anchors = len(inputs.source), self.anchors
-        drawn = anchors[self._drawn(batch, inputs.generator)]
+        pick = self._drawn(batch, inputs.generator)
+        drawn = anchors[pick]
         if epoch < self.warmup_epochs:
             return TrainingCrops(drawn[:, None])
         logits = self.anchor_logits(inputs)
+        if self.policy == "distill" and self.teacher_from == "crops":
+            return self.taught_by_crops(logits, pick, inputs.labels)
         if self.policy == "distill" or epoch < self.warmup_epochs + self.distill_epochs:
             # the images the teacher scores: all, or the taught ones (every other image)
             rows = slice(None) if self.teacher_images == "all" else slice(0, None, 2)
