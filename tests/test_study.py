@@ -11,7 +11,9 @@ import pytest
 from conftest import run_module
 from PIL import Image
 
+from experiments.localizers.navigator_cost import FROM_CROPS, FROM_CROPS_LONG
 from experiments.localizers.plan import NAVIGATORS, everything, main_regime, sweep_regime
+from experiments.localizers.runner import Study
 
 STUDY = "experiments.localizers.study"
 
@@ -147,3 +149,15 @@ def test_study_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     assert "(boxes.png)" in (out / "RESULTS.md").read_text()
     with Image.open(out / "boxes.png") as image:  # the committed box grid is kept
         assert image.width > 100
+
+
+def test_a_row_may_override_the_stage2_schedule(tmp_path: Path) -> None:
+    """The runner's stage-2 overrides put the schedule first: a row that trains longer does."""
+    study = Study(tmp_path / "out", tmp_path / "work", False, None, pin=False)
+    composed = {
+        row: study.config(main_regime(), 0, 2, study.stage2_overrides(row))
+        for row in (FROM_CROPS, FROM_CROPS_LONG)
+    }
+    assert composed[FROM_CROPS].trainer.max_epochs == 5
+    assert composed[FROM_CROPS_LONG].trainer.max_epochs == 10
+    assert list(composed[FROM_CROPS_LONG].model.scheduler.milestones) == [6]

@@ -31,7 +31,16 @@ GROUP_SCOUT = Row(
     ("localizer=navigator", "localizer.scout=group"),
     kind="learned",
 )
-ROWS = [GLOBAL_INPUT, PAPER, GROUP_SCOUT, SHIPPED]
+# The cheapest navigator to train (issue 32): no teacher's pass, one CNN_l crop per image; chosen
+# on study 2's main regime (NAVIGATOR-COST.md), checked here on draws that chose nothing.
+FROM_CROPS = Row(
+    "localizer=navigator, teacher from CNN_l's training crops, one crop per image",
+    "kalm",
+    (),
+    ("localizer=navigator", "localizer.teacher_from=crops", "localizer.train_crops=1"),
+    kind="learned",
+)
+ROWS = [GLOBAL_INPUT, PAPER, GROUP_SCOUT, SHIPPED, FROM_CROPS]
 
 
 def table(records: dict[str, list[dict]], seeds: list[int]) -> list[str]:

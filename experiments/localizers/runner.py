@@ -117,6 +117,10 @@ class Study:
             ],
         )
 
+    def stage2_overrides(self, row: Row, *extra: str) -> tuple[str, ...]:
+        """A stage-2 run's overrides: the schedule first, so that a row may override it."""
+        return (*(() if self.quick else self.schedule), *(row.stage2 or ()), *extra)
+
     def record_path(self, regime: Regime, row: Row, seed: int) -> Path:
         return self.out / "results" / regime.name / f"{run_name(row)}-seed{seed}.json"
 
@@ -179,9 +183,8 @@ class Study:
             cfg = self.config(regime, seed, 1, row.stage1)
         else:
             stage1 = self.trained_run(regime, self.stage1, seed)["ckpt"]
-            schedule = () if self.quick else self.schedule
             cfg = self.config(
-                regime, seed, 2, (*row.stage2, *schedule, f"stage.global_ckpt='{stage1}'")
+                regime, seed, 2, self.stage2_overrides(row, f"stage.global_ckpt='{stage1}'")
             )
         shutil.rmtree(run_dir, ignore_errors=True)  # what a run stopped before its record left
         result = train_stage(cfg, run_dir)
@@ -244,9 +247,7 @@ class Study:
         if row.stage2 is None:
             cfg = self.config(regime, seed, 1, row.stage1)
         else:
-            cfg = self.config(
-                regime, seed, 2, (*row.stage2, *(() if self.quick else self.schedule))
-            )
+            cfg = self.config(regime, seed, 2, self.stage2_overrides(row))
         evaluation = evaluation_config(cfg, record["ckpt"])
         evaluation.inference = row.inference
         out = self.run_dir(regime, row, seed) / "holdout"
