@@ -40,7 +40,14 @@ FROM_CROPS = Row(
     ("localizer=navigator", "localizer.teacher_from=crops", "localizer.train_crops=1"),
     kind="learned",
 )
-ROWS = [GLOBAL_INPUT, PAPER, GROUP_SCOUT, SHIPPED, FROM_CROPS]
+FROM_CROPS_LONG = Row(  # as many CNN_l crops as the shipped navigator's 5 epochs at 2 per image
+    f"{FROM_CROPS.name}, 10 epochs (lr / 10 after 6)",
+    "kalm",
+    (),
+    (*FROM_CROPS.stage2, "trainer.max_epochs=10", "model.scheduler.milestones=[6]"),
+    kind="learned",
+)
+ROWS = [GLOBAL_INPUT, PAPER, GROUP_SCOUT, SHIPPED, FROM_CROPS, FROM_CROPS_LONG]
 
 
 def table(records: dict[str, list[dict]], seeds: list[int]) -> list[str]:
