@@ -49,17 +49,18 @@ def test_bench_writes_every_figure_finite(tmp_path: Path) -> None:
 def test_the_flop_count_gives_each_training_step_over_a_plain_one(tmp_path: Path) -> None:
     """experiments/bench/flops.py at tiny sizes: each step's counted GFLOPs and its ratio to the
     plain step; stage 2 does more than a plain step, the navigator (teacher and two crops) more
-    than the paper's stage 2, and its cheaper variant less than the shipped one."""
+    than the paper's stage 2, its cheaper variant less than the shipped one, and the navigator
+    taught by its own crops (no teacher's pass) less than either."""
     figures = {}
-    for navigator in ("", "teacher_size=crops,train_crops=1"):
+    for navigator in ("", "teacher_size=crops,train_crops=1", "teacher_from=crops,train_crops=1"):
         args = ["--image-size=32", "--source-size=64", f"--navigator={navigator}"]
         result = run_module("experiments.bench.flops", args, tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         figures[navigator] = json.loads(result.stdout.strip().splitlines()[-1])
     shipped, cheaper = figures[""], figures["teacher_size=crops,train_crops=1"]
+    from_crops = figures["teacher_from=crops,train_crops=1"]
     assert all(math.isfinite(v) and v > 0 for v in shipped["gflops"].values())
     assert shipped["plain_train@input_over_plain"] == 1
     assert 1 < shipped["stage2_train_over_plain"] < shipped["navigator_stage2_train_over_plain"]
-    assert (
-        cheaper["navigator_stage2_train_over_plain"] < shipped["navigator_stage2_train_over_plain"]
-    )
+    ratio = "navigator_stage2_train_over_plain"
+    assert from_crops[ratio] < cheaper[ratio] < shipped[ratio]
