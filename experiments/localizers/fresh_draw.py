@@ -14,38 +14,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.localizers.plan import GLOBAL_INPUT, PAPER, Regime, Row
+from experiments.localizers import navigator_cost as cost
+from experiments.localizers.navigator_cost import variant
+from experiments.localizers.plan import GLOBAL_INPUT, PAPER, Regime
 from experiments.localizers.runner import Study
 from experiments.localizers.stats import mean, spread
 from kalm_lightning.runs import write_atomic
 
 HERE = Path(__file__).parent
 REGIME = Regime("fresh-c0.6", "c = 0.6, D = 0 (outside the study)", 0.6)
-SHIPPED = Row("localizer=navigator (shipped)", "kalm", (), ("localizer=navigator",), kind="learned")
+SHIPPED = variant("localizer=navigator (shipped)")
 # What `localizer=navigator` shipped before its scout became `local` (1ad05cc): these records
 # were made then, with the only scout there was.
-GROUP_SCOUT = Row(
-    "localizer=navigator, GroupNorm scout (shipped before 1ad05cc)",
-    "kalm",
-    (),
-    ("localizer=navigator", "localizer.scout=group"),
-    kind="learned",
+GROUP_SCOUT = variant(
+    "localizer=navigator, GroupNorm scout (shipped before 1ad05cc)", "localizer.scout=group"
 )
 # The cheapest navigator to train (issue 32): no teacher's pass, one CNN_l crop per image; chosen
 # on study 2's main regime (NAVIGATOR-COST.md), checked here on draws that chose nothing.
-FROM_CROPS = Row(
+FROM_CROPS = variant(
     "localizer=navigator, teacher from CNN_l's training crops, one crop per image",
-    "kalm",
-    (),
-    ("localizer=navigator", "localizer.teacher_from=crops", "localizer.train_crops=1"),
-    kind="learned",
+    *cost.FROM_CROPS.stage2[1:],
 )
-FROM_CROPS_LONG = Row(  # as many CNN_l crops as the shipped navigator's 5 epochs at 2 per image
-    f"{FROM_CROPS.name}, 10 epochs (lr / 10 after 6)",
-    "kalm",
-    (),
-    (*FROM_CROPS.stage2, "trainer.max_epochs=10", "model.scheduler.milestones=[6]"),
-    kind="learned",
+FROM_CROPS_LONG = variant(
+    f"{FROM_CROPS.name}, 10 epochs (lr / 10 after 6)", *cost.FROM_CROPS_LONG.stage2[1:]
 )
 ROWS = [GLOBAL_INPUT, PAPER, GROUP_SCOUT, SHIPPED, FROM_CROPS, FROM_CROPS_LONG]
 

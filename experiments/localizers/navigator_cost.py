@@ -36,55 +36,49 @@ STUDIED = Row(
     (),
     (*NAVIGATOR, "localizer.reads=source", "localizer.grid=6", "localizer.half=0.4"),
 )
-SHIPPED = Row("navigator as shipped", "kalm", (), ("localizer=navigator",), kind="learned")
-CHEAP = Row(
+
+
+def variant(name: str, *options: str) -> Row:
+    """A learned row: `localizer=navigator` with these options over its shipped defaults."""
+    return Row(name, "kalm", (), ("localizer=navigator", *options), kind="learned")
+
+
+SHIPPED = variant("navigator as shipped")
+CHEAP = variant(
     "navigator, teacher at the crops' scale, one crop per image",
-    "kalm",
-    (),
-    ("localizer=navigator", "localizer.teacher_size=crops", "localizer.train_crops=1"),
-    kind="learned",
+    "localizer.teacher_size=crops",
+    "localizer.train_crops=1",
 )
-TAUGHT = Row(
+TAUGHT = variant(
     "navigator, teacher on the taught images, one crop per image",
-    "kalm",
-    (),
-    ("localizer=navigator", "localizer.train_crops=1", "localizer.teacher_images=taught"),
-    kind="learned",
+    "localizer.train_crops=1",
+    "localizer.teacher_images=taught",
 )
-ONE_CROP = Row(  # not cheaper (the teacher on every image): which of the two changes loses hits
+ONE_CROP = variant(  # not cheaper (the teacher on every image): which of the two changes loses hits
     "navigator, teacher on every image, one crop per image",
-    "kalm",
-    (),
-    ("localizer=navigator", "localizer.train_crops=1", "localizer.teacher_images=all"),
-    kind="learned",
+    "localizer.train_crops=1",
+    "localizer.teacher_images=all",
 )
-TAUGHT_WARM = Row(  # CNN_l on drawn anchors alone for two epochs, then taught for three
+TAUGHT_WARM = variant(  # CNN_l on drawn anchors alone for two epochs, then taught for three
     "navigator, teacher on the taught images, one crop per image, two warm-up epochs",
-    "kalm",
-    (),
-    (*TAUGHT.stage2, "localizer.warmup_epochs=2"),
-    kind="learned",
+    *TAUGHT.stage2[1:],
+    "localizer.warmup_epochs=2",
 )
-FROM_CROPS = Row(  # no teacher's pass: CNN_l's scores of its own training crops teach
+FROM_CROPS = variant(  # no teacher's pass: CNN_l's scores of its own training crops teach
     "navigator, teacher from CNN_l's training crops, one crop per image",
-    "kalm",
-    (),
-    ("localizer=navigator", "localizer.teacher_from=crops", "localizer.train_crops=1"),
-    kind="learned",
+    "localizer.teacher_from=crops",
+    "localizer.train_crops=1",
 )
-FROM_CROPS2 = Row(
+FROM_CROPS2 = variant(
     "navigator, teacher from CNN_l's training crops, two crops per image",
-    "kalm",
-    (),
-    ("localizer=navigator", "localizer.teacher_from=crops", "localizer.train_crops=2"),
-    kind="learned",
+    "localizer.teacher_from=crops",
+    "localizer.train_crops=2",
 )
-FROM_CROPS_LONG = Row(  # as many CNN_l crops as the shipped navigator's 5 epochs at 2 per image
+LONG = ("trainer.max_epochs=10", "model.scheduler.milestones=[6]")  # lr / 10 after 6
+FROM_CROPS_LONG = variant(  # as many CNN_l crops as the shipped navigator's 5 epochs at 2 per image
     "navigator, teacher from CNN_l's training crops, one crop per image, 10 epochs (lr / 10 after 6)",
-    "kalm",
-    (),
-    (*FROM_CROPS.stage2, "trainer.max_epochs=10", "model.scheduler.milestones=[6]"),
-    kind="learned",
+    *FROM_CROPS.stage2[1:],
+    *LONG,
 )
 CHEAPER = (CHEAP, TAUGHT, ONE_CROP, TAUGHT_WARM, FROM_CROPS, FROM_CROPS2, FROM_CROPS_LONG)
 LOST = 0.05  # a seed loses the hit rate where it is more than 5 points below the shipped one's
