@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 from kalm_lightning.config import compose_config
 from kalm_lightning.errors import UserError
 from kalm_lightning.runs import Run
+from kalm_lightning.stages.loading import load_stage
 from kalm_lightning.tasks.train import find_stage1_checkpoint
 
 
@@ -53,6 +55,37 @@ def test_stage2_finds_stage1_and_keeps_cnn_g_bit_identical(trained: dict[str, Pa
         "net.local_cnn.conv.conv1.0.weight",  # the stem
     ):
         assert not torch.equal(initial[key], after[key]), key
+
+
+def test_cnn_l_starts_from_a_stage2_checkpoint(trained: dict[str, Path], tmp_path: Path) -> None:
+    """stage.local_init=PATH: CNN_l starts as that stage-2 run's CNN_l; the run's own checkpoint
+    loads without the file; a stage-1 checkpoint is refused in one line."""
+    stage1 = json.loads((trained["stage1"] / "result.json").read_text())["best_ckpt"]
+    stage2 = json.loads((trained["stage2"] / "result.json").read_text())["last_ckpt"]
+    source = tmp_path / "source.ckpt"
+    shutil.copy(stage2, source)
+    config = OmegaConf.load(trained["stage2"] / "config.yaml")
+    config.model.net.local_init = str(source)
+    pl.seed_everything(config.seed + 1, workers=True)  # another draw than the source's start
+    started = instantiate(config.model, global_ckpt=stage1).state_dict()
+    local = {k: v for k, v in state(source).items() if k.startswith("net.local_cnn.")}
+    assert local and all(torch.equal(started[k], v) for k, v in local.items())
+    assert not torch.equal(started["net.local_cnn.fc.weight"], state(stage1)["net.fc.weight"])
+
+    args = ["stage=2", *TINY_RUN, f"stage.global_ckpt={stage1}", f"stage.local_init={source}"]
+    check(run_cli("train", [*args, "run_name=from-local"], tmp_path))
+    (run,) = (tmp_path / RUNS / "from-local").iterdir()
+    source.unlink()  # what the run trained is in its checkpoint; the file it started from is gone
+    module = load_stage(str(run / "checkpoints/last.ckpt"))
+    after = state(run / "checkpoints/last.ckpt")
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in after.items())
+
+    refused = run_cli("train", [*args[:-1], f"stage.local_init={stage1}"], tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"kalm-train: stage.local_init={stage1} is not a stage-2 checkpoint: CNN_l starts from a "
+        "stage-2 run's CNN_l (or backbone | global)"
+    )
 
 
 def test_stage2_without_stage1_names_the_backbone_as_it_is_chosen(tmp_path: Path) -> None:

@@ -84,7 +84,8 @@ class KALMNet(nn.Module):
     output_stride: a finer feature map for the localizer, where timm's backbone has it).
     localizer: its config node (`conf/localizer/*.yaml`: `_target_` and options), a factory called
     with the feature map's height, width and channels, or None for the paper's KeyAreaLocalizer.
-    local_init: CNN_l from the backbone's weights, or a copy of CNN_g ("global").
+    local_init: CNN_l from the backbone's weights, or a copy of CNN_g ("global"); stage 2 also
+    takes a stage-2 checkpoint's path (`KALMStage.load_local`: that run's CNN_l).
     global_cnn: a built CNN_g to use (stage 2 passes the one it loads from stage 1)."""
 
     def __init__(

@@ -18,7 +18,7 @@ from kalm_lightning.evaluation.figures import box_grid, to_uint8
 from kalm_lightning.evaluation.studies import GLOBAL, KALM, LOCAL, SCORES
 from kalm_lightning.models.backbone import Backbone, backbone_node
 from kalm_lightning.models.cam import global_heatmap, local_heatmap
-from kalm_lightning.models.kalm import KALMNet, resize_view
+from kalm_lightning.models.kalm import LOCAL_INITS, KALMNet, resize_view
 from kalm_lightning.models.localizers.base import recorded
 from kalm_lightning.models.preprocessing import GIVEN, Preprocessing
 from kalm_lightning.stages.base import StageModule
@@ -63,12 +63,19 @@ class KALMStage(StageModule):
         if global_ckpt is not None:
             self.load_global(global_ckpt, global_cnn, backbone)
         size = self.preprocessing
+        local_ckpt = built.get("local_init", "backbone")
+        if local_ckpt in LOCAL_INITS:
+            local_ckpt = None
+        else:  # a stage-2 checkpoint's CNN_l: start from CNN_g's copy (nothing fetched), then it
+            built = {**built, "local_init": "global"}
         self.net = KALMNet(
             **built,
             image_size=size.image_size,
             source_size=size.source_size,
             global_cnn=global_cnn,
         )
+        if local_ckpt is not None:
+            self.load_local(local_ckpt, backbone)
         # Frozen, BatchNorm statistics included. Lightning restores each submodule's recorded mode
         # rather than calling train() on this module, so eval mode must hold from the start.
         self.net.global_cnn.requires_grad_(False).eval()
@@ -86,7 +93,15 @@ class KALMStage(StageModule):
         the checkpoint ran it."""
         backbone = {**backbone_node(net["backbone"]), "pretrained": False, "checkpoint_path": None}
         localizer = net.get("localizer")
-        return {**net, "backbone": backbone, "localizer": localizer and recorded(localizer)}
+        local_init = net.get("local_init", "backbone")
+        # CNN_l's weights are the checkpoint's: a stage-2 checkpoint it started from is not read.
+        local_init = local_init if local_init in LOCAL_INITS else "global"
+        return {
+            **net,
+            "backbone": backbone,
+            "localizer": localizer and recorded(localizer),
+            "local_init": local_init,
+        }
 
     def load_global(self, path: str, global_cnn: Backbone, backbone: Mapping[str, Any]) -> None:
         """CNN_g from a stage-1 checkpoint, refusing one trained with another backbone, stride or
@@ -113,6 +128,33 @@ class KALMStage(StageModule):
                 )
         weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()}
         global_cnn.load_state_dict(weights)
+
+    def load_local(self, path: str, backbone: Mapping[str, Any]) -> None:
+        """stage.local_init=PATH: CNN_l starts as the CNN_l of a stage-2 checkpoint (another
+        localizer's, say), refusing one of another backbone or output stride."""
+        setting = "stage.local_init"
+        checkpoint = read_trained(path, setting)
+        hparams = checkpoint["hyper_parameters"]
+        if hparams.get("stage") != 2:
+            raise UserError(
+                f"{setting}={path} is not a stage-2 checkpoint: CNN_l starts from a stage-2 "
+                "run's CNN_l (or backbone | global)"
+            )
+        trained = backbone_node(hparams["net"]["backbone"])
+        for key in ("name", "output_stride"):
+            if trained.get(key) != backbone.get(key):
+                name = "backbone" if key == "name" else f"backbone.{key}"
+                raise UserError(
+                    f"{setting}={path} was trained with {name}={trained.get(key)}, not "
+                    f"{backbone.get(key)}"
+                )
+        prefix = "net.local_cnn."
+        weights = {
+            k.removeprefix(prefix): v
+            for k, v in checkpoint["state_dict"].items()
+            if k.startswith(prefix)
+        }
+        self.net.local_cnn.load_state_dict(weights)
 
     def parameter_groups(self) -> list[dict]:
         """localizer.lr: the localizer's own learning rate (its parameters in a group of their own)."""
