@@ -5,7 +5,11 @@ pass the reason the navigator misses the lesion in study 3's regimes?
 
 `from-crops`: taught by CNN_l's own training crops (`localizer.teacher_from=crops`, one crop per
 image), so the teacher sees the anchors exactly as CNN_l's crops do; `teacher-at-crops-scale`: the
-teacher's pass over the source resized to the crops' scale (`localizer.teacher_size=crops`). The
+teacher's pass over the source resized to the crops' scale (`localizer.teacher_size=crops`); `cnn-l-from-k-crops`: the
+study's row, its CNN_l started as the CNN_l of the same regime and seed's "K crops by attention,
+K = 4" run (`stage.local_init=` that run's checkpoint; `multicrop-k4` in the record's overrides),
+which found the lesion: does the navigator find it when CNN_l already knows the lesion?
+`cnn-l-from-k-crops-no-warm-up`: the same without the warm-up epoch on random anchors. The
 study's runner at the study's sizes, schedule and selection; the seed's stage 1 is the study's
 (its record copied, its checkpoint in WORK, the study's work folder). Records in
 study3/navigator-probe/results, one per run, written atomically.
@@ -19,12 +23,34 @@ from pathlib import Path
 
 from experiments.localizers.plan import Row
 from experiments.localizers.runner import run_name
-from experiments.localizers.study3 import GLOBAL_INPUT, NAVIGATOR, OUT, REGIMES, Study3
+from experiments.localizers.study3 import (
+    GLOBAL_INPUT,
+    MULTICROP,
+    NAVIGATOR,
+    OUT,
+    REGIMES,
+    Study3,
+)
 
+FROM_K_CROPS = "stage.local_init=multicrop-k4"  # the K = 4 run's checkpoint, found at run time
 VARIANTS = {
     "from-crops": ("localizer.teacher_from=crops", "localizer.train_crops=1"),
     "teacher-at-crops-scale": ("localizer.teacher_size=crops",),
+    "cnn-l-from-k-crops": (FROM_K_CROPS,),
+    "cnn-l-from-k-crops-no-warm-up": (FROM_K_CROPS, "localizer.warmup_epochs=0"),
 }
+
+
+class Probe(Study3):
+    """Study 3's runner, with `FROM_K_CROPS` in a row's overrides made the path of the K = 4
+    run's checkpoint (`local`)."""
+
+    local: str | None = None
+
+    def stage2_overrides(self, row: Row, *extra: str) -> tuple[str, ...]:
+        overrides = super().stage2_overrides(row, *extra)
+        given = f"stage.local_init='{self.local}'"
+        return tuple(given if o == FROM_K_CROPS else o for o in overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,13 +62,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     regime = next(r for r in REGIMES if r.name == args.regime)
     out = OUT / "navigator-probe"
-    stage1 = f"{run_name(GLOBAL_INPUT)}-seed{args.seed}.json"
     (out / "results" / regime.name).mkdir(parents=True, exist_ok=True)
-    if not (out / "results" / regime.name / stage1).is_file():
-        shutil.copy(OUT / "results" / regime.name / stage1, out / "results" / regime.name / stage1)
+    for start in (GLOBAL_INPUT, MULTICROP):  # the runs a probe starts from: the study's records
+        record = f"{run_name(start)}-seed{args.seed}.json"
+        if not (out / "results" / regime.name / record).is_file():
+            shutil.copy(OUT / "results" / regime.name / record, out / "results" / regime.name)
     name = f"{NAVIGATOR.name}, {args.variant}"
     row = Row(name, "kalm", (), (*NAVIGATOR.stage2, *VARIANTS[args.variant]), kind="learned")
-    record = Study3(out, args.work.resolve(), False, None).run(regime, row, args.seed)
+    study = Probe(out, args.work.resolve(), False, None)
+    if FROM_K_CROPS in row.stage2:
+        study.local = study.trained_run(regime, MULTICROP, args.seed)["ckpt"]
+    record = study.run(regime, row, args.seed)
     print(
         f"{name}, {regime.label}, seed {args.seed}: study AUROC {record['study']['kalm']['auroc']:.3f}, "
         f"lesion hits {record['localization']['hit_rate']:.1%} (hold-out "

@@ -30,6 +30,17 @@ BOXES_LOGGED = 16
 log = logging.getLogger(__name__)
 
 
+def same_backbone(what: str, trained: Mapping[str, Any], backbone: Mapping[str, Any]) -> None:
+    """Refuse, in one line naming `what` (SETTING=PATH), weights trained with another backbone or
+    output stride than this run's."""
+    for key in ("name", "output_stride"):
+        if trained.get(key) != backbone.get(key):
+            setting = "backbone" if key == "name" else f"backbone.{key}"
+            raise UserError(
+                f"{what} was trained with {setting}={trained.get(key)}, not {backbone.get(key)}"
+            )
+
+
 class KALMStage(StageModule):
     """net: KALMNet's config node (`backbone`: the backbone's node, `localizer`: the localizer's
     node from `conf/localizer/`, `local_init`); preprocessing as in stage 1; global_ckpt: the
@@ -110,14 +121,7 @@ class KALMStage(StageModule):
         hparams = checkpoint["hyper_parameters"]
         if hparams.get("stage") != 1:
             raise UserError(f"stage.global_ckpt={path} is not a stage-1 checkpoint")
-        trained = backbone_node(hparams["net"])
-        for key in ("name", "output_stride"):
-            if trained.get(key) != backbone.get(key):
-                setting = "backbone" if key == "name" else f"backbone.{key}"
-                raise UserError(
-                    f"stage.global_ckpt={path} was trained with {setting}="
-                    f"{trained.get(key)}, not {backbone.get(key)}"
-                )
+        same_backbone(f"stage.global_ckpt={path}", backbone_node(hparams["net"]), backbone)
         stage1 = Preprocessing.from_dict(hparams["preprocessing"])
         for key in GIVEN:
             if getattr(stage1, key) != getattr(self.preprocessing, key):
@@ -140,14 +144,7 @@ class KALMStage(StageModule):
                 f"{setting}={path} is not a stage-2 checkpoint: CNN_l starts from a stage-2 "
                 "run's CNN_l (or backbone | global)"
             )
-        trained = backbone_node(hparams["net"]["backbone"])
-        for key in ("name", "output_stride"):
-            if trained.get(key) != backbone.get(key):
-                name = "backbone" if key == "name" else f"backbone.{key}"
-                raise UserError(
-                    f"{setting}={path} was trained with {name}={trained.get(key)}, not "
-                    f"{backbone.get(key)}"
-                )
+        same_backbone(f"{setting}={path}", backbone_node(hparams["net"]["backbone"]), backbone)
         prefix = "net.local_cnn."
         weights = {
             k.removeprefix(prefix): v
