@@ -204,7 +204,9 @@ def write_report(study, quick: bool, seconds: float) -> None:
         "",
         f"Machine of this report: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads; each record's minutes are from the machine that "
-        f"ran it. This invocation: {seconds / 60:.1f} min.",
+        f"ran it. This invocation: {seconds / 60:.1f} min. Minutes are wall time on a 2-core "
+        "machine that often ran other work beside the study (and paused it for benchmarks): "
+        "they say roughly how long a run takes, and the training TFLOPs are the cost to compare.",
         "",
         "## The reading",
         "",
