@@ -77,7 +77,7 @@ class KALMStage(StageModule):
         local_ckpt = built.get("local_init", "backbone")
         if local_ckpt in LOCAL_INITS:
             local_ckpt = None
-        else:  # a stage-2 checkpoint's CNN_l: start from CNN_g's copy (nothing fetched), then it
+        else:  # a stage-2 run's CNN_l: built as a copy of CNN_g (nothing fetched), then loaded
             built = {**built, "local_init": "global"}
         self.net = KALMNet(
             **built,
