@@ -15,7 +15,6 @@ import argparse
 from pathlib import Path
 
 from experiments.localizers import navigator_cost as cost
-from experiments.localizers.navigator_cost import variant
 from experiments.localizers.plan import GLOBAL_INPUT, PAPER, Regime
 from experiments.localizers.runner import Study
 from experiments.localizers.stats import mean, spread
@@ -23,19 +22,19 @@ from kalm_lightning.runs import write_atomic
 
 HERE = Path(__file__).parent
 REGIME = Regime("fresh-c0.6", "c = 0.6, D = 0 (outside the study)", 0.6)
-SHIPPED = variant("localizer=navigator (shipped)")
+SHIPPED = cost.variant("localizer=navigator (shipped)")
 # What `localizer=navigator` shipped before its scout became `local` (1ad05cc): these records
 # were made then, with the only scout there was.
-GROUP_SCOUT = variant(
+GROUP_SCOUT = cost.variant(
     "localizer=navigator, GroupNorm scout (shipped before 1ad05cc)", "localizer.scout=group"
 )
 # The cheapest navigator to train (issue 32): no teacher's pass, one CNN_l crop per image; chosen
 # on study 2's main regime (NAVIGATOR-COST.md), checked here on draws that chose nothing.
-FROM_CROPS = variant(
+FROM_CROPS = cost.variant(
     "localizer=navigator, teacher from CNN_l's training crops, one crop per image",
     *cost.FROM_CROPS.stage2[1:],
 )
-FROM_CROPS_LONG = variant(
+FROM_CROPS_LONG = cost.variant(
     f"{FROM_CROPS.name}, 10 epochs (lr / 10 after 6)", *cost.FROM_CROPS_LONG.stage2[1:]
 )
 ROWS = [GLOBAL_INPUT, PAPER, GROUP_SCOUT, SHIPPED, FROM_CROPS, FROM_CROPS_LONG]

@@ -30,6 +30,12 @@ BOXES_LOGGED = 16
 log = logging.getLogger(__name__)
 
 
+def local_checkpoint(local_init: str) -> str | None:
+    """The stage-2 checkpoint CNN_l starts from, where `stage.local_init` names one (not one of
+    LOCAL_INITS)."""
+    return None if local_init in LOCAL_INITS else local_init
+
+
 def same_backbone(what: str, trained: Mapping[str, Any], backbone: Mapping[str, Any]) -> None:
     """Refuse, in one line naming `what` (SETTING=PATH), weights trained with another backbone or
     output stride than this run's."""
@@ -74,10 +80,8 @@ class KALMStage(StageModule):
         if global_ckpt is not None:
             self.load_global(global_ckpt, global_cnn, backbone)
         size = self.preprocessing
-        local_ckpt = built.get("local_init", "backbone")
-        if local_ckpt in LOCAL_INITS:
-            local_ckpt = None
-        else:  # a stage-2 run's CNN_l: built as a copy of CNN_g (nothing fetched), then loaded
+        local_ckpt = local_checkpoint(built.get("local_init", "backbone"))
+        if local_ckpt is not None:  # a stage-2 run's CNN_l: built as CNN_g's copy, then loaded
             built = {**built, "local_init": "global"}
         self.net = KALMNet(
             **built,
@@ -104,9 +108,10 @@ class KALMStage(StageModule):
         the checkpoint ran it."""
         backbone = {**backbone_node(net["backbone"]), "pretrained": False, "checkpoint_path": None}
         localizer = net.get("localizer")
-        local_init = net.get("local_init", "backbone")
         # CNN_l's weights are the checkpoint's: a stage-2 checkpoint it started from is not read.
-        local_init = local_init if local_init in LOCAL_INITS else "global"
+        local_init = net.get("local_init", "backbone")
+        if local_checkpoint(local_init) is not None:
+            local_init = "global"
         return {
             **net,
             "backbone": backbone,
