@@ -61,6 +61,8 @@ def test_box_pooling_is_the_average_of_the_map_inside_the_box() -> None:
     torch.testing.assert_close(pooled[:, 1], score[:, 0:6, 0:3].mean(dim=(1, 2)))
     # box 3 spans x in [0, 2/3] (columns 3, 4) and y in [0, 0.5] (rows 4, 5), exactly whole cells
     torch.testing.assert_close(pooled[:, 2], score[:, 4:6, 3:5].mean(dim=(1, 2)))
+    # on the boxes' device: the navigator's teacher pools anchors on a GPU with no CPU tensor
+    assert box_pooling(boxes.to("meta"), 8, 6).device.type == "meta"
 
 
 @pytest.mark.parametrize("reads", ["map", "view", "source"])

@@ -204,7 +204,7 @@ def box_pooling(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     inside each box: a GAP restricted to the box, exportable as one matrix product."""
 
     def overlap(low: torch.Tensor, high: torch.Tensor, cells: int) -> torch.Tensor:
-        edges = torch.linspace(-1, 1, cells + 1, dtype=torch.float64)
+        edges = torch.linspace(-1, 1, cells + 1, dtype=torch.float64, device=low.device)
         inside = (
             torch.minimum(high[:, None], edges[None, 1:])
             - torch.maximum(low[:, None], edges[None, :-1])
