@@ -14,12 +14,13 @@ from omegaconf import OmegaConf
 from kalm_lightning.config import config_dir
 from kalm_lightning.errors import UserError
 from kalm_lightning.models import KALMNet, Navigator, RandomAnchor
-from kalm_lightning.models.kalm import resize_view
+from kalm_lightning.models.kalm import crop, resize_view
 from kalm_lightning.models.localizers.base import (
     LocalizerInputs,
     anchor_grid,
     box_pooling,
     build_localizer,
+    crop_pooling,
 )
 
 
@@ -195,6 +196,84 @@ def test_the_teacher_from_the_crops_runs_no_pass_and_teaches_the_anchors_cnn_l_t
     crops.loss.backward()
     assert all(p.grad is not None for p in net.localizer.head.parameters())
     assert all(p.grad is None for p in net.local_cnn.parameters())  # q is detached
+
+
+def test_crop_pooling_is_box_pooling_in_the_crops_own_frame() -> None:
+    """A box's shares of a crop's cells: the whole image's crop is the image (box_pooling); a
+    crop of the box itself spreads it evenly over every cell; a box half out of the crop sums to
+    one half."""
+    boxes = torch.tensor([[0.2, -0.1, 0.3, 0.5], [-0.6, 0.6, 0.4, 0.4]])
+    whole = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
+    torch.testing.assert_close(crop_pooling(boxes, whole, 4, 3)[0, 0], box_pooling(boxes, 4, 3))
+    itself = crop_pooling(boxes, boxes[None], 4, 4)  # crop m = box m
+    torch.testing.assert_close(itself[0, 0, 0], torch.full((16,), 1 / 16))
+    torch.testing.assert_close(itself[0, 1, 1], torch.full((16,), 1 / 16))
+    shifted = torch.tensor([[[0.5, -0.1, 0.3, 0.5]]])  # box 0 moved right by its half-extent
+    torch.testing.assert_close(crop_pooling(boxes, shifted, 5, 5)[0, 0, 0].sum(), torch.tensor(0.5))
+
+
+def test_cnn_l_cells_average_to_its_crop_scores() -> None:
+    """local_readout: the classifier on each cell of a crop's map; their mean is the crop's S_l
+    (eq. 3 is linear), as local_logits gives it."""
+    net = net_with("navigator", grid=3, half=0.4).eval()
+    images = torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    boxes = net.localizer.anchors[torch.tensor([[0, 4], [8, 2], [5, 5]])]
+    logits, cells = net.local_readout(images, boxes)
+    assert cells.shape[:3] == (3, 2, 2) and not cells.requires_grad
+    torch.testing.assert_close(logits, net.local_logits(images, boxes))
+    torch.testing.assert_close(cells.mean(dim=(3, 4)), logits.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seen", [0.5, 0.2])
+def test_the_teacher_from_the_maps_teaches_every_anchor_the_crops_show(seen: float) -> None:
+    """teacher_from=maps: the crops of teacher_from=crops, one pass of CNN_l, and each anchor the
+    crop shows enough of is taught by CNN_l's cells inside it. 3x3 anchors of half 0.4 are 0.6
+    apart: a neighbour shows 0.25 of itself in a crop (a diagonal one 0.0625), so at
+    teacher_seen=0.5 a crop teaches its own anchor alone, at 0.2 its neighbours across too."""
+    options = dict(warmup_epochs=0, grid=3, half=0.4, train_crops=1, teacher_seen=seen)
+    net = net_with("navigator", **options, teacher_from="maps")
+    images = torch.randn(5, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    anchors = net.localizer.anchors
+    net.train()
+    nav_logits = net.localizer.anchor_logits(net.inputs(images))
+    stem = next(m for m in net.local_cnn.modules() if isinstance(m, torch.nn.Conv2d))
+    passes: list[int] = []
+    hook = stem.register_forward_hook(lambda _m, args, _o: passes.append(len(args[0])))
+    logits, crops = net.training_outputs(images, 0, torch.Generator().manual_seed(3), labels)
+    hook.remove()
+    assert passes == [5]  # CNN_l on one crop per image, and no teacher's pass
+    from_crops = net_with("navigator", **options, teacher_from="crops").train()
+    _, same = from_crops.training_outputs(images, 0, torch.Generator().manual_seed(3), labels)
+    assert torch.equal(crops.boxes, same.boxes)  # the crops of teacher_from=crops
+    chosen = (crops.boxes[:, 0, None, :] == anchors[None]).all(-1).float().argmax(dim=1)
+    # the cells again, on their own: CNN_l (train mode, the same batch) on the same crops
+    features = net.local_cnn.forward_features(crop(images, crops.boxes[:, 0], 64)).detach()
+    cells = torch.einsum("bchw,oc->bohw", features, net.local_cnn.fc.weight)
+    cells = (cells + net.local_cnn.fc.bias[:, None, None])[:, None]
+    teacher, taught = net.localizer.seen_scores(crops.boxes, cells, labels)
+    neighbours = (anchors[:, None, :2] - anchors[None, :, :2]).abs()  # [K, K, 2]
+    across = ((neighbours.sum(-1) - 0.6).abs() < 1e-4) & (neighbours.min(-1).values < 1e-4)
+    expected = torch.eye(len(anchors)) + (across.float() if seen < 0.25 else 0)
+    assert torch.equal(taught, expected[chosen])
+    abnormal = logits.detach().softmax(-1)[:, 0, 1]  # a crop's own anchor: the crop's p(label)
+    own = torch.where(labels == 1, abnormal, 1 - abnormal)
+    torch.testing.assert_close(teacher.gather(1, chosen[:, None])[:, 0], own, atol=1e-5, rtol=0)
+    # the neighbour to the right lies over the right half of the crop (1.5 to the right in the
+    # crop's frame, of half 1): its share, the crop's right column of cells (2 x 2 here)
+    right = (chosen % 3 < 2).nonzero()[:, 0]
+    assert len(right) > 0
+    column = cells[right, 0, :, :, 1].mean(dim=-1).softmax(-1)[:, 1]
+    column = torch.where(labels[right] == 1, column, 1 - column)
+    torch.testing.assert_close(teacher[right, chosen[right] + 1], column, atol=1e-5, rtol=0)
+    each = F.binary_cross_entropy_with_logits(nav_logits, teacher, reduction="none")
+    torch.testing.assert_close(crops.loss, (each * taught).sum() / taught.sum())
+    assert torch.equal(crops.logs["train/navigator_taught"], taught.sum(1).mean())
+    crops.loss.backward()
+    assert all(p.grad is not None for p in net.localizer.head.parameters())
+    assert all(p.grad is None for p in net.local_cnn.parameters())  # q is detached
+    with pytest.raises(UserError, match=r"^localizer\.teacher_seen"):
+        net_with("navigator", teacher_seen=0)
 
 
 def test_a_navigator_node_with_a_removed_option_loads_at_its_one_value_or_is_refused() -> None:

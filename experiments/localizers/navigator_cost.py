@@ -74,6 +74,22 @@ FROM_CROPS2 = variant(
     "localizer.teacher_from=crops",
     "localizer.train_crops=2",
 )
+FROM_MAPS = variant(  # the same crops; every anchor they show teaches, from their maps' cells
+    "navigator, teacher from the cells of CNN_l's training crops, one crop per image",
+    "localizer.teacher_from=maps",
+    "localizer.train_crops=1",
+)
+FROM_MAPS_WIDE = variant(  # ... and every anchor they show a quarter of
+    "navigator, teacher from the cells of CNN_l's training crops (anchors a quarter shown), "
+    "one crop per image",
+    *FROM_MAPS.stage2[1:],
+    "localizer.teacher_seen=0.25",
+)
+FROM_MAPS2 = variant(
+    "navigator, teacher from the cells of CNN_l's training crops, two crops per image",
+    "localizer.teacher_from=maps",
+    "localizer.train_crops=2",
+)
 LONG = ("trainer.max_epochs=10", "model.scheduler.milestones=[6]")  # lr / 10 after 6
 FROM_CROPS_LONG = variant(  # as many CNN_l crops as the shipped navigator's 5 epochs at 2 per image
     "navigator, teacher from CNN_l's training crops, one crop per image, 10 epochs (lr / 10 after 6)",
@@ -82,7 +98,18 @@ FROM_CROPS_LONG = variant(  # as many CNN_l crops as the shipped navigator's 5 e
 )
 # FROM_CROPS_LONG's schedule for the shipped one: is it as good as the shipped one at 10 epochs?
 SHIPPED_LONG = variant("navigator as shipped, 10 epochs (lr / 10 after 6)", *LONG)
-CHEAPER = (CHEAP, TAUGHT, ONE_CROP, TAUGHT_WARM, FROM_CROPS, FROM_CROPS2, FROM_CROPS_LONG)
+CHEAPER = (
+    CHEAP,
+    TAUGHT,
+    ONE_CROP,
+    TAUGHT_WARM,
+    FROM_CROPS,
+    FROM_CROPS2,
+    FROM_CROPS_LONG,
+    FROM_MAPS,
+    FROM_MAPS_WIDE,
+    FROM_MAPS2,
+)
 SAME_SCHEDULE = ((FROM_CROPS_LONG, SHIPPED_LONG),)  # also paired at the schedule they share
 LOST = 0.05  # a seed loses the hit rate where it is more than 5 points below the shipped one's
 

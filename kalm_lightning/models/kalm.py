@@ -154,6 +154,22 @@ class KALMNet(nn.Module):
         crops = crop(images.repeat_interleave(many, 0), boxes.flatten(0, 1), self.image_size)
         return self.local_cnn(crops).view(batch, many, -1)
 
+    def local_readout(
+        self, images: torch.Tensor, boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """S_l [B, M, 2] of M boxes per image, as `local_logits`, and CNN_l's classifier applied
+        to each cell of each crop's feature map before the GAP [B, M, 2, h, w], without
+        gradients: eq. (3) is linear, so their mean over a region is the score of the region's
+        pooled features, and over the whole crop it is the crop's S_l."""
+        batch, many = boxes.shape[:2]
+        crops = crop(images.repeat_interleave(many, 0), boxes.flatten(0, 1), self.image_size)
+        features = self.local_cnn.forward_features(crops)
+        logits = self.local_cnn.forward_head(features)
+        fc = self.local_cnn.fc
+        cells = F.conv2d(features.detach().to(fc.weight.dtype), fc.weight[:, :, None, None])
+        cells = cells + fc.bias[:, None, None]
+        return logits.view(batch, many, -1), cells.detach().view(batch, many, *cells.shape[1:])
+
     def crop_scores(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """p_l(abnormal) [B, K] of each box's crop, CNN_l in eval mode (its BatchNorm statistics
         are left alone)."""
@@ -240,10 +256,11 @@ class KALMNet(nn.Module):
         crops = self.localizer.training_crops(inputs, scorer, epoch)
         if crops.together:
             logits = self.pooled_logits(images, crops.boxes, crops.scale)[0][:, None]
+        elif crops.learn is not None:  # a localizer taught by CNN_l's scores of these very crops
+            logits, cells = self.local_readout(images, crops.boxes)
+            crops.loss = crops.learn(logits.detach(), cells)
         else:
             logits = self.local_logits(images, crops.boxes)
-        if crops.learn is not None:  # a localizer taught by CNN_l's scores of these very crops
-            crops.loss = crops.learn(logits.detach())
         return logits, crops
 
 

@@ -74,9 +74,10 @@ class TrainingCrops:
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     together: bool = False  # True: the M crops are one input, pooled (`Localizer.pool`), one score
     scale: torch.Tensor | None = None  # [B, M]: what `pool` multiplies each crop's features by
-    # the localizer's loss from CNN_l's logits of these crops [B, M, 2], where it learns from them
-    # (it then sets `loss` once CNN_l has run: `KALMNet.training_outputs`)
-    learn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # the localizer's loss from CNN_l's logits of these crops [B, M, 2] and of each cell of their
+    # feature maps [B, M, 2, h, w] (`KALMNet.local_readout`), both without gradients, where it
+    # learns from them (it then sets `loss` once CNN_l has run: `KALMNet.training_outputs`)
+    learn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 class Scorer:
@@ -215,6 +216,17 @@ def box_pooling(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     across = overlap(b[:, 0] - b[:, 2], b[:, 0] + b[:, 2], width)
     down = overlap(b[:, 1] - b[:, 3], b[:, 1] + b[:, 3], height)
     return (down[:, :, None] * across[:, None, :]).reshape(len(boxes), -1).float()
+
+
+def crop_pooling(boxes: torch.Tensor, crops: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, M, K, height * width]: the share of each box [K, 4] that each cell of each crop's
+    height x width map covers, crops [B, M, 4] (`box_pooling` of the box in the crop's own frame,
+    where the crop spans [-1, 1]). A box's row sums to the share of it that the crop sees."""
+    frame = crops[:, :, None, :]
+    framed = torch.cat(
+        [(boxes[..., :2] - frame[..., :2]) / frame[..., 2:], boxes[..., 2:] / frame[..., 2:]], -1
+    )
+    return box_pooling(framed.reshape(-1, 4), height, width).view(*framed.shape[:3], -1)
 
 
 def anchor_means(anchors: torch.Tensor, maps: torch.Tensor, cache: dict) -> torch.Tensor:

@@ -17,6 +17,7 @@ from kalm_lightning.models.localizers.base import (
     TrainingCrops,
     anchor_grid,
     anchor_means,
+    crop_pooling,
 )
 from kalm_lightning.models.localizers.scout import RECORDED_BEFORE, make_scout
 
@@ -25,7 +26,8 @@ TEACHER_SCORES = ("label", "abnormal")
 POLICIES = ("distill", "reinforce")
 TEACHER_SIZES = ("source", "crops")  # the teacher's pass: at the source size, or the crops' scale
 TRAIN_CROPS = (2, 1)  # CNN_l's crops per image in a distillation step
-TEACHER_FROM = ("pass", "crops")  # the teacher: a pass over the source, or CNN_l's training crops
+# the teacher: a pass over the source, CNN_l's scores of its training crops, or of their maps' cells
+TEACHER_FROM = ("pass", "crops", "maps")
 TEACHER_IMAGES = ("all", "taught")  # the images the teacher scores: all, or those it teaches CNN_l
 # Options of earlier releases that backed no result of the localizer study, removed: a checkpoint
 # that recorded them at the one value that remains still loads; any other value is refused.
@@ -66,6 +68,14 @@ class Navigator(Localizer):
       other image, d in the others), and its scores of those crops in the training step itself,
       q = p_l(y | A) (detached), teach the navigator: BCE(sigmoid(z_k), q_k) for the crops' anchors
       only. A step costs CNN_l's crops and the scout, what inference costs plus the backward.
+    - `teacher_from=maps`: the same crops, and every anchor they see teaches. CNN_l's classifier
+      applied to each cell of a crop's feature map before the GAP (`KALMNet.local_readout`), the
+      cells averaged inside anchor k where the crops see it (`crop_pooling`), gives q_k as the
+      teacher's pass gives it from the source (the pooled features' p(label)), at the crops' own
+      scale. Anchors of which the crops see less than `teacher_seen` are not taught: the loss is
+      the mean BCE(sigmoid(z_k), q_k) over the taught ones. The crop's own anchor gets the crop's
+      score, as with `crops`; its neighbours, what the crop shows of them: several soft labels per
+      image at no cost beyond `crops`.
     - `policy=reinforce` (after `distill_epochs` epochs of distillation past the warm-up): draw
       k ~ pi_mix = (1 - explore) softmax(z) + explore / K, reward r = q_k, baseline b = q_g of the
       greedy anchor g = argmax z (self-critical); loss -(r - b) log pi_mix(k) - entropy * H(softmax z).
@@ -102,6 +112,7 @@ class Navigator(Localizer):
         train_crops: int = 2,
         teacher_images: str = "all",
         teacher_from: str = "pass",
+        teacher_seen: float = 0.5,
         **removed: str,
     ) -> None:
         super().__init__(height, width, channels, lr)
@@ -128,6 +139,8 @@ class Navigator(Localizer):
         self.teacher_images = teacher_images
         check_choice("localizer.teacher_from", teacher_from, TEACHER_FROM)
         self.teacher_from = teacher_from
+        check_number("localizer.teacher_seen", teacher_seen, 0, 1, exclusive_minimum=True)
+        self.teacher_seen = float(teacher_seen)
         check_number("localizer.scout_width", scout_width, 2, integer=True)
         check_number("localizer.warmup_epochs", warmup_epochs, 0, integer=True)
         check_number("localizer.distill_epochs", distill_epochs, 0, integer=True)
@@ -185,8 +198,9 @@ class Navigator(Localizer):
     def taught_by_crops(
         self, logits: torch.Tensor, pick: torch.Tensor, labels: torch.Tensor | None
     ) -> TrainingCrops:
-        """`teacher_from=crops`: CNN_l trains on the navigator's choice and a drawn anchor, and
-        its scores of those crops teach the navigator (`learn`, once CNN_l has scored them)."""
+        """`teacher_from=crops|maps`: CNN_l trains on the navigator's choice and a drawn anchor,
+        and its scores of those crops (or of their maps' cells) teach the navigator (`learn`,
+        once CNN_l has scored them)."""
         greedy = logits.argmax(dim=1)
         if self.train_crops == 2:
             chosen = torch.stack([greedy, pick], dim=1)
@@ -195,14 +209,34 @@ class Navigator(Localizer):
             chosen = torch.where(even, greedy, pick)[:, None]
         crops = TrainingCrops(self.anchors[chosen])
 
-        def learn(local_logits: torch.Tensor) -> torch.Tensor:
-            scores = self.taught(local_logits.float().softmax(-1)[..., 1], labels)
-            loss = F.binary_cross_entropy_with_logits(logits.gather(1, chosen), scores.detach())
+        def learn(local_logits: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+            if self.teacher_from == "maps":
+                scores, seen = self.seen_scores(crops.boxes, cells, labels)
+                each = F.binary_cross_entropy_with_logits(logits, scores, reduction="none")
+                loss = (each * seen).sum() / seen.sum().clamp_min(1)
+                crops.logs["train/navigator_taught"] = seen.sum(dim=1).mean()
+            else:
+                scores = self.taught(local_logits.float().softmax(-1)[..., 1], labels)
+                loss = F.binary_cross_entropy_with_logits(logits.gather(1, chosen), scores)
             crops.logs["train/navigator_loss"] = loss.detach()
             return loss
 
         crops.learn = learn
         return crops
+
+    def seen_scores(
+        self, boxes: torch.Tensor, cells: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`teacher_from=maps`: q [B, K] from CNN_l's cell logits [B, M, 2, h, w] of the crops
+        [B, M, 4], each anchor's the mean of the cells inside it over every crop that shows it,
+        and which anchors it teaches [B, K] (1.0 where one crop sees at least `teacher_seen` of
+        the anchor, else 0.0)."""
+        shares = crop_pooling(self.anchors, boxes, *cells.shape[-2:])
+        summed = torch.einsum("bmkn,bmon->bko", shares, cells.flatten(3).float())
+        seen = shares.sum(dim=-1)  # [B, M, K]: the share of each anchor each crop shows
+        pooled = summed / seen.sum(dim=1).clamp_min(1e-6)[..., None]
+        taught = (seen.amax(dim=1) >= self.teacher_seen).float()
+        return self.taught(pooled.softmax(-1)[..., 1], labels), taught
 
     def training_crops(self, inputs: LocalizerInputs, scorer: Scorer, epoch: int) -> TrainingCrops:
         batch, anchors = len(inputs.source), self.anchors
@@ -211,7 +245,7 @@ class Navigator(Localizer):
         if epoch < self.warmup_epochs:
             return TrainingCrops(drawn[:, None])
         logits = self.anchor_logits(inputs)
-        if self.policy == "distill" and self.teacher_from == "crops":
+        if self.policy == "distill" and self.teacher_from != "pass":
             return self.taught_by_crops(logits, pick, inputs.labels)
         if self.policy == "distill" or epoch < self.warmup_epochs + self.distill_epochs:
             # the images the teacher scores: all, or the taught ones (every other image)
