@@ -276,6 +276,28 @@ def test_the_teacher_from_the_maps_teaches_every_anchor_the_crops_show(seen: flo
         net_with("navigator", teacher_seen=0)
 
 
+@pytest.mark.parametrize("every", [0, 3])
+def test_drawn_every_sets_which_images_crop_a_drawn_anchor(every: int) -> None:
+    """teacher_from=maps, one crop per image: the navigator's choice, and a drawn anchor in every
+    `drawn_every`-th image (0: none); refused where the teacher's pass picks the crops."""
+    options = dict(warmup_epochs=0, grid=3, half=0.4, train_crops=1, teacher_from="maps")
+    net = net_with("navigator", **options, drawn_every=every).train()
+    images = torch.randn(6, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    greedy = net.localizer.anchor_logits(net.inputs(images)).argmax(dim=1)
+    drawn = torch.randint(9, (6,), generator=torch.Generator().manual_seed(3))
+    _, crops = net.training_outputs(
+        images, 0, torch.Generator().manual_seed(3), torch.tensor([0, 1, 0, 1, 1, 0])
+    )
+    expected = greedy.clone()
+    if every:
+        expected[every - 1 :: every] = drawn[every - 1 :: every]
+    assert torch.equal(crops.boxes[:, 0], net.localizer.anchors[expected])
+    with pytest.raises(
+        UserError, match=r"^localizer\.drawn_every=0 needs localizer\.train_crops=1"
+    ):
+        net_with("navigator", drawn_every=0)
+
+
 def test_a_navigator_node_with_a_removed_option_loads_at_its_one_value_or_is_refused() -> None:
     old = {"teacher": "pooled", "target": "scores", "inference": "navigator"}
     assert isinstance(net_with("navigator", **old).localizer, Navigator)

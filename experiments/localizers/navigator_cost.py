@@ -90,6 +90,11 @@ FROM_MAPS2 = variant(
     "localizer.teacher_from=maps",
     "localizer.train_crops=2",
 )
+FROM_MAPS_OWN = variant(  # the navigator's choice in every image: no drawn crops
+    "navigator, teacher from the cells of CNN_l's training crops, its choice in every image",
+    *FROM_MAPS.stage2[1:],
+    "localizer.drawn_every=0",
+)
 LONG = ("trainer.max_epochs=10", "model.scheduler.milestones=[6]")  # lr / 10 after 6
 FROM_CROPS_LONG = variant(  # as many CNN_l crops as the shipped navigator's 5 epochs at 2 per image
     "navigator, teacher from CNN_l's training crops, one crop per image, 10 epochs (lr / 10 after 6)",
@@ -108,6 +113,7 @@ CHEAPER = (
     FROM_CROPS_LONG,
     FROM_MAPS,
     FROM_MAPS_WIDE,
+    FROM_MAPS_OWN,
     FROM_MAPS2,
 )
 SAME_SCHEDULE = ((FROM_CROPS_LONG, SHIPPED_LONG),)  # also paired at the schedule they share

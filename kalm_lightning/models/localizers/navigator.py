@@ -75,7 +75,9 @@ class Navigator(Localizer):
       scale. Anchors of which the crops see less than `teacher_seen` are not taught: the loss is
       the mean BCE(sigmoid(z_k), q_k) over the taught ones. The crop's own anchor gets the crop's
       score, as with `crops`; its neighbours, what the crop shows of them: several soft labels per
-      image at no cost beyond `crops`.
+      image at no cost beyond `crops`. `drawn_every` (with `train_crops=1`): the drawn anchor is
+      the crop of every n-th image (2: every other, as above; 0: none, the navigator's choice in
+      every image).
     - `policy=reinforce` (after `distill_epochs` epochs of distillation past the warm-up): draw
       k ~ pi_mix = (1 - explore) softmax(z) + explore / K, reward r = q_k, baseline b = q_g of the
       greedy anchor g = argmax z (self-critical); loss -(r - b) log pi_mix(k) - entropy * H(softmax z).
@@ -113,6 +115,7 @@ class Navigator(Localizer):
         teacher_images: str = "all",
         teacher_from: str = "pass",
         teacher_seen: float = 0.5,
+        drawn_every: int = 2,
         **removed: str,
     ) -> None:
         super().__init__(height, width, channels, lr)
@@ -141,6 +144,14 @@ class Navigator(Localizer):
         self.teacher_from = teacher_from
         check_number("localizer.teacher_seen", teacher_seen, 0, 1, exclusive_minimum=True)
         self.teacher_seen = float(teacher_seen)
+        check_number("localizer.drawn_every", drawn_every, 0, integer=True)
+        if drawn_every != 2 and (teacher_from == "pass" or train_crops != 1):
+            raise UserError(
+                f"localizer.drawn_every={drawn_every} needs localizer.train_crops=1 and "
+                "localizer.teacher_from=crops|maps (the teacher's pass draws every other image): "
+                "set them, or leave drawn_every at 2"
+            )
+        self.drawn_every = int(drawn_every)
         check_number("localizer.scout_width", scout_width, 2, integer=True)
         check_number("localizer.warmup_epochs", warmup_epochs, 0, integer=True)
         check_number("localizer.distill_epochs", distill_epochs, 0, integer=True)
@@ -205,8 +216,10 @@ class Navigator(Localizer):
         if self.train_crops == 2:
             chosen = torch.stack([greedy, pick], dim=1)
         else:  # the navigator's choice in every other image, a drawn anchor in the others
-            even = torch.arange(len(pick), device=pick.device) % 2 == 0
-            chosen = torch.where(even, greedy, pick)[:, None]
+            every = self.drawn_every
+            place = torch.arange(len(pick), device=pick.device)
+            own = place % every != every - 1 if every else torch.ones_like(place, dtype=torch.bool)
+            chosen = torch.where(own, greedy, pick)[:, None]
         crops = TrainingCrops(self.anchors[chosen])
 
         def learn(local_logits: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
