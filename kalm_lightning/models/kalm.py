@@ -166,9 +166,10 @@ class KALMNet(nn.Module):
         features = self.local_cnn.forward_features(crops)
         logits = self.local_cnn.forward_head(features)
         fc = self.local_cnn.fc
-        cells = F.conv2d(features.detach().to(fc.weight.dtype), fc.weight[:, :, None, None])
-        cells = cells + fc.bias[:, None, None]
-        return logits.view(batch, many, -1), cells.detach().view(batch, many, *cells.shape[1:])
+        with torch.no_grad():
+            cells = F.conv2d(features.to(fc.weight.dtype), fc.weight[:, :, None, None])
+            cells = cells + fc.bias[:, None, None]
+        return logits.view(batch, many, -1), cells.view(batch, many, *cells.shape[1:])
 
     def crop_scores(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """p_l(abnormal) [B, K] of each box's crop, CNN_l in eval mode (its BatchNorm statistics
