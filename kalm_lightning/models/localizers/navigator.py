@@ -68,16 +68,12 @@ class Navigator(Localizer):
       other image, d in the others), and its scores of those crops in the training step itself,
       q = p_l(y | A) (detached), teach the navigator: BCE(sigmoid(z_k), q_k) for the crops' anchors
       only. A step costs CNN_l's crops and the scout, what inference costs plus the backward.
-    - `teacher_from=maps`: the same crops, and every anchor they see teaches. CNN_l's classifier
-      applied to each cell of a crop's feature map before the GAP (`KALMNet.local_readout`), the
-      cells averaged inside anchor k where the crops see it (`crop_pooling`), gives q_k as the
-      teacher's pass gives it from the source (the pooled features' p(label)), at the crops' own
-      scale. Anchors of which the crops see less than `teacher_seen` are not taught: the loss is
-      the mean BCE(sigmoid(z_k), q_k) over the taught ones. The crop's own anchor gets the crop's
-      score, as with `crops`; its neighbours, what the crop shows of them: several soft labels per
-      image at no cost beyond `crops`. `drawn_every` (with `train_crops=1`): the drawn anchor is
-      the crop of every n-th image (2: every other, as above; 0: none, the navigator's choice in
-      every image).
+    - `teacher_from=maps`: the same crops; CNN_l's classifier on each cell of a crop's feature map
+      (`KALMNet.local_readout`), averaged inside anchor k where a crop shows at least
+      `teacher_seen` of it (`crop_pooling`), gives q_k as the teacher's pass does from the source,
+      at the crops' scale; loss: the mean BCE(sigmoid(z_k), q_k) over the anchors so taught (the
+      crop's own gets the crop's score). `drawn_every` (`train_crops=1`): the drawn anchor is the
+      crop of every n-th image (2: every other, as above; 0: none).
     - `policy=reinforce` (after `distill_epochs` epochs of distillation past the warm-up): draw
       k ~ pi_mix = (1 - explore) softmax(z) + explore / K, reward r = q_k, baseline b = q_g of the
       greedy anchor g = argmax z (self-critical); loss -(r - b) log pi_mix(k) - entropy * H(softmax z).
