@@ -101,6 +101,12 @@ FROM_CROPS_LONG = variant(  # as many CNN_l crops as the shipped navigator's 5 e
     *FROM_CROPS.stage2[1:],
     *LONG,
 )
+FROM_MAPS_LONG = variant(  # the maps teacher at the same doubled schedule
+    "navigator, teacher from the cells of CNN_l's training crops, one crop per image, 10 epochs "
+    "(lr / 10 after 6)",
+    *FROM_MAPS.stage2[1:],
+    *LONG,
+)
 # FROM_CROPS_LONG's schedule for the shipped one: is it as good as the shipped one at 10 epochs?
 SHIPPED_LONG = variant("navigator as shipped, 10 epochs (lr / 10 after 6)", *LONG)
 CHEAPER = (
@@ -115,8 +121,12 @@ CHEAPER = (
     FROM_MAPS_WIDE,
     FROM_MAPS_OWN,
     FROM_MAPS2,
+    FROM_MAPS_LONG,
 )
-SAME_SCHEDULE = ((FROM_CROPS_LONG, SHIPPED_LONG),)  # also paired at the schedule they share
+SAME_SCHEDULE = (
+    (FROM_CROPS_LONG, SHIPPED_LONG),
+    (FROM_MAPS_LONG, SHIPPED_LONG),
+)  # also paired at the schedule they share
 LOST = 0.05  # a seed loses the hit rate where it is more than 5 points below the shipped one's
 
 
