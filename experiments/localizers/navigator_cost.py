@@ -123,10 +123,8 @@ CHEAPER = (
     FROM_MAPS2,
     FROM_MAPS_LONG,
 )
-SAME_SCHEDULE = (
-    (FROM_CROPS_LONG, SHIPPED_LONG),
-    (FROM_MAPS_LONG, SHIPPED_LONG),
-)  # also paired at the schedule they share
+# also paired with the shipped one at the schedule they share
+SAME_SCHEDULE = ((FROM_CROPS_LONG, SHIPPED_LONG), (FROM_MAPS_LONG, SHIPPED_LONG))
 LOST = 0.05  # a seed loses the hit rate where it is more than 5 points below the shipped one's
 
 

@@ -146,13 +146,18 @@ class KALMNet(nn.Module):
         )
         return LocalizerInputs(known, self.class_weights(), view, images, generator, labels)
 
+    def crops_of(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """The crops [B * M, 3, s, s] of M boxes per image [B, M, 4], image by image: eq. (8)-(9)."""
+        return crop(
+            images.repeat_interleave(boxes.size(1), 0), boxes.flatten(0, 1), self.image_size
+        )
+
     def local_logits(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """S_l [B, M, 2] of M boxes per image [B, M, 4]: eq. (8)-(9), then CNN_l."""
         batch, many = boxes.shape[:2]
         if many == 1:
             return self.local_cnn(crop(images, boxes[:, 0], self.image_size))[:, None]
-        crops = crop(images.repeat_interleave(many, 0), boxes.flatten(0, 1), self.image_size)
-        return self.local_cnn(crops).view(batch, many, -1)
+        return self.local_cnn(self.crops_of(images, boxes)).view(batch, many, -1)
 
     def local_readout(
         self, images: torch.Tensor, boxes: torch.Tensor
@@ -162,8 +167,7 @@ class KALMNet(nn.Module):
         gradients: eq. (3) is linear, so their mean over a region is the score of the region's
         pooled features, and over the whole crop it is the crop's S_l."""
         batch, many = boxes.shape[:2]
-        crops = crop(images.repeat_interleave(many, 0), boxes.flatten(0, 1), self.image_size)
-        features = self.local_cnn.forward_features(crops)
+        features = self.local_cnn.forward_features(self.crops_of(images, boxes))
         logits = self.local_cnn.forward_head(features)
         fc = self.local_cnn.fc
         with torch.no_grad():
@@ -205,8 +209,7 @@ class KALMNet(nn.Module):
         (eq. 8-9, then GAP), the localizer's pooling over the K (with its per-crop `scale`
         where it has one), CNN_l's classifier; and the windows' weights [B, K]."""
         batch, many = windows.shape[:2]
-        crops = crop(images.repeat_interleave(many, 0), windows.flatten(0, 1), self.image_size)
-        features = self.local_cnn.forward_features(crops).mean(dim=(2, 3))
+        features = self.local_cnn.forward_features(self.crops_of(images, windows)).mean(dim=(2, 3))
         pooled, weights = self.localizer.pool(features.view(batch, many, -1), scale)
         return self.local_cnn.fc(pooled), weights
 
