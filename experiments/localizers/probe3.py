@@ -1,18 +1,21 @@
-"""Study 3's navigator row with its teacher changed, on one regime and seed: is the teacher's
-pass the reason the navigator misses the lesion in study 3's regimes?
+"""Study 3's navigator or attention-sampling row with one thing changed, on one regime and seed:
+why does the row miss the lesion where it does?
 
-    python -m experiments.localizers.navigator_probe3 --variant from-crops --work WORK [--seed 0]
+    python -m experiments.localizers.probe3 --row navigator --variant from-crops --work WORK [--seed 0]
+    python -m experiments.localizers.probe3 --row sampling --variant cnn-l-from-k-crops --seed 1 --work WORK
 
-`from-crops`: taught by CNN_l's own training crops (`localizer.teacher_from=crops`, one crop per
-image), so the teacher sees the anchors exactly as CNN_l's crops do; `teacher-at-crops-scale`: the
-teacher's pass over the source resized to the crops' scale (`localizer.teacher_size=crops`); `cnn-l-from-k-crops`: the
-study's row, its CNN_l started as the CNN_l of the same regime and seed's "K crops by attention,
-K = 4" run (`stage.local_init=` that run's checkpoint; `multicrop-k4` in the record's overrides),
-which found the lesion: does the navigator find it when CNN_l already knows the lesion?
-`cnn-l-from-k-crops-no-warm-up`: the same without the warm-up epoch on random anchors. The
+Navigator variants: `from-crops`: taught by CNN_l's own training crops (`localizer.teacher_from=
+crops`, one crop per image), so the teacher sees the anchors exactly as CNN_l's crops do;
+`teacher-at-crops-scale`: the teacher's pass over the source resized to the crops' scale
+(`localizer.teacher_size=crops`); `cnn-l-from-k-crops-no-warm-up`: the next without the warm-up
+epoch on random anchors. Both rows: `cnn-l-from-k-crops`: the study's row, its CNN_l started as
+the CNN_l of the same regime and seed's "K crops by attention, K = 4" run (`stage.local_init=`
+that run's checkpoint; `multicrop-k4` in the record's overrides), which found the lesion: does the
+row find it when CNN_l already knows the lesion? Sampling: `entropy-0.1`: ten times the
+attention's entropy bonus, so that the attention stays spread longer while CNN_l learns. The
 study's runner at the study's sizes, schedule and selection; the seed's stage 1 is the study's
 (its record copied, its checkpoint in WORK, the study's work folder). Records in
-study3/navigator-probe/results, one per run, written atomically.
+study3/ROW-probe/results, one per run, written atomically.
 """
 
 from __future__ import annotations
@@ -29,15 +32,23 @@ from experiments.localizers.study3 import (
     NAVIGATOR,
     OUT,
     REGIMES,
+    SAMPLING,
     Study3,
 )
 
 FROM_K_CROPS = "stage.local_init=multicrop-k4"  # the K = 4 run's checkpoint, found at run time
-VARIANTS = {
-    "from-crops": ("localizer.teacher_from=crops", "localizer.train_crops=1"),
-    "teacher-at-crops-scale": ("localizer.teacher_size=crops",),
-    "cnn-l-from-k-crops": (FROM_K_CROPS,),
-    "cnn-l-from-k-crops-no-warm-up": (FROM_K_CROPS, "localizer.warmup_epochs=0"),
+ROWS = {"navigator": NAVIGATOR, "sampling": SAMPLING}
+VARIANTS = {  # per row: a variant's overrides over the study's row
+    "navigator": {
+        "from-crops": ("localizer.teacher_from=crops", "localizer.train_crops=1"),
+        "teacher-at-crops-scale": ("localizer.teacher_size=crops",),
+        "cnn-l-from-k-crops": (FROM_K_CROPS,),
+        "cnn-l-from-k-crops-no-warm-up": (FROM_K_CROPS, "localizer.warmup_epochs=0"),
+    },
+    "sampling": {
+        "cnn-l-from-k-crops": (FROM_K_CROPS,),
+        "entropy-0.1": ("localizer.entropy=0.1",),
+    },
 }
 
 
@@ -55,20 +66,25 @@ class Probe(Study3):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    parser.add_argument("--row", choices=sorted(ROWS), default="navigator")
+    parser.add_argument("--variant", required=True, help="one of the row's: see the docstring")
     parser.add_argument("--work", type=Path, required=True, help="the study's data and runs")
     parser.add_argument("--regime", default=REGIMES[0].name, choices=[r.name for r in REGIMES])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    variants = VARIANTS[args.row]
+    if args.variant not in variants:
+        parser.error(f"--variant {args.variant}: the {args.row} row has {', '.join(variants)}")
     regime = next(r for r in REGIMES if r.name == args.regime)
-    out = OUT / "navigator-probe"
+    out = OUT / f"{args.row}-probe"
     (out / "results" / regime.name).mkdir(parents=True, exist_ok=True)
     for start in (GLOBAL_INPUT, MULTICROP):  # the runs a probe starts from: the study's records
         record = f"{run_name(start)}-seed{args.seed}.json"
         if not (out / "results" / regime.name / record).is_file():
             shutil.copy(OUT / "results" / regime.name / record, out / "results" / regime.name)
-    name = f"{NAVIGATOR.name}, {args.variant}"
-    row = Row(name, "kalm", (), (*NAVIGATOR.stage2, *VARIANTS[args.variant]), kind="learned")
+    studied = ROWS[args.row]
+    name = f"{studied.name}, {args.variant}"
+    row = Row(name, "kalm", (), (*studied.stage2, *variants[args.variant]), kind="learned")
     study = Probe(out, args.work.resolve(), False, None)
     if FROM_K_CROPS in row.stage2:
         study.local = study.trained_run(regime, MULTICROP, args.seed)["ckpt"]
