@@ -3,6 +3,7 @@ why does the row miss the lesion where it does?
 
     python -m experiments.localizers.probe3 --row navigator --variant from-crops --work WORK [--seed 0]
     python -m experiments.localizers.probe3 --row sampling --variant cnn-l-from-k-crops --seed 1 --work WORK
+    python -m experiments.localizers.probe3 --row sampling --epochs --work WORK   # a table, per epoch
 
 Navigator variants: `from-crops`: taught by CNN_l's own training crops (`localizer.teacher_from=
 crops`, one crop per image), so the teacher sees the anchors exactly as CNN_l's crops do;
@@ -15,7 +16,9 @@ row find it when CNN_l already knows the lesion? Sampling: `entropy-0.1`: ten ti
 attention's entropy bonus, so that the attention stays spread longer while CNN_l learns. The
 study's runner at the study's sizes, schedule and selection; the seed's stage 1 is the study's
 (its record copied, its checkpoint in WORK, the study's work folder). Records in
-study3/ROW-probe/results, one per run, written atomically.
+study3/ROW-probe/results, one per run, written atomically. `--epochs`: the attention's entropy
+and CNN_l's study AUROC on the hold-out, epoch by epoch, of every run of the row (the study's and
+the probe's) that WORK holds, from the runs' CSV logs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+
+import pandas as pd
 
 from experiments.localizers.plan import Row
 from experiments.localizers.runner import run_name
@@ -64,14 +69,38 @@ class Probe(Study3):
         return tuple(given if o == FROM_K_CROPS else o for o in overrides)
 
 
+EPOCHS = {"train/attention_entropy": "attention entropy", "val/local/study_auroc": "CNN_l's AUROC"}
+
+
+def epochs_table(work: Path, row: Row) -> str:
+    """A markdown table, per run of `row` in `work` (the study's and its probe variants), of
+    `EPOCHS` epoch by epoch (the hold-out's AUROC: the validation of each epoch)."""
+    lines = ["| regime | seed | run | " + " | ".join(EPOCHS.values()) + " |", "|---" * 5 + "|"]
+    for regime in REGIMES:
+        for log in sorted(
+            (work / "runs" / regime.name).glob(f"seed*/{run_name(row)}*/csv/*/*.csv")
+        ):
+            run = log.parents[2]
+            means = pd.read_csv(log).reindex(columns=["epoch", *EPOCHS]).groupby("epoch").mean()
+            cells = [", ".join(f"{v:.2f}" for v in means[k]) for k in EPOCHS]
+            lines.append(
+                f"| {regime.name} | {run.parent.name[4:]} | {run.name} | {' | '.join(cells)} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--row", choices=sorted(ROWS), default="navigator")
-    parser.add_argument("--variant", required=True, help="one of the row's: see the docstring")
+    parser.add_argument("--variant", help="one of the row's: see the docstring")
+    parser.add_argument("--epochs", action="store_true", help="print the row's runs per epoch")
     parser.add_argument("--work", type=Path, required=True, help="the study's data and runs")
     parser.add_argument("--regime", default=REGIMES[0].name, choices=[r.name for r in REGIMES])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.epochs:
+        print(epochs_table(args.work, ROWS[args.row]))
+        return
     variants = VARIANTS[args.row]
     if args.variant not in variants:
         parser.error(f"--variant {args.variant}: the {args.row} row has {', '.join(variants)}")
