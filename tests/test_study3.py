@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import pytest
 from conftest import run_module
 from PIL import Image
 
-from experiments.localizers.study3 import MULTICROP, ROWS, plan
+from experiments.localizers.runner import run_name
+from experiments.localizers.study3 import MULTICROP, ROWS, SAMPLING, plan
 
 STUDY3 = "experiments.localizers.study3"
+PROBE3 = "experiments.localizers.probe3"
 
 
 @pytest.mark.slow
@@ -43,6 +46,12 @@ def test_study3_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     for name in ("cost.png", "hits.png"):
         with Image.open(out / name) as image:
             assert image.width > 100
+    epochs = run_module(PROBE3, ["--row", "sampling", "--epochs", "--work", str(work)], tmp_path)
+    assert epochs.returncode == 0, epochs.stderr[-4000:]
+    sampling = [line for line in epochs.stdout.splitlines() if run_name(SAMPLING) in line]
+    assert len(sampling) == 1  # the run's attention entropy per epoch, at most log(anchors)
+    entropy = [float(v) for v in sampling[0].split(" | ")[3].split(", ")]
+    assert entropy and all(0 <= v <= math.log(49) + 0.01 for v in entropy)
     before = {p: p.read_text() for p in (out / "results").rglob("*.json")}
     second = run_module(STUDY3, args, tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
