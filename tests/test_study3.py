@@ -12,7 +12,7 @@ from conftest import run_module
 from PIL import Image
 
 from experiments.localizers.runner import run_name
-from experiments.localizers.study3 import MULTICROP, ROWS, SAMPLING, plan
+from experiments.localizers.study3 import MULTICROP, REGIMES, ROWS, SAMPLING, plan
 
 STUDY3 = "experiments.localizers.study3"
 PROBE3 = "experiments.localizers.probe3"
@@ -52,6 +52,12 @@ def test_study3_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     assert len(sampling) == 1  # the run's attention entropy per epoch, at most log(anchors)
     entropy = [float(v) for v in sampling[0].split(" | ")[3].split(", ")]
     assert entropy and all(0 <= v <= math.log(49) + 0.01 for v in entropy)
+    where = ["--regime", REGIMES[0].name, "--seed", "0", "--work", str(work)]
+    signal = run_module(PROBE3, ["--row", "sampling", "--signal", *where], tmp_path)
+    assert signal.returncode == 0, signal.stderr[-4000:]
+    figures = json.loads(signal.stdout.strip().splitlines()[-1])
+    assert figures["views"] > 0 and 0 < figures["their share of the anchors"] < 1
+    assert 0 <= figures["attention on the lesion's anchors"] <= 1
     before = {p: p.read_text() for p in (out / "results").rglob("*.json")}
     second = run_module(STUDY3, args, tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]

@@ -4,6 +4,7 @@ why does the row miss the lesion where it does?
     python -m experiments.localizers.probe3 --row navigator --variant from-crops --work WORK [--seed 0]
     python -m experiments.localizers.probe3 --row sampling --variant cnn-l-from-k-crops --seed 1 --work WORK
     python -m experiments.localizers.probe3 --row sampling --epochs --work WORK   # a table, per epoch
+    python -m experiments.localizers.probe3 --row sampling --signal --regime R --seed S --work WORK
 
 Navigator variants: `from-crops`: taught by CNN_l's own training crops (`localizer.teacher_from=
 crops`, one crop per image), so the teacher sees the anchors exactly as CNN_l's crops do;
@@ -18,16 +19,23 @@ study's runner at the study's sizes, schedule and selection; the seed's stage 1 
 (its record copied, its checkpoint in WORK, the study's work folder). Records in
 study3/ROW-probe/results, one per run, written atomically. `--epochs`: the attention's entropy
 and CNN_l's study AUROC on the hold-out, epoch by epoch, of every run of the row (the study's and
-the probe's) that WORK holds, from the runs' CSV logs.
+the probe's) that WORK holds, from the runs' CSV logs. `--signal`: the study's run of the row on
+that regime and seed, its kept checkpoint, on the first 200 lesioned training views of its data:
+the attention's mass on the anchors that hold the lesion centre (against their share of the
+anchors), and CNN_l's p(abnormal) of every anchor's crop. Does CNN_l score a window on the lesion
+above the window the attention puts first? If so, what the estimator learns from would draw the
+attention to the lesion, could it sample there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from experiments.localizers.plan import Row
 from experiments.localizers.runner import run_name
@@ -40,6 +48,12 @@ from experiments.localizers.study3 import (
     SAMPLING,
     Study3,
 )
+from kalm_lightning.data.dataset import MURADataset
+from kalm_lightning.data.geometry import box_to_pixels
+from kalm_lightning.data.index import read_lesion_boxes
+from kalm_lightning.data.mura import read_mura_index
+from kalm_lightning.evaluation.localization import inside
+from kalm_lightning.stages.loading import load_stage
 
 FROM_K_CROPS = "stage.local_init=multicrop-k4"  # the K = 4 run's checkpoint, found at run time
 ROWS = {"navigator": NAVIGATOR, "sampling": SAMPLING}
@@ -89,11 +103,62 @@ def epochs_table(work: Path, row: Row) -> str:
     return "\n".join(lines)
 
 
+def lesioned_views(root: Path, preprocessing, most: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `most` training views with a lesion, as the checkpoint's preprocessing makes its
+    source images [N, 3, s, s], and their lesion centres [N, 2] in those pixels."""
+    index = read_mura_index(root, "train")
+    boxes = read_lesion_boxes(root).set_index("path")
+    index = index[index["path"].isin(boxes.index)].head(most).reset_index(drop=True)
+    size = preprocessing.source_size
+    dataset = MURADataset(
+        index, size, resize=preprocessing.resize, mean=preprocessing.mean, std=preprocessing.std
+    )
+    images, centres = [], []
+    for i, path in enumerate(index["path"]):
+        height, width = dataset.original_size(i)
+        x0, y0, x1, y1 = boxes.loc[path, ["x0", "y0", "x1", "y1"]]
+        images.append(dataset[i]["image"])
+        centres.append([(x0 + x1) / 2 / width * size, (y0 + y1) / 2 / height * size])
+    return torch.stack(images), torch.tensor(centres)
+
+
+def signal(work: Path, regime, seed: int, row: Row, most: int = 200) -> dict[str, float]:
+    """`--signal`'s figures for the study's run of `row` (its kept checkpoint)."""
+    run = work / "runs" / regime.name / f"seed{seed}" / run_name(row)
+    stage = load_stage(str(next((run / "checkpoints").glob("best-*.ckpt"))))
+    net, size = stage.net, stage.preprocessing.source_size
+    images, centres = lesioned_views(
+        work / "data" / f"{regime.name}-seed{seed}", stage.preprocessing, most
+    )
+    anchors = net.localizer.anchors
+    pixels = box_to_pixels(anchors, size).numpy()
+    holds = torch.stack(
+        [torch.from_numpy(inside(pixels, c.expand(len(anchors), 2).numpy())) for c in centres]
+    ).float()  # [N, A]: the anchors that hold each view's lesion centre
+    attention, scores = [], []
+    with torch.no_grad():
+        for batch in images.split(16):
+            attention.append(net.localizer.attention(net.inputs(batch)))
+            scores.append(net.crop_scores(batch, anchors.expand(len(batch), -1, -1)))
+    attention, scores = torch.cat(attention), torch.cat(scores)
+    top = scores.gather(1, attention.argmax(dim=1, keepdim=True)).squeeze(1)
+    on_lesion = (scores * holds - (1 - holds)).amax(dim=1)  # the best window on the lesion
+    return {
+        "views": len(images),
+        "attention on the lesion's anchors": float((attention * holds).sum(1).mean()),
+        "their share of the anchors": float(holds.mean()),
+        "CNN_l, best window on the lesion": float(on_lesion.mean()),
+        "CNN_l, the attention's first window": float(top.mean()),
+        "views where CNN_l scores the lesion above it": float((on_lesion > top).float().mean()),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--row", choices=sorted(ROWS), default="navigator")
     parser.add_argument("--variant", help="one of the row's: see the docstring")
     parser.add_argument("--epochs", action="store_true", help="print the row's runs per epoch")
+    parser.add_argument("--signal", action="store_true", help="what the row's run attends to")
     parser.add_argument("--work", type=Path, required=True, help="the study's data and runs")
     parser.add_argument("--regime", default=REGIMES[0].name, choices=[r.name for r in REGIMES])
     parser.add_argument("--seed", type=int, default=0)
@@ -101,10 +166,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.epochs:
         print(epochs_table(args.work, ROWS[args.row]))
         return
+    regime = next(r for r in REGIMES if r.name == args.regime)
+    if args.signal:
+        figures = signal(args.work, regime, args.seed, ROWS[args.row])
+        print(json.dumps({"regime": regime.name, "seed": args.seed, **figures}))
+        return
     variants = VARIANTS[args.row]
     if args.variant not in variants:
         parser.error(f"--variant {args.variant}: the {args.row} row has {', '.join(variants)}")
-    regime = next(r for r in REGIMES if r.name == args.regime)
     out = OUT / f"{args.row}-probe"
     (out / "results" / regime.name).mkdir(parents=True, exist_ok=True)
     for start in (GLOBAL_INPUT, MULTICROP):  # the runs a probe starts from: the study's records
