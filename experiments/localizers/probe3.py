@@ -39,6 +39,7 @@ import torch
 
 from experiments.localizers.plan import Row
 from experiments.localizers.runner import run_name
+from experiments.localizers.scout_lab import views
 from experiments.localizers.study3 import (
     GLOBAL_INPUT,
     MULTICROP,
@@ -48,10 +49,7 @@ from experiments.localizers.study3 import (
     SAMPLING,
     Study3,
 )
-from kalm_lightning.data.dataset import MURADataset
 from kalm_lightning.data.geometry import box_to_pixels
-from kalm_lightning.data.index import read_lesion_boxes
-from kalm_lightning.data.mura import read_mura_index
 from kalm_lightning.evaluation.localization import inside
 from kalm_lightning.stages.loading import load_stage
 
@@ -103,32 +101,14 @@ def epochs_table(work: Path, row: Row) -> str:
     return "\n".join(lines)
 
 
-def lesioned_views(root: Path, preprocessing, most: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `most` training views with a lesion, as the checkpoint's preprocessing makes its
-    source images [N, 3, s, s], and their lesion centres [N, 2] in those pixels."""
-    index = read_mura_index(root, "train")
-    boxes = read_lesion_boxes(root).set_index("path")
-    index = index[index["path"].isin(boxes.index)].head(most).reset_index(drop=True)
-    size = preprocessing.source_size
-    dataset = MURADataset(
-        index, size, resize=preprocessing.resize, mean=preprocessing.mean, std=preprocessing.std
-    )
-    images, centres = [], []
-    for i, path in enumerate(index["path"]):
-        height, width = dataset.original_size(i)
-        x0, y0, x1, y1 = boxes.loc[path, ["x0", "y0", "x1", "y1"]]
-        images.append(dataset[i]["image"])
-        centres.append([(x0 + x1) / 2 / width * size, (y0 + y1) / 2 / height * size])
-    return torch.stack(images), torch.tensor(centres)
-
-
 def signal(work: Path, regime, seed: int, row: Row, most: int = 200) -> dict[str, float]:
     """`--signal`'s figures for the study's run of `row` (its kept checkpoint)."""
     run = work / "runs" / regime.name / f"seed{seed}" / run_name(row)
     stage = load_stage(str(next((run / "checkpoints").glob("best-*.ckpt"))))
     net, size = stage.net, stage.preprocessing.source_size
-    images, centres = lesioned_views(
-        work / "data" / f"{regime.name}-seed{seed}", stage.preprocessing, most
+    root = work / "data" / f"{regime.name}-seed{seed}"
+    images, _, centres = views(
+        root, "train", size, lesioned=most, preprocessing=stage.preprocessing
     )
     anchors = net.localizer.anchors
     pixels = box_to_pixels(anchors, size).numpy()

@@ -36,13 +36,24 @@ from kalm_lightning.models.localizers.base import LocalizerInputs
 from kalm_lightning.models.localizers.multicrop import MultiCrop, top_pooling
 
 
-def views(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def views(
+    root: Path, split: str, size: int, lesioned: int | None = None, preprocessing=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A split's images [N, 3, size, size] as the stages see them, labels [N] and lesion centres
-    [N, 2] in the images' pixels (NaN where a view has no lesion)."""
+    [N, 2] in the images' pixels (NaN where a view has no lesion). lesioned: only the first that
+    many views with a lesion; preprocessing: a checkpoint's (its resize and normalisation; by
+    default the stages' defaults)."""
     index = read_mura_index(root, split)
-    dataset = MURADataset(index, source_size=size)
-    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     boxes = read_lesion_boxes(root).set_index("path")
+    if lesioned is not None:
+        index = index[index["path"].isin(boxes.index)].head(lesioned).reset_index(drop=True)
+    given = (
+        {}
+        if preprocessing is None
+        else {"resize": preprocessing.resize, "mean": preprocessing.mean, "std": preprocessing.std}
+    )
+    dataset = MURADataset(index, source_size=size, **given)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     centres = torch.full((len(index), 2), float("nan"))
     for i, path in enumerate(index["path"]):
         if path in boxes.index:
