@@ -16,6 +16,7 @@ from experiments.localizers.study3 import MULTICROP, REGIMES, ROWS, SAMPLING, pl
 
 STUDY3 = "experiments.localizers.study3"
 PROBE3 = "experiments.localizers.probe3"
+REPORT3 = "experiments.localizers.report3"
 
 
 @pytest.mark.slow
@@ -58,6 +59,10 @@ def test_study3_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
     figures = json.loads(signal.stdout.strip().splitlines()[-1])
     assert figures["views"] > 0 and 0 < figures["their share of the anchors"] < 1
     assert 0 <= figures["attention on the lesion's anchors"] <= 1
+    (out / "RESULTS.md").unlink()
+    report = run_module(REPORT3, ["--quick", "--out", str(out)], tmp_path)
+    assert report.returncode == 0, report.stderr[-4000:]
+    assert all(f"| {row.name} | [0] |" in (out / "RESULTS.md").read_text() for row in ROWS)
     before = {p: p.read_text() for p in (out / "results").rglob("*.json")}
     second = run_module(STUDY3, args, tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
