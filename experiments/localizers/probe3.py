@@ -115,6 +115,8 @@ def signal(work: Path, regime, seed: int, row: Row, most: int = 200) -> dict[str
     holds = torch.stack(
         [torch.from_numpy(inside(pixels, c.expand(len(anchors), 2).numpy())) for c in centres]
     ).float()  # [N, A]: the anchors that hold each view's lesion centre
+    found = holds.any(dim=1)  # a centre on the image's very edge may lie in no anchor
+    images, holds = images[found], holds[found]
     attention, scores = [], []
     with torch.no_grad():
         for batch in images.split(16):
@@ -148,10 +150,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     regime = next(r for r in REGIMES if r.name == args.regime)
     if args.signal:
+        if args.row != "sampling":
+            parser.error("--signal reads the attention of the sampling row: give --row sampling")
         figures = signal(args.work, regime, args.seed, ROWS[args.row])
         print(json.dumps({"regime": regime.name, "seed": args.seed, **figures}))
         return
     variants = VARIANTS[args.row]
+    if args.variant is None:
+        parser.error("give --variant (a run), --epochs or --signal (readings of the study's runs)")
     if args.variant not in variants:
         parser.error(f"--variant {args.variant}: the {args.row} row has {', '.join(variants)}")
     out = OUT / f"{args.row}-probe"
