@@ -38,6 +38,8 @@ def test_study3_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
         assert record["at_operating_point"]["threshold_rule"] == "youden"
         assert 0 <= record["at_operating_point"]["accuracy"] <= 1
         assert record["images_trained"] > 0
+    assert all(Path(r["ckpt"]).is_file() for r in records.values())
+    assert not list(work.rglob("last.ckpt"))  # a recorded run keeps its selected checkpoint alone
     k4 = records["s2-localizer-multicrop-localizer.k-4-seed0.json"]
     assert k4["localization"]["windows"] == 4
     assert k4["localization"]["hit_rate"] >= k4["localization"]["hit_rate_top"]

@@ -210,6 +210,10 @@ class Study:
             "torch_threads": torch.get_num_threads(),  # the order of the CPU's sums
         }
         self.write(regime, row, seed, record)
+        # A recorded run needs only its kept checkpoint. last.ckpt (what a stopped run continues
+        # from; an unrecorded run is trained afresh anyway) would fill the disk over a study's
+        # hundreds of runs: study 3's first 153 held 22 GB of them.
+        Run(run_dir).last_checkpoint.unlink(missing_ok=True)
         return record
 
     def more_figures(self, run_dir: Path, cfg) -> dict:
