@@ -112,9 +112,9 @@ def signal(work: Path, regime, seed: int, row: Row, most: int = 200) -> dict[str
     )
     anchors = net.localizer.anchors
     pixels = box_to_pixels(anchors, size).numpy()
-    holds = torch.stack(
-        [torch.from_numpy(inside(pixels, c.expand(len(anchors), 2).numpy())) for c in centres]
-    ).float()  # [N, A]: the anchors that hold each view's lesion centre
+    points = centres.repeat_interleave(len(anchors), 0).numpy()
+    held = inside(pixels[None].repeat(len(centres), 0).reshape(-1, 4), points)
+    holds = torch.from_numpy(held).view(len(centres), -1).float()  # [N, A]: anchors on each lesion
     found = holds.any(dim=1)  # a centre on the image's very edge may lie in no anchor
     images, holds = images[found], holds[found]
     attention, scores = [], []

@@ -30,6 +30,7 @@ from experiments.localizers.study3 import (
     READERS,
     REGIMES,
     ROWS,
+    WORK,
     Study3,
     plan,
 )
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:  # no work folder is read: the records are all a report needs
-        study = Study3(args.out.resolve(), Path("outputs/localizers3").resolve(), args.quick, None)
+        study = Study3(args.out.resolve(), WORK.resolve(), args.quick, None)
     except UserError as error:
         raise SystemExit(f"report3: {error}") from None
     write_report(study, args.quick, time.perf_counter() - start)

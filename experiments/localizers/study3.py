@@ -32,6 +32,7 @@ from kalm_lightning.runs import Run
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "study3"
+WORK = Path("outputs/localizers3")  # the runs and generated data, beside any checkout
 
 INPUT, SOURCE, MATCHED = 80, 320, 184  # MATCHED: the side whose global CNN costs what K = 4 does
 SIZES = (
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: for tests, not results")
     parser.add_argument("--out", type=Path, default=OUT, help="results/ and RESULTS.md")
-    parser.add_argument("--work", type=Path, default=Path("outputs/localizers3"), help="data, runs")
+    parser.add_argument("--work", type=Path, default=WORK, help="data, runs")
     parser.add_argument("--max-minutes", type=float, help="start no run after this many minutes")
     parser.add_argument("--seeds", type=int, nargs="+", help="only these seeds")
     args = parser.parse_args(argv)
