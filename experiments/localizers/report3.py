@@ -10,6 +10,7 @@ import argparse
 import platform
 import time
 from pathlib import Path
+from statistics import median
 
 import matplotlib
 
@@ -72,7 +73,9 @@ def stat(runs: dict[int, dict], key: str) -> str:
     values = [r[key] for r in runs.values() if r[key] is not None]
     if not values:
         return "-"
-    digits = {"gflops": 2, "tflops_trained": 1, "minutes": 1}.get(key, 3)
+    digits = {"gflops": 2, "tflops_trained": 1}.get(key, 3)
+    if key == "minutes":  # the median: a run that shared the CPU or spanned a pause is an outlier
+        return f"{median(values):.1f}"
     if key in ("hits", "hits_top"):
         return f"{100 * mean(values):.1f}% ± {100 * spread(values):.1f}"
     return f"{mean(values):.{digits}f} ± {spread(values):.{digits}f}"
@@ -121,7 +124,7 @@ def regime_section(regime, rows: dict[str, dict[int, dict]]) -> list[str]:
         "",
         "| row | seeds | study AUROC | accuracy @ op. point | kappa @ op. point | lesion hits "
         "(any window) | hits (top window) | best IoU | inference GFLOPs | training TFLOPs | "
-        "minutes/run |",
+        "minutes/run (median) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in ROWS:
@@ -207,6 +210,15 @@ def write_report(study, quick: bool, seconds: float) -> None:
         f"`python -m experiments.localizers.{m}{flag}`" for m in ("report3", "study3")
     )
     discussion = study.out / DISCUSSION
+    hours = (
+        sum(
+            f["minutes"]
+            for rows in collected.values()
+            for runs in rows.values()
+            for f in runs.values()
+        )
+        / 60
+    )
     lines = [
         "# Localizer study 3: K crops read by attention, in regimes where looking pays",
         "",
@@ -219,7 +231,12 @@ def write_report(study, quick: bool, seconds: float) -> None:
         f"{torch.get_num_threads()} threads; each record's minutes are from the machine that "
         f"ran it. This invocation: {seconds / 60:.1f} min. Minutes are wall time on a 2-core "
         "machine that often ran other work beside the study (and paused it for benchmarks): "
-        "they say roughly how long a run takes, and the training TFLOPs are the cost to compare.",
+        "they say roughly how long a run takes (the table gives their median over seeds), and the "
+        "training TFLOPs are the cost to compare.",
+        "",
+        f"Wall time of the finished runs, each counted once: {hours:.1f} h (a run's figure is its "
+        "own training and evaluation; the stage-1 run that stage-2 runs start from is its own "
+        "record).",
         "",
         "## The reading",
         "",
