@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_module
 from PIL import Image
 
@@ -40,6 +41,9 @@ def test_study3_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
         assert record["images_trained"] > 0
     assert all(Path(r["ckpt"]).is_file() for r in records.values())
     assert not list(work.rglob("last.ckpt"))  # a recorded run keeps its selected checkpoint alone
+    for record in records.values():  # ... and of that, the weights: no optimiser's state
+        kept = torch.load(record["ckpt"], map_location="cpu", weights_only=True, mmap=True)
+        assert "state_dict" in kept and "optimizer_states" not in kept
     k4 = records["s2-localizer-multicrop-localizer.k-4-seed0.json"]
     assert k4["localization"]["windows"] == 4
     assert k4["localization"]["hit_rate"] >= k4["localization"]["hit_rate_top"]

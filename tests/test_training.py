@@ -22,6 +22,7 @@ from kalm_lightning.errors import UserError
 from kalm_lightning.runs import Run
 from kalm_lightning.stages.loading import load_stage
 from kalm_lightning.tasks.train import find_stage1_checkpoint
+from kalm_lightning.training.checkpoints import drop_training_state
 
 
 def state(path: Path) -> dict[str, torch.Tensor]:
@@ -86,6 +87,27 @@ def test_cnn_l_starts_from_a_stage2_checkpoint(trained: dict[str, Path], tmp_pat
         f"kalm-train: stage.local_init={stage1} is not a stage-2 checkpoint: CNN_l starts from a "
         "stage-2 run's CNN_l (or backbone | global)"
     )
+
+
+def test_a_checkpoint_without_its_training_state_still_loads(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """drop_training_state (what the studies keep of a recorded run): the optimisers' and
+    schedulers' state gone, the file smaller, the weights, preprocessing and operating point as
+    they were, and the stage loads from it."""
+    kept = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
+    slim = tmp_path / "slim.ckpt"
+    shutil.copy(kept, slim)
+    drop_training_state(str(slim))
+    before = torch.load(kept, map_location="cpu", weights_only=True)
+    after = torch.load(slim, map_location="cpu", weights_only=True)
+    assert before["optimizer_states"] and before["lr_schedulers"]
+    assert not {"optimizer_states", "lr_schedulers"} & set(after)
+    assert slim.stat().st_size < Path(kept).stat().st_size
+    assert after["hyper_parameters"] == before["hyper_parameters"]
+    module = load_stage(str(slim)).state_dict()
+    assert module.keys() == before["state_dict"].keys()
+    assert all(torch.equal(module[k], v) for k, v in before["state_dict"].items())
 
 
 def test_stage2_without_stage1_names_the_backbone_as_it_is_chosen(tmp_path: Path) -> None:

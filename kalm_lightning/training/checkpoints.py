@@ -69,6 +69,18 @@ def read_trained(path: str, setting: str = "ckpt_path") -> dict:
     return checkpoint
 
 
+def drop_training_state(path: str) -> None:
+    """The checkpoint at path rewritten (atomically) without what only continuing its training
+    reads, the optimisers' and schedulers' state: two thirds of a stage's file under Adam. It
+    still evaluates, predicts, exports and serves as CNN_g of a stage 2; `ckpt_path=` cannot
+    resume from it."""
+    if {"optimizer_states", "lr_schedulers"} & set(read_checkpoint(path, mmap=True)):
+        checkpoint = read_checkpoint(path)
+        checkpoint.pop("optimizer_states", None)
+        checkpoint.pop("lr_schedulers", None)
+        AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made atomic and streamed: each file is written by
     `torch.save` straight to a temporary name beside it, then renamed over the old one. Whatever
