@@ -94,7 +94,7 @@ def test_a_checkpoint_without_its_training_state_still_loads(
 ) -> None:
     """drop_training_state (what the studies keep of a recorded run): the optimisers' and
     schedulers' state gone, the file smaller, the weights, preprocessing and operating point as
-    they were, and the stage loads from it."""
+    they were, and the stage loads from it; training refuses to continue from it in one line."""
     kept = json.loads((trained["stage2"] / "result.json").read_text())["best_ckpt"]
     slim = tmp_path / "slim.ckpt"
     shutil.copy(kept, slim)
@@ -108,6 +108,17 @@ def test_a_checkpoint_without_its_training_state_still_loads(
     module = load_stage(str(slim)).state_dict()
     assert module.keys() == before["state_dict"].keys()
     assert all(torch.equal(module[k], v) for k, v in before["state_dict"].items())
+
+    stage1 = json.loads((trained["stage1"] / "result.json").read_text())["best_ckpt"]
+    shutil.copy(stage1, slim)
+    drop_training_state(str(slim))
+    refused = run_cli("train", ["stage=1", *TINY_RUN, f"ckpt_path={slim}"], tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"kalm-train: ckpt_path={slim} holds the weights alone (no optimiser state), so training "
+        "cannot continue from it: evaluate, predict or export it, or start a new run from it "
+        "(stage.global_ckpt= for a stage-1 file, stage.local_init= for a stage-2 one)"
+    )
 
 
 def test_stage2_without_stage1_names_the_backbone_as_it_is_chosen(tmp_path: Path) -> None:

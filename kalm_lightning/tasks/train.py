@@ -54,16 +54,26 @@ def resume_checkpoint(cfg: DictConfig, run: runs.Run) -> str | None:
         last = run.last_checkpoint
         if last.is_file():
             log.info("Resuming from %s", last)
-            read_trained(str(last))
-            return str(last)
+            return continuable(str(last))
         log.warning("ckpt_path=last: no %s yet, starting this stage from scratch", last)
         return None
     if cfg.ckpt_path in (None, ""):
         return None
     if not Path(cfg.ckpt_path).is_file():
         raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist")
-    read_trained(str(cfg.ckpt_path))  # refused here if unsafe or from an older version
-    return str(cfg.ckpt_path)
+    return continuable(str(cfg.ckpt_path))
+
+
+def continuable(path: str) -> str:
+    """path, refused in one line if it is unsafe, from an older version, or holds the weights
+    alone (no optimiser state to continue from: `drop_training_state`, save_weights_only)."""
+    if "optimizer_states" not in read_trained(path):
+        raise UserError(
+            f"ckpt_path={path} holds the weights alone (no optimiser state), so training cannot "
+            "continue from it: evaluate, predict or export it, or start a new run from it "
+            "(stage.global_ckpt= for a stage-1 file, stage.local_init= for a stage-2 one)"
+        )
+    return path
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
