@@ -148,13 +148,16 @@ def regime_section(regime, rows: dict[str, dict[int, dict]]) -> list[str]:
     return [*lines, ""]
 
 
-def overview(collected: dict) -> list[str]:
+def overview(collected: dict, regimes: list) -> list[str]:
     """Every row in every regime at a glance: mean study AUROC over the finished seeds and the
     lowest lesion hits of any seed (the goal asks for every seed)."""
-    lines = ["| row | " + " | ".join(g.name for g in REGIMES) + " |", "|---|" + "---|" * 9]
+    lines = [
+        "| row | " + " | ".join(g.name for g in regimes) + " |",
+        "|---" * (1 + len(regimes)) + "|",
+    ]
     for row in ROWS:
         cells = []
-        for regime in REGIMES:
+        for regime in regimes:
             runs = list(collected.get(regime.name, {}).get(row.name, {}).values())
             hits = [r["hits"] for r in runs if r["hits"] is not None]
             auroc = f"{mean([r['auroc'] for r in runs]):.3f}" if runs else "-"
@@ -225,6 +228,7 @@ def write_report(study, quick: bool, seconds: float) -> None:
         f"`python -m experiments.localizers.{m}{flag}`" for m in ("report3", "study3")
     )
     discussion = study.out / DISCUSSION
+    regimes = REGIMES[:1] if quick else REGIMES
     hours = (
         sum(
             f["minutes"]
@@ -262,14 +266,14 @@ def write_report(study, quick: bool, seconds: float) -> None:
         "Study AUROC, the mean over each row's finished seeds, then the lowest lesion hits (any "
         "window) of those seeds; the regime sections below give the seeds, spreads and pairs.",
         "",
-        *overview(collected),
+        *overview(collected, regimes),
         "## Regimes",
         "",
         f"Study AUROC on MURA valid of each seed's own draw, {GLOBAL_INPUT.name} as CNN_g of every "
         "stage-2 row; training TFLOPs: the run's whole training (FLOPs per image x images).",
         "",
     ]
-    for regime in REGIMES[:1] if quick else REGIMES:
+    for regime in regimes:
         lines += regime_section(regime, collected.get(regime.name, {}))
     lines += ["## Plots", "", *plot(collected, study.out)]
     write_atomic(study.out / "RESULTS.md", "\n".join(lines))

@@ -72,8 +72,8 @@ def read_trained(path: str, setting: str = "ckpt_path") -> dict:
 def drop_training_state(path: str) -> None:
     """The checkpoint at path rewritten (atomically) without what only continuing its training
     reads, the optimisers' and schedulers' state: two thirds of a stage's file under Adam. It
-    still evaluates, predicts, exports and serves as CNN_g of a stage 2; `ckpt_path=` cannot
-    resume from it."""
+    still evaluates, predicts, exports and serves, and starts a new run (as a stage 2's CNN_g or
+    its CNN_l); `ckpt_path=` refuses to continue from it."""
     if {"optimizer_states", "lr_schedulers"} & set(read_checkpoint(path, mmap=True)):
         checkpoint = read_checkpoint(path)
         checkpoint.pop("optimizer_states", None)
