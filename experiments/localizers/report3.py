@@ -34,6 +34,7 @@ from experiments.localizers.study3 import (
     WORK,
     Study3,
     plan,
+    regimes_of,
 )
 from kalm_lightning.errors import UserError
 from kalm_lightning.evaluation.figures import save_figure
@@ -228,7 +229,7 @@ def write_report(study, quick: bool, seconds: float) -> None:
         f"`python -m experiments.localizers.{m}{flag}`" for m in ("report3", "study3")
     )
     discussion = study.out / DISCUSSION
-    regimes = REGIMES[:1] if quick else REGIMES
+    regimes = regimes_of(quick)
     hours = (
         sum(
             f["minutes"]

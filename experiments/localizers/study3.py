@@ -105,10 +105,14 @@ def seeds_of(row: Row, quick: bool) -> list[int]:
     return [0] if quick else list(range(5 if row in FIVE else 3))
 
 
+def regimes_of(quick: bool) -> list[Regime]:
+    """The regimes a study runs: all nine, or the first alone for --quick."""
+    return REGIMES[:1] if quick else REGIMES
+
+
 def plan(quick: bool, seeds: list[int] | None = None) -> list[tuple[Regime, Row, int]]:
     """Every run: seed 0 of every regime and row first, then seed 1, ... (--quick: one regime)."""
-    regimes = REGIMES[:1] if quick else REGIMES
-    runs = [(g, r, s) for g in regimes for r in ROWS for s in seeds_of(r, quick)]
+    runs = [(g, r, s) for g in regimes_of(quick) for r in ROWS for s in seeds_of(r, quick)]
     runs = [run for run in runs if seeds is None or run[2] in seeds]
     return sorted(runs, key=lambda run: run[2])
 
