@@ -223,7 +223,7 @@ def plot(collected: dict, out: Path) -> list[str]:
 def write_report(study, quick: bool, seconds: float) -> None:
     collected = collect(study, quick)
     runs = plan(quick)
-    left = sum(study.read(g, study.row(r), s) is None for g, r, s in runs)
+    left = len(runs) - sum(len(seeds) for rows in collected.values() for seeds in rows.values())
     flag = " --quick" if quick else ""
     report, study3 = (
         f"`python -m experiments.localizers.{m}{flag}`" for m in ("report3", "study3")
