@@ -22,7 +22,7 @@ from kalm_lightning.errors import UserError
 from kalm_lightning.runs import Run
 from kalm_lightning.stages.loading import load_stage
 from kalm_lightning.tasks.train import find_stage1_checkpoint
-from kalm_lightning.training.checkpoints import drop_training_state
+from kalm_lightning.training.checkpoints import TRAINING_STATE, drop_training_state
 
 
 def state(path: Path) -> dict[str, torch.Tensor]:
@@ -270,6 +270,15 @@ def test_cosine_warm_up_and_weight_ema_from_the_command_line(tmp_path: Path) -> 
     averaged, live = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert averaged.keys() == live.keys()
     assert any(not torch.equal(averaged[k], live[k]) for k in averaged if k.endswith("weight"))
+    # What a study keeps of it: the averaged weights, which the stage loads; the rest is gone.
+    slim = tmp_path / "slim.ckpt"
+    shutil.copy(run.last_checkpoint, slim)
+    drop_training_state(str(slim))
+    kept = torch.load(slim, weights_only=True)
+    assert set(kept) == set(checkpoint) - set(TRAINING_STATE)
+    assert {"current_model_state", "averaging_state"} <= set(TRAINING_STATE)
+    module = load_stage(str(slim)).state_dict()
+    assert all(torch.equal(module[k], v) for k, v in averaged.items())
 
 
 @pytest.mark.slow

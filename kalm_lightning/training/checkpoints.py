@@ -69,15 +69,21 @@ def read_trained(path: str, setting: str = "ckpt_path") -> dict:
     return checkpoint
 
 
+# What only continuing a run's training reads: the optimisers' and schedulers' state, and with
+# callbacks=ema (Lightning's WeightAveraging) the live weights and the averager's counters beside
+# the averaged weights the file's state_dict holds.
+TRAINING_STATE = ("optimizer_states", "lr_schedulers", "current_model_state", "averaging_state")
+
+
 def drop_training_state(path: str) -> None:
-    """The checkpoint at path rewritten (atomically) without what only continuing its training
-    reads, the optimisers' and schedulers' state: two thirds of a stage's file under Adam. It
-    still evaluates, predicts, exports and serves, and starts a new run (as a stage 2's CNN_g or
-    its CNN_l); `ckpt_path=` refuses to continue from it."""
-    if {"optimizer_states", "lr_schedulers"} & set(read_checkpoint(path, mmap=True)):
+    """The checkpoint at path rewritten (atomically) without its `TRAINING_STATE`: two thirds of a
+    stage's file under Adam, more with weight averaging. It still evaluates, predicts, exports and
+    serves, and starts a new run (as a stage 2's CNN_g or its CNN_l); `ckpt_path=` refuses to
+    continue from it."""
+    if set(TRAINING_STATE) & set(read_checkpoint(path, mmap=True)):
         checkpoint = read_checkpoint(path)
-        checkpoint.pop("optimizer_states", None)
-        checkpoint.pop("lr_schedulers", None)
+        for key in TRAINING_STATE:
+            checkpoint.pop(key, None)
         AtomicCheckpointIO().save_checkpoint(checkpoint, path)
 
 
