@@ -39,6 +39,7 @@ def test_study3_runs_every_row_then_reads_them_back(tmp_path: Path) -> None:
         assert record["at_operating_point"]["threshold_rule"] == "youden"
         assert 0 <= record["at_operating_point"]["accuracy"] <= 1
         assert record["images_trained"] > 0
+        assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert all(Path(r["ckpt"]).is_file() for r in records.values())
     assert not list(work.rglob("last.ckpt"))  # a recorded run keeps its selected checkpoint alone
     for record in records.values():  # ... and of that, the weights: no optimiser's state

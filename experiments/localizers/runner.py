@@ -209,6 +209,7 @@ class Study:
             **self.more_figures(run_dir, cfg),
             "seconds": time.perf_counter() - start,
             "torch_threads": torch.get_num_threads(),  # the order of the CPU's sums
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # their kernels (AVX2, ...)
         }
         self.write(regime, row, seed, record)
         # A recorded run needs only its kept checkpoint's weights. last.ckpt (what a stopped run
