@@ -247,8 +247,8 @@ def write_report(study, quick: bool, seconds: float) -> None:
         f"{len(runs)} runs finished; {left} left: run study3 again to continue). What each run is "
         "and why: the docstring of `experiments/localizers/study3.py`.",
         "",
-        f"Machine of this report: {platform.machine()}, "
-        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; each record's minutes are from the machine that "
+        f"Machine of this report: {platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads; each record's minutes are from the machine that "
         f"ran it. This invocation: {seconds / 60:.1f} min. Minutes are wall time on a 2-core "
         "machine that often ran other work beside the study (and paused it for benchmarks): "
         "they say roughly how long a run takes (the table gives their median over seeds), and the "
