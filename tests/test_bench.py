@@ -51,12 +51,12 @@ def test_the_flop_count_gives_each_training_step_over_a_plain_one(tmp_path: Path
     plain step; stage 2 does more than a plain step, the navigator (teacher and two crops) more
     than the paper's stage 2, its cheaper variant less than the shipped one, and the navigator
     taught by its own crops (no teacher's pass) less than either."""
-    figures = {}
-    for navigator in ("", "teacher_size=crops,train_crops=1", "teacher_from=crops,train_crops=1"):
-        args = ["--image-size=32", "--source-size=64", f"--navigator={navigator}"]
-        result = run_module("experiments.bench.flops", args, tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
-        figures[navigator] = json.loads(result.stdout.strip().splitlines()[-1])
+    navigators = ("", "teacher_size=crops,train_crops=1", "teacher_from=crops,train_crops=1")
+    args = ["--image-size=32", "--source-size=64", *(f"--navigator={n}" for n in navigators)]
+    result = run_module("experiments.bench.flops", args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()[-len(navigators) :]
+    figures = dict(zip(navigators, map(json.loads, lines), strict=True))
     shipped, cheaper = figures[""], figures["teacher_size=crops,train_crops=1"]
     from_crops = figures["teacher_from=crops,train_crops=1"]
     assert all(math.isfinite(v) and v > 0 for v in shipped["gflops"].values())
