@@ -200,9 +200,10 @@ def plot(collected: dict, out: Path) -> list[str]:
     for axis, cue in zip(axes, CUES, strict=True):
         for i, row in enumerate(ROWS):
             points = [
-                (d, mean([r["hits"] for r in runs.values()]))
-                for d in DECOYS
-                if (runs := collected.get(f"c{cue:g}-d{d}", {}).get(row.name))
+                (regime.decoys, mean([r["hits"] for r in runs.values()]))
+                for regime in sorted(REGIMES, key=lambda regime: regime.decoys)
+                if regime.cue == cue
+                and (runs := collected.get(regime.name, {}).get(row.name))
                 and row.score == "kalm"
             ]
             if points:
