@@ -1,5 +1,5 @@
-"""How images become studies, one home: the score names, the decision threshold, the study average
-and MURA's submission file.
+"""How images become studies, one home: the score names, the decision threshold and the study
+average (MURA's submission file is written with the prediction table: `evaluation/predictions.py`).
 
 MURA is judged per study: a study's probability is the mean of its images' abnormal probabilities
 (the paper's; `max`, the most abnormal image, is the other aggregation offered), and the study is
@@ -8,7 +8,6 @@ called abnormal when it is >= THRESHOLD.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
@@ -95,11 +94,3 @@ def study_table(
             ignore_index=True,
         )
     return table
-
-
-def write_submission(studies: pd.DataFrame, path: Path, threshold: float = THRESHOLD) -> None:
-    """MURA's submission file: `study,label` per scored study, label the predicted class, no header."""
-    scored = studies[studies["prob"].notna()]
-    pd.DataFrame({"study": scored["study"], "label": abnormal(scored["prob"], threshold)}).to_csv(
-        path, index=False, header=False
-    )
