@@ -51,10 +51,10 @@ install: $(STAMP)  ## create .venv and install the package with the dev extra (a
 demo: $(STAMP)  ## stage 1 -> stage 2 -> evaluation on synthetic data, ResNet18 on the CPU (~6 min)
 	$(BIN)/python -m kalm_lightning.train experiment=demo
 
-test: $(STAMP)  ## the quick tier: every feature once, CPU only, on every core (~5 min on 2 cores)
+test: $(STAMP)  ## the quick tier: every feature once, CPU only, on every core (~5-10 min on 2 cores)
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow"
 
-test-slow: $(STAMP)  ## the slow tier: resume after kill, DDP faults, sweeps, the study, ... (~12 min)
+test-slow: $(STAMP)  ## the slow tier: resume after kill, DDP faults, sweeps, the study, ... (~12-25 min)
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m slow
 
 docs: $(STAMP)  ## the documentation site (mkdocs-material + mkdocstrings) into build/site, warnings as errors
