@@ -16,6 +16,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,17 @@ TINY_RUN = [
     "~callbacks.progress_bar",
     f"backbone.name={TINY_NET}",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary files of every process the tests start go under pytest's own folder, which
+    pytest prunes: W&B makes two folders in TMPDIR at import, and a run the tests kill (or a
+    rank that ends with `os._exit` after a fault) leaves them behind."""
+    tmp = tmp_path_factory.mktemp("tmp")
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    return tmp
 
 
 @pytest.fixture(scope="session")
