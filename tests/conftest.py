@@ -57,7 +57,8 @@ TINY_RUN = [
 def private_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The temporary files of every process the tests start go under pytest's own folder, which
     pytest prunes: W&B makes two folders in TMPDIR at import, and a run the tests kill (or a
-    rank that ends with `os._exit` after a fault) leaves them behind."""
+    rank that ends with `os._exit` after a fault) leaves them behind; a fault the tests provoke
+    writes its traceback to a file there when the run has no log file of its own."""
     tmp = tmp_path_factory.mktemp("tmp")
     os.environ["TMPDIR"] = str(tmp)
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
