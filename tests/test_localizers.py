@@ -17,6 +17,7 @@ from kalm_lightning.models import KALMNet, Navigator, RandomAnchor
 from kalm_lightning.models.kalm import crop, resize_view
 from kalm_lightning.models.localizers.base import (
     LocalizerInputs,
+    TrainingCrops,
     anchor_grid,
     box_pooling,
     build_localizer,
@@ -296,6 +297,60 @@ def test_drawn_every_sets_which_images_crop_a_drawn_anchor(every: int) -> None:
         UserError, match=r"^localizer\.drawn_every=0 needs localizer\.train_crops=1"
     ):
         net_with("navigator", drawn_every=0)
+
+
+@pytest.mark.parametrize("teacher", ["maps", "crops"])
+def test_teacher_crops_2_teaches_from_both_crops_while_cnn_l_trains_on_one(teacher: str) -> None:
+    """teacher_crops=2: CNN_l trains on train_crops=1's crops (the navigator's choice in images
+    0, 2, 4, a drawn anchor in 1, 3) and looks at the other of the two in a second pass, without
+    gradients; the teacher reads both, as train_crops=2's does: with CNN_l's batch statistics
+    fixed (eval mode) the two teach the navigator the same loss. Refused with the teacher's pass
+    or two training crops."""
+    options = dict(warmup_epochs=0, grid=3, half=0.4, teacher_from=teacher)
+    images = torch.randn(5, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 0, 1, 1])
+
+    def step(net: KALMNet) -> tuple[torch.Tensor, TrainingCrops]:
+        return net.training_outputs(images, 0, torch.Generator().manual_seed(3), labels)
+
+    looks = net_with("navigator", **options, train_crops=1, teacher_crops=2).train()
+    stem = next(m for m in looks.local_cnn.modules() if isinstance(m, torch.nn.Conv2d))
+    passes: list[tuple[int, bool]] = []
+    hook = stem.register_forward_hook(
+        lambda _m, args, _o: passes.append((len(args[0]), torch.is_grad_enabled()))
+    )
+    logits, crops = step(looks)
+    hook.remove()
+    assert passes == [(5, True), (5, False)]  # the training crops, then the looked-at ones
+    assert logits.shape == (5, 1, 2)
+    _, one = step(net_with("navigator", **options, train_crops=1).train())
+    assert torch.equal(crops.boxes, one.boxes)
+    _, two = step(net_with("navigator", **options, train_crops=2).train())
+    both = torch.cat([crops.boxes, crops.looked], dim=1)  # per image: [choice, drawn] or reversed
+    assert torch.equal(both[0::2], two.boxes[0::2]) and torch.equal(
+        both[1::2], two.boxes[1::2].flip(1)
+    )
+    crops.loss.backward()
+    assert all(p.grad is not None for p in looks.localizer.head.parameters())
+    assert all(p.grad is None for p in looks.local_cnn.parameters())  # q is detached
+    fixed = [
+        step(net_with("navigator", **options, **crops_of).eval())[1].loss
+        for crops_of in ({"train_crops": 1, "teacher_crops": 2}, {"train_crops": 2})
+    ]
+    torch.testing.assert_close(fixed[0], fixed[1])
+    assert not torch.allclose(
+        fixed[0], step(net_with("navigator", **options, train_crops=1).eval())[1].loss
+    )
+    refused = (  # the teacher's pass; fewer crops to teach than CNN_l trains on
+        {"train_crops": 1, "teacher_crops": 2},
+        {"train_crops": 2, "teacher_crops": 1, "teacher_from": teacher},
+    )
+    for options in refused:
+        with pytest.raises(
+            UserError,
+            match=rf"^localizer\.teacher_crops={options['teacher_crops']} needs localizer\.train_crops=1 and",
+        ):
+            net_with("navigator", **options)
 
 
 def test_a_navigator_node_with_a_removed_option_loads_at_its_one_value_or_is_refused() -> None:

@@ -262,7 +262,13 @@ class KALMNet(nn.Module):
             logits = self.pooled_logits(images, crops.boxes, crops.scale)[0][:, None]
         elif crops.learn is not None:  # a localizer taught by CNN_l's scores of these very crops
             logits, cells = self.local_readout(images, crops.boxes)
-            crops.loss = crops.learn(logits.detach(), cells)
+            scored, scored_cells = logits.detach(), cells
+            if crops.looked is not None:  # and of crops it only looks at: a forward alone
+                with torch.no_grad():
+                    more, more_cells = self.local_readout(images, crops.looked)
+                scored = torch.cat([scored, more], dim=1)
+                scored_cells = torch.cat([cells, more_cells], dim=1)
+            crops.loss = crops.learn(scored, scored_cells)
         else:
             logits = self.local_logits(images, crops.boxes)
         return logits, crops

@@ -78,6 +78,9 @@ class TrainingCrops:
     # feature maps [B, M, 2, h, w] (`KALMNet.local_readout`), both without gradients, where it
     # learns from them (it then sets `loss` once CNN_l has run: `KALMNet.training_outputs`)
     learn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # [B, L, 4]: crops CNN_l scores without gradients for `learn` alone, after `boxes` in its
+    # inputs' order (trains on none of them)
+    looked: torch.Tensor | None = None
 
 
 class Scorer:

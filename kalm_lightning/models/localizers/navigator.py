@@ -17,8 +17,8 @@ from kalm_lightning.models.localizers.base import (
     TrainingCrops,
     anchor_grid,
     anchor_means,
-    crop_pooling,
 )
+from kalm_lightning.models.localizers.crop_teacher import CropTeacher
 from kalm_lightning.models.localizers.scout import RECORDED_BEFORE, make_scout
 
 READS = ("map", "view", "source")
@@ -34,7 +34,7 @@ TEACHER_IMAGES = ("all", "taught")  # the images the teacher scores: all, or tho
 REMOVED = {"teacher": "pooled", "target": "scores", "inference": "navigator"}
 
 
-class Navigator(Localizer):
+class Navigator(CropTeacher, Localizer):
     """A best-of-K teacher distilled into a navigator; one crop at inference.
 
     Anchors A_1..A_K: `grid` x `grid` centres per half-extent `half` (`anchor_grid`). The navigator
@@ -73,7 +73,10 @@ class Navigator(Localizer):
       `teacher_seen` of it (`crop_pooling`), gives q_k as the teacher's pass does from the source,
       at the crops' scale; loss: the mean BCE(sigmoid(z_k), q_k) over the anchors so taught (the
       crop's own gets the crop's score). `drawn_every` (`train_crops=1`): the drawn anchor is the
-      crop of every n-th image (2: every other, as above; 0: none).
+      crop of every n-th image (2: every other, as above; 0: none). `teacher_crops=2` (with
+      `train_crops=1`): CNN_l also scores the other of g and d in each image, without gradients
+      (a forward, no backward), so the teacher reads both crops of every image, as with
+      `train_crops=2`, while CNN_l trains on one (`crop_teacher.py`).
     - `policy=reinforce` (after `distill_epochs` epochs of distillation past the warm-up): draw
       k ~ pi_mix = (1 - explore) softmax(z) + explore / K, reward r = q_k, baseline b = q_g of the
       greedy anchor g = argmax z (self-critical); loss -(r - b) log pi_mix(k) - entropy * H(softmax z).
@@ -112,6 +115,7 @@ class Navigator(Localizer):
         teacher_from: str = "pass",
         teacher_seen: float = 0.5,
         drawn_every: int = 2,
+        teacher_crops: int | None = None,
         **removed: str,
     ) -> None:
         super().__init__(height, width, channels, lr)
@@ -148,6 +152,15 @@ class Navigator(Localizer):
                 "set them, or leave drawn_every at 2"
             )
         self.drawn_every = int(drawn_every)
+        teacher_crops = train_crops if teacher_crops is None else teacher_crops
+        check_choice("localizer.teacher_crops", teacher_crops, TRAIN_CROPS)
+        if teacher_crops != train_crops and (train_crops != 1 or teacher_from == "pass"):
+            raise UserError(
+                f"localizer.teacher_crops={teacher_crops} needs localizer.train_crops=1 and "
+                "localizer.teacher_from=crops|maps (the teacher reads CNN_l's training crop and "
+                "the other one beside it): set them, or leave teacher_crops at null"
+            )
+        self.teacher_crops = int(teacher_crops)
         check_number("localizer.scout_width", scout_width, 2, integer=True)
         check_number("localizer.warmup_epochs", warmup_epochs, 0, integer=True)
         check_number("localizer.distill_epochs", distill_epochs, 0, integer=True)
@@ -201,51 +214,6 @@ class Navigator(Localizer):
         if self.teacher_size == "source":
             return None
         return min(inputs.source.shape[-1], round(inputs.view.shape[-1] / (2 * self.mean_half)))
-
-    def taught_by_crops(
-        self, logits: torch.Tensor, pick: torch.Tensor, labels: torch.Tensor | None
-    ) -> TrainingCrops:
-        """`teacher_from=crops|maps`: CNN_l trains on the navigator's choice and a drawn anchor,
-        and its scores of those crops (or of their maps' cells) teach the navigator (`learn`,
-        once CNN_l has scored them)."""
-        greedy = logits.argmax(dim=1)
-        if self.train_crops == 2:
-            chosen = torch.stack([greedy, pick], dim=1)
-        else:  # the navigator's choice in every other image, a drawn anchor in the others
-            every = self.drawn_every
-            place = torch.arange(len(pick), device=pick.device)
-            own = place % every != every - 1 if every else torch.ones_like(place, dtype=torch.bool)
-            chosen = torch.where(own, greedy, pick)[:, None]
-        crops = TrainingCrops(self.anchors[chosen])
-
-        def learn(local_logits: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-            if self.teacher_from == "maps":
-                scores, seen = self.seen_scores(crops.boxes, cells, labels)
-                each = F.binary_cross_entropy_with_logits(logits, scores, reduction="none")
-                loss = (each * seen).sum() / seen.sum().clamp_min(1)
-                crops.logs["train/navigator_taught"] = seen.sum(dim=1).mean()
-            else:
-                scores = self.taught(local_logits.float().softmax(-1)[..., 1], labels)
-                loss = F.binary_cross_entropy_with_logits(logits.gather(1, chosen), scores)
-            crops.logs["train/navigator_loss"] = loss.detach()
-            return loss
-
-        crops.learn = learn
-        return crops
-
-    def seen_scores(
-        self, boxes: torch.Tensor, cells: torch.Tensor, labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`teacher_from=maps`: q [B, K] from CNN_l's cell logits [B, M, 2, h, w] of the crops
-        [B, M, 4], each anchor's the mean of the cells inside it over every crop that shows it,
-        and which anchors it teaches [B, K] (1.0 where one crop sees at least `teacher_seen` of
-        the anchor, else 0.0)."""
-        shares = crop_pooling(self.anchors, boxes, *cells.shape[-2:])
-        summed = torch.einsum("bmkn,bmon->bko", shares, cells.flatten(3).float())
-        seen = shares.sum(dim=-1)  # [B, M, K]: the share of each anchor each crop shows
-        pooled = summed / seen.sum(dim=1).clamp_min(1e-6)[..., None]
-        taught = (seen.amax(dim=1) >= self.teacher_seen).float()
-        return self.taught(pooled.softmax(-1)[..., 1], labels), taught
 
     def training_crops(self, inputs: LocalizerInputs, scorer: Scorer, epoch: int) -> TrainingCrops:
         batch, anchors = len(inputs.source), self.anchors
