@@ -90,6 +90,20 @@ FROM_MAPS2 = variant(
     "localizer.teacher_from=maps",
     "localizer.train_crops=2",
 )
+# CNN_l trains on one crop per image and looks at the other of the two, without gradients: the
+# teacher reads FROM_MAPS2's crops at one crop's backward (and a second forward)
+FROM_MAPS_LOOKS = variant(
+    "navigator, teacher from the cells of CNN_l's training crop and of the other crop it looks at, "
+    "one crop per image",
+    *FROM_MAPS.stage2[1:],
+    "localizer.teacher_crops=2",
+)
+FROM_CROPS_LOOKS = variant(
+    "navigator, teacher from CNN_l's training crop and the other crop it looks at, one crop per "
+    "image",
+    *FROM_CROPS.stage2[1:],
+    "localizer.teacher_crops=2",
+)
 FROM_MAPS_OWN = variant(  # the navigator's choice in every image: no drawn crops
     "navigator, teacher from the cells of CNN_l's training crops, its choice in every image",
     *FROM_MAPS.stage2[1:],
@@ -109,20 +123,27 @@ FROM_MAPS_LONG = variant(  # the maps teacher at the same doubled schedule
 )
 # FROM_CROPS_LONG's schedule for the shipped one: is it as good as the shipped one at 10 epochs?
 SHIPPED_LONG = variant("navigator as shipped, 10 epochs (lr / 10 after 6)", *LONG)
-CHEAPER = (
-    CHEAP,
-    TAUGHT,
-    ONE_CROP,
-    TAUGHT_WARM,
-    FROM_CROPS,
-    FROM_CROPS2,
-    FROM_CROPS_LONG,
-    FROM_MAPS,
-    FROM_MAPS_WIDE,
-    FROM_MAPS_OWN,
-    FROM_MAPS2,
-    FROM_MAPS_LONG,
-)
+# the variants by the key `--rows` names them with, in the report's order
+ROWS = {
+    "teacher-at-crops-scale": CHEAP,
+    "taught": TAUGHT,
+    "one-crop": ONE_CROP,
+    "taught-warm": TAUGHT_WARM,
+    "crops": FROM_CROPS,
+    "crops2": FROM_CROPS2,
+    "crops-long": FROM_CROPS_LONG,
+    "maps": FROM_MAPS,
+    "maps-wide": FROM_MAPS_WIDE,
+    "maps-own": FROM_MAPS_OWN,
+    "maps2": FROM_MAPS2,
+    "maps-long": FROM_MAPS_LONG,
+    "maps-looks": FROM_MAPS_LOOKS,
+    "crops-looks": FROM_CROPS_LOOKS,
+}
+CHEAPER = tuple(ROWS.values())
+# run after the first table's stage 1 was lost with its machine: in the second table only
+SECOND = ("maps-looks", "crops-looks")
+OUT2 = HERE / "navigator-cost-2"  # the second table's records and report
 # also paired with the shipped one at the schedule they share
 SAME_SCHEDULE = ((FROM_CROPS_LONG, SHIPPED_LONG), (FROM_MAPS_LONG, SHIPPED_LONG))
 LOST = 0.05  # a seed loses the hit rate where it is more than 5 points below the shipped one's
@@ -186,16 +207,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="the study's data and runs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=list(ROWS),
+        default=[key for key in ROWS if key not in SECOND],
+        help="the variants to run beside the shipped one (default: the first table's)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUT,
+        help="records (and, where not the default, the report); another folder: a table of its "
+        "own, from a stage 1 trained again (on another CPU its figures differ)",
+    )
     args = parser.parse_args(argv)
+    out = args.out.resolve()
     regime, studied = main_regime(), HERE / "results" / main_regime().name
-    ours = OUT / "results" / regime.name
+    ours = out / "results" / regime.name
     ours.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:  # each seed's stage 1 as the study recorded it
         name = f"{run_name(GLOBAL_INPUT)}-seed{seed}.json"
         if not (ours / name).is_file():
             shutil.copy(studied / name, ours / name)
-    study = Study(OUT, args.work.resolve(), False, None, pin=False)
-    runs = {row: [] for row in (SHIPPED, *CHEAPER, SHIPPED_LONG)}
+    study = Study(out, args.work.resolve(), False, None, pin=False)
+    cheaper = [ROWS[key] for key in ROWS if key in args.rows]
+    same_schedule = [(row, shipped) for row, shipped in SAME_SCHEDULE if row in cheaper]
+    runs = {row: [] for row in (SHIPPED, *cheaper, *{shipped for _, shipped in same_schedule})}
     for seed in args.seeds:  # seed by seed: a part cut short leaves whole pairs
         for row, records in runs.items():
             records.append(study.run(regime, row, seed))
@@ -203,33 +241,50 @@ def main(argv: list[str] | None = None) -> None:
         json.loads((studied / f"{run_name(STUDIED)}-seed{seed}.json").read_text())
         for seed in args.seeds
     ]
-    seeds = ", ".join(map(str, args.seeds))
+    seeds = " ".join(map(str, args.seeds))
+    first = out == OUT.resolve()
+    command = f"python -m experiments.localizers.navigator_cost --work WORK --seeds {seeds}"
+    if not first:
+        command += (
+            f" --out {out.relative_to(HERE.parent.parent.resolve())} --rows {' '.join(args.rows)}"
+        )
     report = [
-        "# The navigator at a lower training cost",
+        "# The navigator at a lower training cost" + ("" if first else ": a second table"),
         "",
-        f"{regime.label}; seeds {seeds} (data and training); stage 2 for 5 epochs at batch 8 (the "
-        "study's schedule, where a row names no other) from each seed's recorded stage 1; MURA valid of each draw. Hits: the "
-        "lesion's centre inside the box, over the lesioned views; hold-out hits: the same on the "
-        "hold-out of train that selected the checkpoint; training: counted FLOPs of one image's "
-        "training step (forward and backward of the stage's loss), averaged over the epochs; "
-        "minutes: wall time of a run's training and evaluation on 2 CPU cores.",
+        f"{regime.label}; seeds {seeds.replace(' ', ', ')} (data and training); stage 2 for 5 "
+        "epochs at batch 8 (the study's schedule, where a row names no other) from each seed's "
+        "recorded stage 1; MURA valid of each draw. Hits: the lesion's centre inside the box, "
+        "over the lesioned views; hold-out hits: the same on the hold-out of train that selected "
+        "the checkpoint; training: counted FLOPs of one image's training step (forward and "
+        "backward of the stage's loss), averaged over the epochs; minutes: wall time of a run's "
+        "training and evaluation on 2 CPU cores.",
+        *(
+            ()
+            if first
+            else (
+                "",
+                "Stage 1 trained again on another machine (NAVIGATOR-COST.md's stage 1 is not on "
+                "it, and another CPU's sums do not reproduce it): its runs, the shipped "
+                "navigator's included, pair with each other only, not with NAVIGATOR-COST.md's.",
+            )
+        ),
         "",
         "| row | study AUROC | per seed | lesion hits | per seed | hold-out hits "
         "| training GFLOPs / image and step | minutes / run |",
         "|---|---|---|---|---|---|---|---|",
-        f"| {STUDIED.name} (study records) | {figures(studied_records)} |",
+        *((f"| {STUDIED.name} (study records) | {figures(studied_records)} |",) if first else ()),
         *(f"| {row.name} | {figures(records)} |" for row, records in runs.items()),
         "",
-        *(f"- {paired(row, runs[row], runs[SHIPPED], args.seeds)}" for row in CHEAPER),
+        *(f"- {paired(row, runs[row], runs[SHIPPED], args.seeds)}" for row in cheaper),
         *(
             f"- {paired(row, runs[row], runs[shipped], args.seeds, ' at the same 10 epochs')}"
-            for row, shipped in SAME_SCHEDULE
+            for row, shipped in same_schedule
         ),
         "",
-        f"`python -m experiments.localizers.navigator_cost --work WORK --seeds {' '.join(map(str, args.seeds))}`",
+        f"`{command}`",
         "",
     ]
-    write_atomic(HERE / "NAVIGATOR-COST.md", "\n".join(report))
+    write_atomic((HERE if first else out) / "NAVIGATOR-COST.md", "\n".join(report))
     print("\n".join(report))
 
 
