@@ -12,8 +12,13 @@ GroupNorm scout) stay as a row. Resumable (one record per run, written atomicall
 NAVIGATOR-COST.md beside the study's RESULTS.md.
 
     python -m experiments.localizers.navigator_cost --work WORK [--seeds 0 1 2 3 4]
+    python -m experiments.localizers.navigator_cost --work WORK \
+        --out experiments/localizers/navigator-cost-2 --rows maps2 maps-looks   # the second table
 
 WORK: the study's work folder (its data and stage-1 runs; `make study` uses outputs/localizers).
+A stage 1 that is not in WORK is trained again, and where its figures differ from the record every
+stage-2 run of its seed is too: the second table (`--out`) holds variants run after the first
+table's stage 1 was gone, beside the shipped navigator trained again from the same stage 1.
 """
 
 from __future__ import annotations
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         default=OUT,
         help="records (and, where not the default, the report); another folder: a table of its "
-        "own, from a stage 1 trained again (on another CPU its figures differ)",
+        "own, from a stage 1 trained again",
     )
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -263,9 +268,10 @@ def main(argv: list[str] | None = None) -> None:
             if first
             else (
                 "",
-                "Stage 1 trained again on another machine (NAVIGATOR-COST.md's stage 1 is not on "
-                "it, and another CPU's sums do not reproduce it): its runs, the shipped "
-                "navigator's included, pair with each other only, not with NAVIGATOR-COST.md's.",
+                "Each seed's stage 1 trained again (NAVIGATOR-COST.md's checkpoints were not on "
+                "the machine, and a stage 1 trained again does not reproduce its records): the "
+                "runs here, the shipped navigator's included, pair with each other only, not "
+                "with NAVIGATOR-COST.md's.",
             )
         ),
         "",
