@@ -326,7 +326,7 @@ def test_teacher_crops_2_teaches_from_both_crops_while_cnn_l_trains_on_one(teach
     _, one = step(net_with("navigator", **options, train_crops=1).train())
     assert torch.equal(crops.boxes, one.boxes)
     _, two = step(net_with("navigator", **options, train_crops=2).train())
-    both = torch.cat([crops.boxes, crops.looked], dim=1)  # per image: [choice, drawn] or reversed
+    both = torch.cat([crops.boxes, crops.extra], dim=1)  # per image: [choice, drawn] or reversed
     assert torch.equal(both[0::2], two.boxes[0::2]) and torch.equal(
         both[1::2], two.boxes[1::2].flip(1)
     )
@@ -351,6 +351,43 @@ def test_teacher_crops_2_teaches_from_both_crops_while_cnn_l_trains_on_one(teach
             match=rf"^localizer\.teacher_crops={options['teacher_crops']} needs localizer\.train_crops=1 and",
         ):
             net_with("navigator", **options)
+
+
+@pytest.mark.parametrize("teacher", ["maps", "crops"])
+def test_drawn_scale_reads_the_drawn_crop_smaller_and_trains_on_both(teacher: str) -> None:
+    """drawn_scale (two crops per image): CNN_l trains on the navigator's choice at its own size
+    and on the drawn anchor at that fraction of it, both with gradients, and the teacher reads
+    both; at scale 1 it is train_crops=2 itself (the same S_l and the same navigator loss).
+    Refused with one training crop."""
+    options = dict(warmup_epochs=0, grid=3, half=0.4, teacher_from=teacher, train_crops=2)
+    images = torch.randn(5, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 0, 1, 1])
+
+    def step(net: KALMNet) -> tuple[torch.Tensor, TrainingCrops]:
+        return net.training_outputs(images, 0, torch.Generator().manual_seed(3), labels)
+
+    small = net_with("navigator", **options, drawn_scale=0.5).train()
+    stem = next(m for m in small.local_cnn.modules() if isinstance(m, torch.nn.Conv2d))
+    passes: list[tuple[int, int, bool]] = []
+    hook = stem.register_forward_hook(
+        lambda _m, args, _o: passes.append((*args[0].shape[::3], torch.is_grad_enabled()))
+    )
+    logits, crops = step(small)
+    hook.remove()
+    assert passes == [(5, 64, True), (5, 32, True)]  # the choice at 64 px, the drawn one at 32
+    assert logits.shape == (5, 2, 2) and logits.requires_grad
+    _, two = step(net_with("navigator", **options).train())
+    assert torch.equal(torch.cat([crops.boxes, crops.extra], dim=1), two.boxes)
+    whole = [  # scale 1 against two crops at one size, CNN_l's batch statistics fixed
+        step(net_with("navigator", **options, **scale).eval())
+        for scale in ({"drawn_scale": 1.0}, {})
+    ]
+    torch.testing.assert_close(whole[0][0], whole[1][0])
+    torch.testing.assert_close(whole[0][1].loss, whole[1][1].loss)
+    with pytest.raises(
+        UserError, match=r"^localizer\.drawn_scale=0\.5 needs localizer\.train_crops=2 and"
+    ):
+        net_with("navigator", **{**options, "train_crops": 1}, drawn_scale=0.5)
 
 
 def test_a_navigator_node_with_a_removed_option_loads_at_its_one_value_or_is_refused() -> None:

@@ -146,11 +146,13 @@ class KALMNet(nn.Module):
         )
         return LocalizerInputs(known, self.class_weights(), view, images, generator, labels)
 
-    def crops_of(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """The crops [B * M, 3, s, s] of M boxes per image [B, M, 4], image by image: eq. (8)-(9)."""
-        return crop(
-            images.repeat_interleave(boxes.size(1), 0), boxes.flatten(0, 1), self.image_size
-        )
+    def crops_of(
+        self, images: torch.Tensor, boxes: torch.Tensor, size: int | None = None
+    ) -> torch.Tensor:
+        """The crops [B * M, 3, s, s] of M boxes per image [B, M, 4], image by image: eq. (8)-(9)
+        (s: CNN_l's image size, or `size`)."""
+        side = size or self.image_size
+        return crop(images.repeat_interleave(boxes.size(1), 0), boxes.flatten(0, 1), side)
 
     def local_logits(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """S_l [B, M, 2] of M boxes per image [B, M, 4]: eq. (8)-(9), then CNN_l."""
@@ -160,14 +162,14 @@ class KALMNet(nn.Module):
         return self.local_cnn(self.crops_of(images, boxes)).view(batch, many, -1)
 
     def local_readout(
-        self, images: torch.Tensor, boxes: torch.Tensor
+        self, images: torch.Tensor, boxes: torch.Tensor, size: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """S_l [B, M, 2] of M boxes per image, as `local_logits`, and CNN_l's classifier applied
         to each cell of each crop's feature map before the GAP [B, M, 2, h, w], without
         gradients: eq. (3) is linear, so their mean over a region is the score of the region's
         pooled features, and over the whole crop it is the crop's S_l."""
         batch, many = boxes.shape[:2]
-        features = self.local_cnn.forward_features(self.crops_of(images, boxes))
+        features = self.local_cnn.forward_features(self.crops_of(images, boxes, size))
         logits = self.local_cnn.forward_head(features)
         fc = self.local_cnn.fc
         with torch.no_grad():
@@ -262,13 +264,13 @@ class KALMNet(nn.Module):
             logits = self.pooled_logits(images, crops.boxes, crops.scale)[0][:, None]
         elif crops.learn is not None:  # a localizer taught by CNN_l's scores of these very crops
             logits, cells = self.local_readout(images, crops.boxes)
-            scored, scored_cells = logits.detach(), cells
-            if crops.looked is not None:  # and of crops it only looks at: a forward alone
-                with torch.no_grad():
-                    more, more_cells = self.local_readout(images, crops.looked)
-                scored = torch.cat([scored, more], dim=1)
-                scored_cells = torch.cat([cells, more_cells], dim=1)
-            crops.loss = crops.learn(scored, scored_cells)
+            scored, every_cells = logits.detach(), [cells]
+            if crops.extra is not None:  # more crops, maybe at another size or only looked at
+                with torch.set_grad_enabled(crops.extra_trains and torch.is_grad_enabled()):
+                    more, more_cells = self.local_readout(images, crops.extra, crops.extra_size)
+                logits = torch.cat([logits, more], dim=1) if crops.extra_trains else logits
+                scored, every_cells = torch.cat([scored, more.detach()], 1), [cells, more_cells]
+            crops.loss = crops.learn(scored, every_cells)
         else:
             logits = self.local_logits(images, crops.boxes)
         return logits, crops

@@ -74,13 +74,13 @@ class TrainingCrops:
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     together: bool = False  # True: the M crops are one input, pooled (`Localizer.pool`), one score
     scale: torch.Tensor | None = None  # [B, M]: what `pool` multiplies each crop's features by
-    # the localizer's loss from CNN_l's logits of these crops [B, M, 2] and of each cell of their
-    # feature maps [B, M, 2, h, w] (`KALMNet.local_readout`), both without gradients, where it
-    # learns from them (it then sets `loss` once CNN_l has run: `KALMNet.training_outputs`)
-    learn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    # [B, L, 4]: crops CNN_l scores without gradients for `learn` alone, after `boxes` in its
-    # inputs' order (trains on none of them)
-    looked: torch.Tensor | None = None
+    # the localizer's loss from CNN_l's logits of these crops [B, M, 2] and the cells of their
+    # maps (a list of [B, M, 2, h, w]: `KALMNet.local_readout`), without gradients, where it learns
+    # from them (set as `loss` once CNN_l has run: `KALMNet.training_outputs`)
+    learn: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor] | None = None
+    extra: torch.Tensor | None = None  # [B, L, 4]: crops CNN_l reads after `boxes` (for `learn`)
+    extra_size: int | None = None  # at this side (None: CNN_l's own)
+    extra_trains: bool = False  # trained on (else scored without gradients, for `learn` alone)
 
 
 class Scorer:

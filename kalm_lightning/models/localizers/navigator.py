@@ -76,7 +76,8 @@ class Navigator(CropTeacher, Localizer):
       crop of every n-th image (2: every other, as above; 0: none). `teacher_crops=2` (with
       `train_crops=1`): CNN_l also scores the other of g and d in each image, without gradients
       (a forward, no backward), so the teacher reads both crops of every image, as with
-      `train_crops=2`, while CNN_l trains on one (`crop_teacher.py`).
+      `train_crops=2`, while CNN_l trains on one (`crop_teacher.py`). `drawn_scale` (with
+      `train_crops=2`): CNN_l reads the drawn anchor's crop at that fraction of its own side.
     - `policy=reinforce` (after `distill_epochs` epochs of distillation past the warm-up): draw
       k ~ pi_mix = (1 - explore) softmax(z) + explore / K, reward r = q_k, baseline b = q_g of the
       greedy anchor g = argmax z (self-critical); loss -(r - b) log pi_mix(k) - entropy * H(softmax z).
@@ -116,6 +117,7 @@ class Navigator(CropTeacher, Localizer):
         teacher_seen: float = 0.5,
         drawn_every: int = 2,
         teacher_crops: int | None = None,
+        drawn_scale: float | None = None,
         **removed: str,
     ) -> None:
         super().__init__(height, width, channels, lr)
@@ -161,6 +163,15 @@ class Navigator(CropTeacher, Localizer):
                 "the other one beside it): set them, or leave teacher_crops at null"
             )
         self.teacher_crops = int(teacher_crops)
+        if drawn_scale is not None:
+            check_number("localizer.drawn_scale", drawn_scale, 0, 1, exclusive_minimum=True)
+            if train_crops != 2 or teacher_from == "pass":
+                raise UserError(
+                    f"localizer.drawn_scale={drawn_scale} needs localizer.train_crops=2 and "
+                    "localizer.teacher_from=crops|maps (the drawn anchor is a crop of its own): "
+                    "set them, or leave drawn_scale at null"
+                )
+        self.drawn_scale = None if drawn_scale is None else float(drawn_scale)
         check_number("localizer.scout_width", scout_width, 2, integer=True)
         check_number("localizer.warmup_epochs", warmup_epochs, 0, integer=True)
         check_number("localizer.distill_epochs", distill_epochs, 0, integer=True)
@@ -223,7 +234,7 @@ class Navigator(CropTeacher, Localizer):
             return TrainingCrops(drawn[:, None])
         logits = self.anchor_logits(inputs)
         if self.policy == "distill" and self.teacher_from != "pass":
-            return self.taught_by_crops(logits, pick, inputs.labels)
+            return self.taught_by_crops(logits, pick, inputs.labels, inputs.view.shape[-1])
         if self.policy == "distill" or epoch < self.warmup_epochs + self.distill_epochs:
             # the images the teacher scores: all, or the taught ones (every other image)
             rows = slice(None) if self.teacher_images == "all" else slice(0, None, 2)
