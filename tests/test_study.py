@@ -11,7 +11,7 @@ import pytest
 from conftest import run_module
 from PIL import Image
 
-from experiments.localizers.navigator_cost import FROM_CROPS, FROM_CROPS_LONG
+from experiments.localizers.navigator_variants import FROM_CROPS, FROM_CROPS_LONG
 from experiments.localizers.plan import NAVIGATORS, everything, main_regime, sweep_regime
 from experiments.localizers.runner import Study
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.localizers import navigator_cost as cost
+from experiments.localizers import navigator_variants as cost
 from experiments.localizers.plan import GLOBAL_INPUT, PAPER, Regime
 from experiments.localizers.runner import Study
 from experiments.localizers.stats import mean, spread
