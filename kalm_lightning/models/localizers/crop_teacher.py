@@ -1,6 +1,7 @@
 """The navigator's teacher from CNN_l's own training crops (`localizer.teacher_from=crops|maps`):
-no pass of CNN_l over the source; its scores of the crops it trains on, and of any crop it only
-looks at (`localizer.teacher_crops=2`), teach the navigator."""
+no pass of CNN_l over the source; its scores of the crops it trains on (the drawn one read smaller
+with `localizer.drawn_scale`), and of any crop it only looks at (`localizer.teacher_crops=2`),
+teach the navigator."""
 
 from __future__ import annotations
 
