@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from experiments.localizers import navigator_variants as cost
-from experiments.localizers.plan import GLOBAL_INPUT, PAPER, Regime
+from experiments.localizers.plan import GLOBAL_INPUT, PAPER, Regime, Row
 from experiments.localizers.runner import Study
 from experiments.localizers.stats import mean, spread
 from kalm_lightning.runs import write_atomic
@@ -38,15 +38,23 @@ FROM_CROPS_LONG = cost.variant(
     f"{FROM_CROPS.name}, 10 epochs (lr / 10 after 6)", *cost.FROM_CROPS_LONG.stage2[1:]
 )
 ROWS = [GLOBAL_INPUT, PAPER, GROUP_SCOUT, SHIPPED, FROM_CROPS, FROM_CROPS_LONG]
+# `--second`: variants measured after the first table's stage 1 was gone, beside the shipped
+# navigator trained again from the same stage 1 (fresh-draw-2/FRESH.md)
+DRAWN_SCALE = cost.variant(
+    "localizer=navigator, two crops per image taught by their maps, the drawn one at 0.7 of the "
+    "side",
+    *cost.FROM_MAPS2_SMALL.stage2[1:],
+)
+SECOND = [GLOBAL_INPUT, SHIPPED, DRAWN_SCALE]
 
 
-def table(records: dict[str, list[dict]], seeds: list[int]) -> list[str]:
+def table(records: dict[str, list[dict]], rows: list[Row]) -> list[str]:
     """One line per row: the fused study AUROC and the lesion hit rate, per seed and in mean ± sd."""
     lines = [
         "| row | study AUROC, mean ± sd | per seed | lesion hits, mean ± sd | per seed |",
         "|---|---|---|---|---|",
     ]
-    for row in ROWS:
+    for row in rows:
         done = records[row.name]
         auroc = [r["study"][row.score]["auroc"] for r in done]
         hits = [r["localization"]["hit_rate"] for r in done if r.get("localization")]
@@ -66,23 +74,40 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="data and runs go here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13])
+    parser.add_argument(
+        "--second", action="store_true", help="the second table (fresh-draw-2/): " + SECOND[-1].name
+    )
     args = parser.parse_args(argv)
-    study = Study(HERE / "fresh-draw", args.work.resolve(), False, None, pin=False)
-    records = {row.name: [study.run(REGIME, row, seed) for seed in args.seeds] for row in ROWS}
+    out, rows = (HERE / "fresh-draw-2", SECOND) if args.second else (HERE / "fresh-draw", ROWS)
+    study = Study(out, args.work.resolve(), False, None, pin=False)
+    records: dict[str, list[dict]] = {row.name: [] for row in rows}
+    for seed in args.seeds:  # seed by seed: a part cut short leaves whole pairs
+        for row in rows:
+            records[row.name].append(study.run(REGIME, row, seed))
     report = [
-        "# The shipped localizers on fresh draws",
+        "# The shipped localizers on fresh draws" + (": a second table" if args.second else ""),
         "",
         f"{REGIME.label}; data seed = training seed = {', '.join(map(str, args.seeds))}; "
         "`experiment=localizer`, stage 2 for 5 epochs at batch 8 (the study's schedule); "
         "MURA valid of each draw. Lesion hits: the lesion's centre inside the box, over the "
         "lesioned views.",
         "",
-        *table(records, args.seeds),
+        *(
+            (
+                "Each seed's stage 1 trained again (FRESH.md's checkpoints were not on the "
+                "machine): these rows pair with each other only.",
+                "",
+            )
+            if args.second
+            else ()
+        ),
+        *table(records, rows),
         "",
-        f"`python -m experiments.localizers.fresh_draw --work WORK --seeds {' '.join(map(str, args.seeds))}`",
+        f"`python -m experiments.localizers.fresh_draw --work WORK --seeds {' '.join(map(str, args.seeds))}"
+        + (" --second`" if args.second else "`"),
         "",
     ]
-    write_atomic(HERE / "FRESH.md", "\n".join(report))
+    write_atomic((out if args.second else HERE) / "FRESH.md", "\n".join(report))
     print("\n".join(report))
 
 
