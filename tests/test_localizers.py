@@ -252,7 +252,7 @@ def test_the_teacher_from_the_maps_teaches_every_anchor_the_crops_show(seen: flo
     features = net.local_cnn.forward_features(crop(images, crops.boxes[:, 0], 64)).detach()
     cells = torch.einsum("bchw,oc->bohw", features, net.local_cnn.fc.weight)
     cells = (cells + net.local_cnn.fc.bias[:, None, None])[:, None]
-    teacher, taught = net.localizer.seen_scores(crops.boxes, cells, labels)
+    teacher, taught = net.localizer.seen_scores([crops.boxes], [cells], labels)
     neighbours = (anchors[:, None, :2] - anchors[None, :, :2]).abs()  # [K, K, 2]
     across = ((neighbours.sum(-1) - 0.6).abs() < 1e-4) & (neighbours.min(-1).values < 1e-4)
     expected = torch.eye(len(anchors)) + (across.float() if seen < 0.25 else 0)

@@ -129,16 +129,17 @@ def main(argv: list[str] | None = None) -> None:
     study = Study(out, args.work.resolve(), False, None, pin=False)
     cheaper = [ROWS[key] for key in ROWS if key in args.rows]
     same_schedule = [(row, shipped) for row, shipped in SAME_SCHEDULE if row in cheaper]
-    runs = {row: [] for row in (SHIPPED, *cheaper, *{shipped for _, shipped in same_schedule})}
+    shipped_too = dict.fromkeys(shipped for _, shipped in same_schedule)  # once each, in order
+    runs = {row: [] for row in (SHIPPED, *cheaper, *shipped_too)}
     for seed in args.seeds:  # seed by seed: a part cut short leaves whole pairs
         for row, records in runs.items():
             records.append(study.run(regime, row, seed))
+    first = out == OUT.resolve()  # the first table: its stage 1 is the study's, so its row too
     studied_records = [
         json.loads((studied / f"{run_name(STUDIED)}-seed{seed}.json").read_text())
-        for seed in args.seeds
+        for seed in (args.seeds if first else ())
     ]
     seeds = " ".join(map(str, args.seeds))
-    first = out == OUT.resolve()
     command = f"python -m experiments.localizers.navigator_cost --work WORK --seeds {seeds}"
     if not first:
         command += (

@@ -73,16 +73,14 @@ class CropTeacher:
 
     def seen_scores(
         self,
-        boxes: torch.Tensor | Sequence[torch.Tensor],
-        cells: torch.Tensor | Sequence[torch.Tensor],
+        boxes: Sequence[torch.Tensor],
+        cells: Sequence[torch.Tensor],
         labels: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`teacher_from=maps`: q [B, K] from CNN_l's cell logits [B, M, 2, h, w] of the crops
-        [B, M, 4] (or groups of them, each group's crops at one size), each anchor's the mean of
+        [B, M, 4], in groups of one size each, each anchor's the mean of
         the cells inside it over every crop that shows it, and which anchors it teaches [B, K]
         (1.0 where one crop sees at least `teacher_seen` of the anchor, else 0.0)."""
-        if isinstance(boxes, torch.Tensor):
-            boxes, cells = [boxes], [cells]
         summed, seen = 0, []
         for group, group_cells in zip(boxes, cells, strict=True):
             shares = crop_pooling(self.anchors, group, *group_cells.shape[-2:])
